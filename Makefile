@@ -1,0 +1,36 @@
+# The two commands: `make demo` and `make test`. Both set everything up first and are idempotent.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.modellego-installed
+FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+
+.PHONY: setup data demo test bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	@touch $(STAMP)
+
+# Debian's dataset-fashion-mnist (real, 70k images); skipped when present or when apt is not usable.
+data:
+	@if [ -f $(FASHION_MNIST) ]; then :; \
+	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	  apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 || \
+	  { apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; } || \
+	  echo "warning: could not install dataset-fashion-mnist"; \
+	else echo "note: Fashion-MNIST is absent and apt is not usable (run as root: apt-get install dataset-fashion-mnist)"; fi
+
+demo: setup data
+	$(BIN)/modellego demo
+
+test: setup data
+	$(BIN)/python -m pytest -q
+
+bench: setup data
+	$(BIN)/python benchmarks/contributions.py
+
+clean:
+	rm -rf runs .pytest_cache .hypothesis

@@ -1,0 +1,5 @@
+"""`python -m modellego` is the `modellego` command."""
+
+from modellego.cli import main
+
+main()

@@ -1,0 +1,155 @@
+"""The `modellego` command: a thin layer over the library, one public function per command."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from modellego.errors import ModellegoError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Make new CNN classifiers without training: disassemble trained models, assemble components.")
+out = Console()
+err = Console(stderr=True)
+
+DataOption = typer.Option(None, "--data", help="Dataset name: fashion-mnist, digits, mnist, cifar10, cifar100, imagefolder, tiny-imagenet.")
+DataRootOption = typer.Option(None, "--data-root", help="Folder holding the dataset's files (default: where the dataset usually lives).")
+SeedOption = typer.Option(0, "--seed", help="Seed for every random choice; the same seed gives the same files.")
+
+
+def _percent(value: float) -> str:
+    return f"{100 * value:.2f}%"
+
+
+def _print_json(payload: dict) -> None:
+    sys.stdout.write(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+
+
+@app.command()
+def train(
+    model: str = typer.Option(..., "--model", help="Zoo name (lenet5, vgg11, vgg16, resnet18, resnet50, googlenet) or torchvision:<builder>."),
+    data: str = typer.Option(..., "--data", help="Dataset to train on."),
+    out_path: Path = typer.Option(..., "--out", help="Model file to write (.safetensors)."),
+    epochs: int = typer.Option(3, "--epochs", help="Passes over the training data."),
+    classes: Optional[str] = typer.Option(None, "--classes", help="Train on these classes only: names or indices, comma-separated."),
+    width: float = typer.Option(1.0, "--width", help="Channel-width multiplier."),
+    lr: float = typer.Option(1e-3, "--lr", help="Peak learning rate (Adam, one-cycle schedule)."),
+    batch_size: int = typer.Option(128, "--batch-size"),
+    max_per_class: Optional[int] = typer.Option(None, "--max-per-class", help="Use at most this many training samples per class."),
+    data_root: Optional[Path] = DataRootOption,
+    seed: int = SeedOption,
+) -> None:
+    """Train a model from the zoo on a dataset (or some of its classes) and save it."""
+    from modellego import data as datasets
+    from modellego.evaluate import report
+    from modellego.modelfile import check_output_path, save
+    from modellego.train import train_model
+
+    check_output_path(out_path)
+    if epochs <= 0:
+        raise ModellegoError(f"--epochs must be at least 1, got {epochs}")
+    train_data = datasets.load(data, "train", data_root)
+    test_data = datasets.load(data, "test", data_root)
+    if classes:
+        train_data = datasets.select_classes(train_data, classes)
+        test_data = datasets.select_classes(test_data, classes)
+    if max_per_class:
+        train_data = datasets.per_class_slice(train_data, max_per_class, seed)
+    network, manifest = train_model(model, train_data, epochs, width=width, lr=lr, batch_size=batch_size, seed=seed)
+    metrics = report(network, manifest.input, test_data, progress=True)
+    manifest.metrics = {"test_accuracy": metrics["accuracy"], "params": metrics["params"], "flops": metrics["flops"]}
+    save(network, out_path, manifest)
+    out.print(f"trained {model} on {data} ({len(train_data)} samples, {epochs} epochs): "
+              f"test accuracy {_percent(metrics['accuracy'])}, {metrics['params']:,} params -> {out_path}")
+
+
+@app.command("eval")
+def eval_command(
+    file: Path = typer.Argument(..., help="A modellego model file."),
+    data: Optional[str] = DataOption,
+    data_root: Optional[Path] = DataRootOption,
+    classes: Optional[str] = typer.Option(None, "--classes", help="Evaluate on these of the model's classes only."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
+    batch_size: int = typer.Option(256, "--batch-size"),
+) -> None:
+    """Accuracy overall and per class on the test split, with params and FLOPs."""
+    from modellego.evaluate import evaluate_file
+
+    result = evaluate_file(file, dataset=data, root=data_root, classes=classes, batch_size=batch_size,
+                           progress=not as_json)
+    if as_json:
+        _print_json(result)
+        return
+    table = Table(title=f"{file.name} on {result['data']} (test split, {result['samples']} samples)")
+    table.add_column("class")
+    table.add_column("accuracy", justify="right")
+    for name, value in result["per_class"].items():
+        table.add_row(name, _percent(value))
+    table.add_row("[bold]all[/bold]", f"[bold]{_percent(result['accuracy'])}[/bold]")
+    out.print(table)
+    out.print(f"params {result['params']:,}   FLOPs {result['flops']:,} per image")
+
+
+@app.command()
+def info(
+    file: Path = typer.Argument(..., help="A modellego model file."),
+    as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
+) -> None:
+    """Show a model file's manifest: architecture, classes, input, provenance, metrics."""
+    from modellego.modelfile import read_manifest
+
+    manifest = read_manifest(file)
+    if as_json:
+        _print_json(json.loads(manifest.to_json()))
+        return
+    table = Table(title=str(file), show_header=False)
+    table.add_column("field", style="bold")
+    table.add_column("value")
+    table.add_row("kind", manifest.kind)
+    table.add_row("architecture", json.dumps(manifest.architecture))
+    table.add_row("input", f"{manifest.input.describe()}, mean {list(manifest.input.mean)}, std {list(manifest.input.std)}")
+    table.add_row("classes", ", ".join(f"{ref.name} ({ref.dataset}#{ref.index})" for ref in manifest.classes))
+    for key, value in manifest.provenance.items():
+        table.add_row(f"provenance.{key}", json.dumps(value))
+    for key, value in manifest.metrics.items():
+        table.add_row(f"metrics.{key}", json.dumps(value))
+    table.add_row("format", str(manifest.format_version))
+    out.print(table)
+
+
+@app.command()
+def demo(
+    out_dir: Path = typer.Option(Path("runs/demo"), "--out-dir", help="Folder for the demo's files (created)."),
+    epochs: int = typer.Option(4, "--epochs"),
+    seed: int = SeedOption,
+) -> None:
+    """Train LeNet-5 on Fashion-MNIST (digits when it is absent), evaluate it and print a table."""
+    from modellego.demo import run_demo
+
+    run_demo(out_dir, epochs=epochs, seed=seed, console=out)
+
+
+def main() -> None:
+    """Entry point: user mistakes print one line on stderr and exit with code 2, never a traceback."""
+    try:
+        app(standalone_mode=False)
+    except ModellegoError as error:
+        err.print(f"error: {error}", highlight=False, markup=False, soft_wrap=True)
+        sys.exit(2)
+    except typer.Abort:
+        err.print("aborted", highlight=False)
+        sys.exit(130)
+    except typer.TyperException as error:
+        command = " ".join(sys.argv[1:2]) if len(sys.argv) > 1 and not sys.argv[1].startswith("-") else ""
+        hint = f"see `modellego {command} --help`".replace("  ", " ")
+        err.print(f"error: {error.format_message()} ({hint})", highlight=False, markup=False, soft_wrap=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        err.print("interrupted", highlight=False)
+        sys.exit(130)

@@ -1,0 +1,83 @@
+"""The data of a model's task: for each of its outputs, that class's samples, labelled by output position."""
+
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import torch
+from torch.utils.data import Dataset
+
+from modellego.data.datasets import load
+from modellego.data.subsets import SampleSubset, resolve_classes
+from modellego.errors import ModellegoError
+
+
+class TaskData(Dataset):
+    """Samples of several named datasets, relabelled to a model's outputs (label = output position)."""
+
+    def __init__(self, parts: list[SampleSubset], classes: list[str]) -> None:
+        self.parts = parts
+        self.classes = classes
+        self.targets = torch.cat([part.targets for part in parts]) if parts else torch.zeros(0, dtype=torch.long)
+        self.offsets = torch.cumsum(torch.tensor([0] + [len(part) for part in parts]), 0)
+        self.name = "+".join(part.name for part in parts)
+        self.split = parts[0].split if parts else "test"
+        self.spec = parts[0].spec if parts else None
+        self.class_indices = list(range(len(classes)))
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        part = int(torch.searchsorted(self.offsets, index, right=True)) - 1
+        image, _ = self.parts[part][index - int(self.offsets[part])]
+        return image, int(self.targets[index])
+
+    def __getitems__(self, indices: list[int]) -> list[tuple[torch.Tensor, int]]:
+        index = torch.as_tensor(indices, dtype=torch.long)
+        owners = torch.searchsorted(self.offsets, index, right=True) - 1
+        images: list[torch.Tensor | None] = [None] * len(indices)
+        for part in owners.unique().tolist():
+            slots = torch.nonzero(owners == part).flatten()
+            local = (index[slots] - self.offsets[part]).tolist()
+            for slot, (image, _) in zip(slots.tolist(), self.parts[part].__getitems__(local)):
+                images[slot] = image
+        return list(zip(images, self.targets[index].tolist()))
+
+
+def task_data(classes: Sequence, split: str, root: str | os.PathLike | None = None, dataset: str | None = None,
+              only: str | Sequence[str | int] | None = None) -> TaskData:
+    """The `split` samples of a model's classes (a list of ClassRef), labelled by output position.
+
+    `dataset` evaluates on another dataset whose class names match the model's (e.g. mnist for a digits
+    model); `only` keeps a subset of the model's classes (names or output positions), labels unchanged.
+    `root` is where the (single) dataset lives.
+    """
+    names = [ref.name for ref in classes]
+    keep = range(len(classes)) if only is None else resolve_classes(names, only, "this model's classes")
+    by_dataset: dict[str, list[tuple[int, int]]] = {}
+    loaded: dict[str, Dataset] = {}
+    for position in keep:
+        ref = classes[position]
+        source = dataset or ref.dataset
+        if source not in loaded:
+            loaded[source] = load(source, split, root)
+        if dataset is None:
+            index = ref.index
+        else:
+            matches = [i for i, name in enumerate(loaded[source].classes) if name.lower() == ref.name.lower()]
+            if not matches:
+                raise ModellegoError(f"dataset '{source}' has no class named {ref.name!r}, which this model predicts")
+            index = matches[0]
+        by_dataset.setdefault(source, []).append((index, position))
+    parts = []
+    for source, pairs in by_dataset.items():
+        data = loaded[source]
+        relabel = torch.full((len(data.classes),), -1, dtype=torch.long)
+        for index, position in pairs:
+            relabel[index] = position
+        targets = relabel[data.targets]
+        positions = torch.nonzero(targets >= 0).flatten()
+        parts.append(SampleSubset(data, positions, targets[positions], names))
+    return TaskData(parts, names)

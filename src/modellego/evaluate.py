@@ -1,0 +1,94 @@
+"""Accuracy tables, parameter counts and FLOPs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from torch.utils.flop_counter import FlopCounterMode
+
+from modellego.data.spec import InputSpec
+from modellego.progress import track
+
+
+@dataclass
+class Accuracy:
+    """Overall accuracy (a fraction) and per-class accuracy keyed by class name."""
+
+    accuracy: float
+    per_class: dict[str, float]
+    samples: int
+
+
+@torch.no_grad()
+def predict(model: nn.Module, dataset: Dataset, batch_size: int = 256, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """All logits of `model` on `dataset` and the labels, in dataset order."""
+    model.eval()
+    device = next(model.parameters()).device
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    logits, labels = [], []
+    for images, targets in track(loader, "evaluating", len(loader), progress):
+        logits.append(model(images.to(device)).float().cpu())
+        labels.append(targets)
+    return torch.cat(logits), torch.cat(labels)
+
+
+def accuracy_of(predictions: torch.Tensor, labels: torch.Tensor, class_names: list[str]) -> Accuracy:
+    """Accuracy overall and per class from predicted and true labels (indices into `class_names`)."""
+    correct = predictions == labels
+    per_class = {}
+    for index, name in enumerate(class_names):
+        members = labels == index
+        if members.any():
+            per_class[name] = correct[members].float().mean().item()
+    overall = correct.float().mean().item() if len(labels) else float("nan")
+    return Accuracy(overall, per_class, len(labels))
+
+
+def evaluate(model: nn.Module, dataset: Dataset, batch_size: int = 256, progress: bool = False) -> Accuracy:
+    """Accuracy of `model` (argmax over all its outputs) on `dataset`, overall and per class."""
+    logits, labels = predict(model, dataset, batch_size, progress)
+    return accuracy_of(logits.argmax(1), labels, dataset.classes)
+
+
+def count_params(model: nn.Module) -> int:
+    """Number of parameters (weights and biases; BN running statistics are buffers, not counted)."""
+    return sum(parameter.numel() for parameter in model.parameters())
+
+
+@torch.no_grad()
+def count_flops(model: nn.Module, spec: InputSpec) -> int:
+    """FLOPs of one forward pass on one image, by torch.utils.flop_counter (a multiply-add counts as 2)."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    counter = FlopCounterMode(display=False)
+    with counter:
+        model(torch.zeros(1, spec.channels, *spec.size, device=device))
+    model.train(was_training)
+    return int(counter.get_total_flops())
+
+
+def report(model: nn.Module, spec: InputSpec, dataset: Dataset, batch_size: int = 256, progress: bool = False) -> dict:
+    """The evaluation table of a model on a labelled dataset: accuracy, per-class accuracy, params, FLOPs."""
+    result = evaluate(model, dataset, batch_size, progress)
+    return {"accuracy": result.accuracy, "per_class": result.per_class, "samples": result.samples,
+            "params": count_params(model), "flops": count_flops(model, spec)}
+
+
+def evaluate_file(path, dataset: str | None = None, root=None, classes=None, batch_size: int = 256,
+                  progress: bool = False, max_per_class: int | None = None) -> dict:
+    """Evaluate a model file on the test split of its own task (or `dataset`, matched by class names)."""
+    from modellego.data.subsets import per_class_slice
+    from modellego.data.task import task_data
+    from modellego.modelfile import load
+
+    model, manifest = load(path)
+    test_data = task_data(manifest.classes, "test", root=root, dataset=dataset, only=classes)
+    if max_per_class:
+        test_data = per_class_slice(test_data, max_per_class)
+    result = report(model, manifest.input, test_data, batch_size, progress)
+    result["data"] = test_data.name
+    return result

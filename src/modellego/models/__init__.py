@@ -1,0 +1,55 @@
+"""The model zoo: CIFAR-style LeNet-5, VGG, ResNet and GoogLeNet builders, plus any torchvision classifier.
+
+Every builder is ``builder(in_channels=3, num_classes=10, width=1.0) -> nn.Module`` and returns the
+bare network (normalisation is added elsewhere). Channel counts are ``max(1, round(c * width))``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+from torch import nn
+
+from modellego.errors import ModellegoError
+from modellego.models.googlenet import googlenet
+from modellego.models.lenet import lenet5
+from modellego.models.resnet import resnet18, resnet50
+from modellego.models.tv import build_torchvision
+from modellego.models.vgg import vgg11, vgg16
+
+__all__ = ["ZOO", "TORCHVISION_PREFIX", "build", "model_names"]
+
+TORCHVISION_PREFIX = "torchvision:"
+
+ZOO: dict[str, Callable[..., nn.Module]] = {
+    "lenet5": lenet5,
+    "vgg11": vgg11,
+    "vgg16": vgg16,
+    "resnet18": resnet18,
+    "resnet50": resnet50,
+    "googlenet": googlenet,
+}
+
+
+def model_names() -> list[str]:
+    """The zoo's model names (``torchvision:<builder>`` names are accepted by ``build`` too)."""
+    return list(ZOO)
+
+
+def build(name: str, in_channels: int = 3, num_classes: int = 10, width: float = 1.0) -> nn.Module:
+    """Build model ``name`` with random weights: a zoo name or ``torchvision:<builder>``."""
+    if isinstance(width, bool) or not isinstance(width, (int, float)) or not math.isfinite(width) or width <= 0:
+        raise ModellegoError(f"width must be a positive number, got {width!r}")
+    if isinstance(in_channels, bool) or not isinstance(in_channels, int) or in_channels < 1:
+        raise ModellegoError(f"in_channels must be an integer >= 1, got {in_channels!r}")
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ModellegoError(f"num_classes must be an integer >= 1, got {num_classes!r}")
+    if isinstance(name, str) and name.startswith(TORCHVISION_PREFIX):
+        return build_torchvision(name[len(TORCHVISION_PREFIX):], in_channels, num_classes, width)
+    if not isinstance(name, str) or name not in ZOO:
+        raise ModellegoError(
+            f"unknown model {name!r}; choose one of {', '.join(ZOO)} "
+            f"or {TORCHVISION_PREFIX}<builder> (e.g. {TORCHVISION_PREFIX}resnet18)"
+        )
+    return ZOO[name](in_channels=in_channels, num_classes=num_classes, width=float(width))

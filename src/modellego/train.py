@@ -1,0 +1,76 @@
+"""Training and fine-tuning loops (Adam, cross-entropy), repeatable under a seed."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from modellego.errors import ModellegoError
+from modellego.progress import track
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed Python, NumPy and torch; returns a generator for data-loader shuffling."""
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def train(model: nn.Module, dataset: Dataset, epochs: int, lr: float = 1e-3, batch_size: int = 128,
+          seed: int = 0, weight_decay: float = 0.0, progress: bool = True) -> list[float]:
+    """Train `model` in place on `dataset` (labels = output indices); returns the mean loss per epoch."""
+    if epochs <= 0:
+        raise ModellegoError(f"epochs must be a positive number, got {epochs}")
+    if lr <= 0:
+        raise ModellegoError(f"the learning rate must be positive, got {lr}")
+    if len(dataset) == 0:
+        raise ModellegoError("the training data is empty")
+    generator = seed_everything(seed)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=generator)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=epochs * len(loader))
+    loss_fn = nn.CrossEntropyLoss()
+    device = next(model.parameters()).device
+    losses = []
+    model.train()
+    for epoch in range(epochs):
+        total, count = 0.0, 0
+        for images, labels in track(loader, f"epoch {epoch + 1}/{epochs}", len(loader), progress):
+            images, labels = images.to(device), labels.to(device)
+            optimizer.zero_grad(set_to_none=True)
+            loss = loss_fn(model(images), labels)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            total += loss.item() * len(labels)
+            count += len(labels)
+        losses.append(total / count)
+    model.eval()
+    return losses
+
+
+def train_model(builder: str, dataset: Dataset, epochs: int, width: float = 1.0, lr: float = 1e-3,
+                batch_size: int = 128, seed: int = 0, progress: bool = True) -> tuple[nn.Module, "Manifest"]:
+    """Build `builder` for `dataset`'s input spec and classes, train it, and describe it in a manifest."""
+    from modellego.modelfile import ClassRef, Manifest
+    from modellego.models.classifier import classifier
+
+    if epochs <= 0:
+        raise ModellegoError(f"epochs must be a positive number, got {epochs}")
+    seed_everything(seed)
+    model = classifier(builder, dataset.spec, len(dataset.classes), width)
+    losses = train(model, dataset, epochs, lr=lr, batch_size=batch_size, seed=seed, progress=progress)
+    manifest = Manifest(
+        architecture={"builder": builder, "in_channels": dataset.spec.channels,
+                      "num_classes": len(dataset.classes), "width": width},
+        classes=[ClassRef(name, dataset.name, index) for name, index in zip(dataset.classes, dataset.class_indices)],
+        input=dataset.spec,
+        provenance={"trained": {"dataset": dataset.name, "samples": len(dataset), "epochs": epochs, "lr": lr,
+                                "batch_size": batch_size, "seed": seed, "final_loss": losses[-1]}},
+    )
+    return model, manifest

@@ -1,0 +1,64 @@
+"""Shared helpers: running the command as a user does, and small real datasets."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(2)
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run `python -m modellego ARGS` in a subprocess and capture its output."""
+    env = dict(os.environ, COLUMNS="200", PYTHONWARNINGS="ignore")
+    return subprocess.run([sys.executable, "-m", "modellego", *args], capture_output=True, text=True,
+                          cwd=cwd, env=env, timeout=timeout)
+
+
+def invoke(*args: str) -> subprocess.CompletedProcess:
+    """Run the `modellego` entry point in this process (fast; for the many error cases)."""
+    import contextlib
+    import io
+    from unittest import mock
+
+    from modellego.cli import main
+
+    stdout, stderr = io.StringIO(), io.StringIO()
+    code = 0
+    with mock.patch.object(sys, "argv", ["modellego", *args]), contextlib.redirect_stdout(stdout), \
+            contextlib.redirect_stderr(stderr):
+        try:
+            main()
+        except SystemExit as exit_:
+            code = exit_.code if isinstance(exit_.code, int) else 1
+    return subprocess.CompletedProcess(["modellego", *args], code, stdout.getvalue(), stderr.getvalue())
+
+
+def assert_user_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
+    """Exit code 2, one readable line on stderr naming the problem, no traceback."""
+    assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)
+    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: "), result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    for fragment in fragments:
+        assert fragment.lower() in lines[0].lower(), (fragment, lines[0])
+
+
+@pytest.fixture(scope="session")
+def fashion_train():
+    from modellego import data
+
+    return data.load("fashion-mnist", "train")
+
+
+@pytest.fixture(scope="session")
+def fashion_test():
+    from modellego import data
+
+    return data.load("fashion-mnist", "test")
