@@ -76,11 +76,21 @@ def eval_command(
     data_root: Optional[Path] = DataRootOption,
     classes: Optional[str] = typer.Option(None, "--classes", help="Evaluate on these of the model's classes only."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
+    against: Optional[Path] = typer.Option(None, "--against", help="The source model: report Base / Restricted base / this model."),
     batch_size: int = typer.Option(256, "--batch-size"),
 ) -> None:
     """Accuracy overall and per class on the test split, with params and FLOPs."""
-    from modellego.evaluate import evaluate_file
+    from modellego.evaluate import compare, evaluate_file
 
+    if against is not None:
+        if data is not None or classes is not None:
+            raise ModellegoError("--against evaluates on the component's own task; drop --data/--classes")
+        result = compare(file, against, root=data_root, batch_size=batch_size, progress=not as_json)
+        if as_json:
+            _print_json(result)
+        else:
+            _print_comparison(file, against, result)
+        return
     result = evaluate_file(file, dataset=data, root=data_root, classes=classes, batch_size=batch_size,
                            progress=not as_json)
     if as_json:
@@ -94,6 +104,96 @@ def eval_command(
     table.add_row("[bold]all[/bold]", f"[bold]{_percent(result['accuracy'])}[/bold]")
     out.print(table)
     out.print(f"params {result['params']:,}   FLOPs {result['flops']:,} per image")
+
+
+def _print_comparison(file: Path, source: Path, result: dict) -> None:
+    table = Table(title=f"task {', '.join(result['classes'])}: test split, {result['samples']} samples")
+    for column in ("model", "accuracy", "params", "FLOPs"):
+        table.add_column(column, justify="left" if column == "model" else "right")
+    table.add_row(f"Base ({source.name}, all classes)", _percent(result["base"]),
+                  f"{result['source_params']:,}", f"{result['source_flops']:,}")
+    table.add_row(f"Restricted base ({source.name}, task classes)", _percent(result["restricted_base"]),
+                  f"{result['source_params']:,}", f"{result['source_flops']:,}")
+    table.add_row(f"Disa ({file.name})", _percent(result["accuracy"]), f"{result['params']:,}", f"{result['flops']:,}")
+    out.print(table)
+
+
+@app.command()
+def profile(
+    model: Path = typer.Argument(..., help="The model file to profile."),
+    out_path: Path = typer.Option(..., "--out", help="Profile file to write (.safetensors)."),
+    samples_per_class: int = typer.Option(50, "--samples-per-class", help="Most confident correct training samples per class."),
+    data: Optional[str] = DataOption,
+    data_root: Optional[Path] = DataRootOption,
+    batch_size: int = typer.Option(64, "--batch-size"),
+) -> None:
+    """Per-class contributions of every Conv2d/Linear layer, on the model's training data."""
+    from modellego.data.task import task_data
+    from modellego.modelfile import check_output_path, load
+    from modellego.profiles import profile as build_profile
+
+    check_output_path(out_path)
+    if samples_per_class < 1:
+        raise ModellegoError(f"--samples-per-class must be at least 1, got {samples_per_class}")
+    network, manifest = load(model)
+    train_data = task_data(manifest.classes, "train", root=data_root, dataset=data)
+    result = build_profile(network, train_data, samples_per_class, batch_size, progress=True)
+    for note in result.notes:
+        err.print(f"note: {note}", highlight=False, markup=False)
+    result.save(out_path)
+    out.print(f"profiled {len(result.layers)} layers on {int(result.counts.sum())} samples "
+              f"({samples_per_class} per class asked) -> {out_path}")
+
+
+@app.command()
+def disassemble(
+    model: Path = typer.Argument(..., help="The source model file."),
+    profile_path: Path = typer.Option(..., "--profile", help="The source model's profile (modellego profile)."),
+    classes: str = typer.Option(..., "--classes", help="The task: class names or indices, comma-separated, in output order."),
+    out_path: Path = typer.Option(..., "--out", help="Component file to write (.safetensors)."),
+    alpha_conv: float = typer.Option(0.3, "--alpha-conv", help="Relative-contribution threshold α for conv layers."),
+    beta_conv: float = typer.Option(0.2, "--beta-conv", help="Vote threshold β for conv layers."),
+    alpha_fc: float = typer.Option(0.4, "--alpha-fc", help="α for linear layers."),
+    beta_fc: float = typer.Option(0.3, "--beta-fc", help="β for linear layers."),
+    auto: bool = typer.Option(False, "--auto", help="Search α/β for the smallest component within --max-drop."),
+    max_drop: float = typer.Option(1.0, "--max-drop", help="With --auto: accuracy points the component may lose on validation data."),
+    data_root: Optional[Path] = DataRootOption,
+    seed: int = SeedOption,
+) -> None:
+    """Cut a standalone component for some classes out of a model, without training."""
+    from modellego.data.task import task_data
+    from modellego.disassembly import auto_disassemble, disassemble as cut, validation_data
+    from modellego.masks import check_thresholds, locate
+    from modellego.modelfile import check_output_path, load, save
+    from modellego.profiles import Profile
+
+    check_output_path(out_path)
+    check_thresholds(alpha_conv=alpha_conv, beta_conv=beta_conv, alpha_fc=alpha_fc, beta_fc=beta_fc)
+    network, manifest = load(model)
+    class_profile = Profile.load(profile_path)
+    class_profile.check_model(network)
+    if auto:
+        # Validation: held-out training samples of the task, never test data, never the profile's samples.
+        train_data = task_data(manifest.classes, "train", root=data_root)
+        validation = validation_data(train_data, classes, class_profile.samples, 0.1, seed)
+        search = auto_disassemble(network, class_profile, classes, manifest, validation, max_drop, progress=True)
+        component = search.component
+        chosen = component.manifest.provenance["disassembled"]
+        out.print(f"--auto: restricted base on {len(validation)} held-out training samples "
+                  f"{_percent(search.restricted_base)}; chose α_conv={chosen['alpha_conv']} β_conv={chosen['beta_conv']} "
+                  f"α_fc={chosen['alpha_fc']} β_fc={chosen['beta_fc']} "
+                  f"(validation {_percent(chosen['auto']['validation_accuracy'])}, {len(search.candidates)} candidates)")
+    else:
+        masks = locate(network, class_profile, alpha_conv, beta_conv, alpha_fc, beta_fc)
+        component = cut(network, masks, classes, manifest)
+    for note in component.warnings:
+        err.print(f"warning: {note}", highlight=False, markup=False)
+    save(component.model, out_path, component.manifest)
+    from modellego.evaluate import count_flops, count_params
+
+    out.print(f"component for {', '.join(component.manifest.class_names)}: "
+              f"{count_params(component.model):,} params ({count_params(network):,} in the source), "
+              f"{count_flops(component.model, manifest.input):,} FLOPs -> {out_path}")
 
 
 @app.command()

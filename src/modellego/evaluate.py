@@ -92,3 +92,35 @@ def evaluate_file(path, dataset: str | None = None, root=None, classes=None, bat
     result = report(model, manifest.input, test_data, batch_size, progress)
     result["data"] = test_data.name
     return result
+
+
+def compare(component_path, source_path, root=None, batch_size: int = 256, progress: bool = False,
+            max_per_class: int | None = None) -> dict:
+    """A component (or any model) against its source on the component's task test samples: Base (source,
+    argmax over all its classes), Restricted base (source logits restricted to the task), and the component."""
+    from modellego.data.subsets import per_class_slice
+    from modellego.data.task import task_data
+    from modellego.errors import ModellegoError
+    from modellego.modelfile import load
+
+    component, manifest = load(component_path)
+    source, source_manifest = load(source_path)
+    positions = []
+    for ref in manifest.classes:
+        if ref not in source_manifest.classes:
+            raise ModellegoError(f"{source_path} does not predict class {ref.name!r} of {ref.dataset}, "
+                                 f"so it is not the source of {component_path}")
+        positions.append(source_manifest.classes.index(ref))
+    test_data = task_data(manifest.classes, "test", root=root)
+    if max_per_class:
+        test_data = per_class_slice(test_data, max_per_class)
+    logits, labels = predict(source, test_data, batch_size, progress)
+    positions_tensor = torch.tensor(positions)
+    base = accuracy_of(logits.argmax(1), positions_tensor[labels], [])
+    restricted = accuracy_of(logits[:, positions_tensor].argmax(1), labels, manifest.class_names)
+    own = evaluate(component, test_data, batch_size, progress)
+    return {"base": base.accuracy, "restricted_base": restricted.accuracy, "accuracy": own.accuracy,
+            "per_class": own.per_class, "restricted_base_per_class": restricted.per_class,
+            "params": count_params(component), "flops": count_flops(component, manifest.input),
+            "source_params": count_params(source), "source_flops": count_flops(source, source_manifest.input),
+            "samples": own.samples, "classes": manifest.class_names, "data": test_data.name}

@@ -212,3 +212,13 @@ def load(path: str | os.PathLike) -> tuple[nn.Module, Manifest]:
         raise ModellegoError(f"{path} is inconsistent: its tensors do not fit architecture "
                              f"{manifest.architecture.get('builder')!r} ({str(error).splitlines()[0]})") from None
     return model.eval(), manifest
+
+
+def weights_hash(model: nn.Module) -> str:
+    """SHA-256 over a model's tensors (names, shapes and bytes): ties profiles and components to their source."""
+    digest = hashlib.sha256()
+    for key, value in sorted(model.state_dict().items()):
+        tensor = value.detach().to("cpu").contiguous()
+        digest.update(f"{key}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
+        digest.update(tensor.view(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
