@@ -3,6 +3,7 @@ feed a layer's input channels, through flatten, concat, residual adds and depthw
 
 from __future__ import annotations
 
+from collections import defaultdict
 from dataclasses import dataclass
 
 import torch
@@ -27,34 +28,74 @@ def dependency_graph(model: nn.Module, input_shape: tuple[int, ...]) -> tp.Depen
 
 
 class ChannelGraph:
-    """A model's channel graph: the torch-pruning DependencyGraph plus cached `feeds` per layer."""
+    """A model's channel graph: for every Conv2d/Linear layer, the producer channels that feed its inputs.
+
+    Built from torch-pruning's groups rooted at *output* channels: in that direction every index maps to
+    exactly one root channel (a flattened feature to its channel, a concat slot to its branch, an add's
+    operands to one another), so joining consumers and producers on the root index is exact. A group also
+    couples layers that only meet in an add further on; only the layers a consumer's input really comes
+    from (reached backwards without crossing another Conv2d/Linear) count as its producers.
+    """
 
     def __init__(self, model: nn.Module, input_shape: tuple[int, ...]) -> None:
         self.model = model
         self.dependency = dependency_graph(model, input_shape)
-        self._feeds: dict[str, list[Feed]] = {}
+        self._modules = {name: module for name, module in model.named_modules()
+                         if isinstance(module, (nn.Conv2d, nn.Linear))}
+        self._names = {module: name for name, module in self._modules.items()}
+        self._source_cache: dict[str, set[str]] = {}
+        self._feeds = self._collect()
 
     def feeds(self, layer: str) -> list[Feed]:
         """Every (producer output channel → `layer` input channel) pair, for Conv2d/Linear producers."""
-        if layer not in self._feeds:
-            self._feeds[layer] = _feeds(self.dependency, self.model, layer)
-        return self._feeds[layer]
+        return self._feeds.get(layer, [])
 
+    def _sources(self, consumer: str) -> set[str]:
+        """The Conv2d/Linear layers whose outputs reach `consumer`'s input without crossing another one."""
+        if consumer not in self._source_cache:
+            start = self.dependency.module2node[self._modules[consumer]]
+            found, stack, seen = set(), list(start.inputs), set()
+            while stack:
+                node = stack.pop()
+                if id(node) in seen:
+                    continue
+                seen.add(id(node))
+                if node.module in self._names:
+                    found.add(self._names[node.module])
+                else:
+                    stack.extend(node.inputs)
+            self._source_cache[consumer] = found
+        return self._source_cache[consumer]
 
-def _feeds(graph: tp.DependencyGraph, model: nn.Module, layer: str) -> list[Feed]:
-    modules = dict(model.named_modules())
-    names = {module: name for name, module in modules.items()}
-    consumer = modules[layer]
-    count = consumer.in_channels if isinstance(consumer, nn.Conv2d) else consumer.in_features
-    prune_in = tp.prune_conv_in_channels if isinstance(consumer, nn.Conv2d) else tp.prune_linear_in_channels
-    group = graph.get_pruning_group(consumer, prune_in, list(range(count)))
-    found: dict[str, tuple[list[int], list[int]]] = {}
-    for item in group.items:
-        target = item.dep.target.module
-        if (target is consumer or not isinstance(target, (nn.Conv2d, nn.Linear))
-                or not graph.is_out_channel_pruning_fn(item.dep.handler)):
-            continue
-        channels, inputs = found.setdefault(names[target], ([], []))
-        channels.extend(int(i) for i in item.idxs)
-        inputs.extend(int(i) for i in item.root_idxs)
-    return [Feed(name, torch.tensor(channels), torch.tensor(inputs)) for name, (channels, inputs) in found.items()]
+    def _collect(self) -> dict[str, list[Feed]]:
+        graph = self.dependency
+        names = self._names
+        found: dict[str, dict[str, tuple[list[int], list[int]]]] = defaultdict(dict)
+        for group in graph.get_all_groups(root_module_types=(nn.Conv2d, nn.Linear)):
+            producers: dict[str, dict[int, int]] = defaultdict(dict)  # name -> root -> channel
+            consumers: dict[str, list[tuple[int, int]]] = defaultdict(list)  # name -> (input, root)
+            for item in group.items:
+                module = item.dep.target.module
+                if module not in names:
+                    continue
+                pairs = list(zip((int(i) for i in item.idxs), (int(r) for r in item.root_idxs)))
+                depthwise = isinstance(module, nn.Conv2d) and module.groups > 1 and module.groups == module.in_channels
+                if graph.is_out_channel_pruning_fn(item.dep.handler):
+                    producers[names[module]].update((root, index) for index, root in pairs)
+                    if depthwise:  # torch-pruning handles its inputs and outputs as one coupled op
+                        consumers[names[module]].extend(pairs)
+                else:
+                    consumers[names[module]].extend(pairs)
+            for consumer, pairs in consumers.items():
+                sources = self._sources(consumer)
+                for producer, channel_of_root in producers.items():
+                    if producer not in sources:
+                        continue
+                    channels, inputs = found[consumer].setdefault(producer, ([], []))
+                    for index, root in pairs:
+                        if root in channel_of_root:
+                            channels.append(channel_of_root[root])
+                            inputs.append(index)
+        return {consumer: [Feed(producer, torch.tensor(channels), torch.tensor(inputs))
+                           for producer, (channels, inputs) in feeds.items() if channels]
+                for consumer, feeds in found.items()}

@@ -77,7 +77,6 @@ def locate(model: nn.Module, profile: Profile, alpha_conv: float = 0.3, beta_con
         raise ModellegoError(f"the last layer to run, {classifier_name}, is not a Linear classifier with "
                              f"{num_classes} outputs; modellego disassembles classifiers ending in nn.Linear")
     graph = graph or ChannelGraph(model, input_shape or profile.input_shape)
-    position = {name: index for index, name in enumerate(order)}
     # Masks are kept as 0/1 floats during the walk so that scatter-max gives the OR over repeated channels.
     masks = {name: torch.zeros(num_classes, _outputs(layers[name])) for name in order}
     scores = {name: torch.zeros(num_classes, _outputs(layers[name])) for name in order}
@@ -88,8 +87,6 @@ def locate(model: nn.Module, profile: Profile, alpha_conv: float = 0.3, beta_con
         alpha, beta = (alpha_conv, beta_conv) if isinstance(layer, nn.Conv2d) else (alpha_fc, beta_fc)
         kept, normalised = input_mask(profile.relative(name), masks[name] > 0, alpha, beta)
         for feed in graph.feeds(name):
-            if position.get(feed.producer, len(order)) >= position[name]:
-                continue  # coupled through an add further on, but not an input of this layer
             # A producer channel is kept if any input position it feeds is kept (flatten, concat, adds).
             index = feed.channels.expand(num_classes, -1)
             masks[feed.producer].scatter_reduce_(1, index, kept[:, feed.inputs].float(), "amax")
