@@ -10,9 +10,15 @@ from rich.table import Table
 
 from modellego import data as datasets
 from modellego.errors import ModellegoError
-from modellego.evaluate import report
+from modellego.data.task import task_data
+from modellego.disassembly import disassemble
+from modellego.evaluate import compare, report
+from modellego.masks import locate
 from modellego.modelfile import load, save
+from modellego.profiles import profile
 from modellego.train import train_model
+
+DEMO_TASKS = {"fashion-mnist": ["Trouser,Bag", "Sandal,Sneaker,Ankle boot"], "digits": ["0,1", "3,5,8"]}
 
 
 def _demo_dataset(console: Console) -> str:
@@ -51,4 +57,28 @@ def run_demo(out_dir: Path, epochs: int = 4, seed: int = 0, console: Console | N
     table.add_row("[bold]all[/bold]", f"[bold]{100 * metrics['accuracy']:.2f}%[/bold]")
     console.print(table)
     console.print(f"params {metrics['params']:,}   FLOPs {metrics['flops']:,} per image   training {seconds:.0f} s")
+
+    console.print(f"[bold]2. profile[/bold] the 50 most confident correct training images per class")
+    source, manifest = load(path)
+    class_profile = profile(source, task_data(manifest.classes, "train"), samples_per_class=50, progress=True)
+    class_profile.save(out_dir / "lenet5.profile.safetensors")
+    masks = locate(source, class_profile)
+    table = Table(title="3. disassemble (paper α/β, no training): components on their tasks' test images")
+    for column in ("task", "Base", "Restricted base", "Disa", "params", "FLOPs"):
+        table.add_column(column, justify="left" if column == "task" else "right")
+    results = {}
+    for task in DEMO_TASKS[name]:
+        component = disassemble(source, masks, task, manifest)
+        component_path = out_dir / f"component-{task.replace(',', '-').replace(' ', '').replace('/', '')}.safetensors"
+        save(component.model, component_path, component.manifest)
+        result = compare(component_path, path)
+        results[task] = result
+        table.add_row(task, f"{100 * result['base']:.2f}%", f"{100 * result['restricted_base']:.2f}%",
+                      f"{100 * result['accuracy']:.2f}%",
+                      f"{result['params'] / 1e3:.1f}k ({result['params'] / result['source_params']:.0%})",
+                      f"{result['flops'] / 1e6:.2f}M ({result['flops'] / result['source_flops']:.0%})")
+    console.print(table)
+    console.print("Base: the source model over all classes; Restricted base: its logits restricted to the task; "
+                  f"Disa: the component. Files are in {out_dir}/.")
+    metrics["components"] = results
     return metrics

@@ -91,6 +91,9 @@ class Profile:
         except Exception as error:  # safetensors raises several types for foreign or damaged bytes
             raise ModellegoError(f"{source} is not a readable modellego profile (not a valid safetensors file: "
                                  f"{str(error).splitlines()[0] if str(error) else type(error).__name__})") from None
+        if "modellego-profile" not in metadata:
+            raise ModellegoError(f"{source} is a safetensors file but not a modellego profile; pass the file "
+                                 "that `modellego profile` wrote")
         try:
             meta = json.loads(metadata["modellego-profile"])
             if meta.get("format") != PROFILE_FORMAT or int(meta["format_version"]) > PROFILE_VERSION:
