@@ -168,15 +168,23 @@ def _open(path: str | os.PathLike, with_tensors: bool = False) -> tuple[dict[str
 
 def rebuild(manifest: Manifest, shapes: dict[str, torch.Size]) -> nn.Module:
     """Build the manifest's architecture, then resize every layer to the stored tensor shapes."""
-    from modellego.models.classifier import classifier
+    model = _build(manifest.architecture, manifest.input)
+    _conform(model, shapes, manifest.layers)
+    return model
 
-    architecture = manifest.architecture
+
+def _build(architecture: dict[str, Any], spec: InputSpec) -> nn.Module:
+    from modellego.models.classifier import MergeOutputs, Parallel, classifier
+
     builder = architecture.get("builder")
     if not isinstance(builder, str):
         raise ModellegoError("the manifest names no architecture builder")
-    model = classifier(builder, manifest.input, int(architecture.get("num_classes", len(manifest.classes))),
-                       float(architecture.get("width", 1.0)))
-    _conform(model, shapes, manifest.layers)
+    if builder == "parallel":
+        members = [_build(member, InputSpec.from_dict(member["input"])) for member in architecture["members"]]
+        return Parallel(members, [0])
+    model = classifier(builder, spec, int(architecture.get("num_classes", 1)), float(architecture.get("width", 1.0)))
+    if architecture.get("merge_outputs"):
+        model.add_module("merge", MergeOutputs([0]))
     return model
 
 

@@ -35,6 +35,24 @@ def parameter_layers(model: nn.Module) -> dict[str, nn.Module]:
     return layers
 
 
+@torch.no_grad()
+def execution_order(model: nn.Module, input_shape: tuple[int, ...]) -> list[str]:
+    """Names of the Conv2d/Linear layers in the order they run on one input of `input_shape` (C, H, W)."""
+    order: list[str] = []
+    layers = parameter_layers(model)
+    handles = [module.register_forward_pre_hook(lambda m, a, n=name: order.append(n) if n not in order else None)
+               for name, module in layers.items()]
+    was_training = model.training
+    try:
+        model.eval()
+        model(torch.zeros(1, *input_shape, device=next(model.parameters()).device))
+    finally:
+        model.train(was_training)
+        for handle in handles:
+            handle.remove()
+    return order
+
+
 @dataclass
 class Profile:
     """Per-layer class contributions `A[layer]` (K×O×I), the layers in execution order, the classes (K model
