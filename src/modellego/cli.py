@@ -104,6 +104,9 @@ def eval_command(
     table.add_row("[bold]all[/bold]", f"[bold]{_percent(result['accuracy'])}[/bold]")
     out.print(table)
     out.print(f"params {result['params']:,}   FLOPs {result['flops']:,} per image")
+    if result.get("base") is not None:
+        out.print(f"assembly: accuracy {_percent(result['accuracy'])}; mean Base of the source models on the same "
+                  f"classes {_percent(result['base'])}")
 
 
 def _print_comparison(file: Path, source: Path, result: dict) -> None:
@@ -163,6 +166,7 @@ def disassemble(
     """Cut a standalone component for some classes out of a model, without training."""
     from modellego.data.task import task_data
     from modellego.disassembly import auto_disassemble, disassemble as cut, validation_data
+    from modellego.evaluate import component_metrics, count_params
     from modellego.masks import check_thresholds, locate
     from modellego.modelfile import check_output_path, load, save
     from modellego.profiles import Profile
@@ -188,12 +192,59 @@ def disassemble(
         component = cut(network, masks, classes, manifest)
     for note in component.warnings:
         err.print(f"warning: {note}", highlight=False, markup=False)
+    metrics = component_metrics(component.model, component.manifest, network, manifest, root=data_root)
+    component.manifest.metrics = metrics
     save(component.model, out_path, component.manifest)
-    from modellego.evaluate import count_flops, count_params
+    out.print(f"component for {', '.join(component.manifest.class_names)}: test accuracy "
+              f"{_percent(metrics['test_accuracy'])} (restricted base {_percent(metrics['restricted_base'])}), "
+              f"{metrics['params']:,} params ({count_params(network):,} in the source), "
+              f"{metrics['flops']:,} FLOPs -> {out_path}")
 
-    out.print(f"component for {', '.join(component.manifest.class_names)}: "
-              f"{count_params(component.model):,} params ({count_params(network):,} in the source), "
-              f"{count_flops(component.model, manifest.input):,} FLOPs -> {out_path}")
+
+@app.command()
+def assemble(
+    components: list[Path] = typer.Argument(..., help="Two or more component files (or any modellego models)."),
+    out_path: Path = typer.Option(..., "--out", help="Assembled model file to write (.safetensors)."),
+    mode: str = typer.Option("padded", "--mode", help="padded: one dense network (alignment padding); parallel: side by side."),
+    no_scale: bool = typer.Option(False, "--no-scale", help="Skip parameter scaling of the components' logits."),
+    data_root: Optional[Path] = DataRootOption,
+) -> None:
+    """Assemble components into one model that answers the union of their classes, without training."""
+    from modellego.assembly import assemble as build
+    from modellego.evaluate import count_flops, count_params
+    from modellego.modelfile import check_output_path, save
+
+    check_output_path(out_path)
+    if len(components) < 2:
+        raise ModellegoError(f"assembling needs at least two components, got {len(components)}")
+    model, manifest = build(components, mode, scale_logits=not no_scale, data_root=data_root)
+    save(model, out_path, manifest)
+    out.print(f"assembled {len(components)} components ({mode}{', scaled' if not no_scale else ''}): "
+              f"{len(manifest.classes)} classes, {count_params(model):,} params, "
+              f"{count_flops(model, manifest.input):,} FLOPs -> {out_path}")
+
+
+@app.command()
+def finetune(
+    file: Path = typer.Argument(..., help="A model file, usually an assembly."),
+    out_path: Path = typer.Option(..., "--out", help="Fine-tuned model file to write."),
+    epochs: int = typer.Option(2, "--epochs"),
+    lr: float = typer.Option(1e-3, "--lr", help="Peak learning rate (Adam, one-cycle schedule)."),
+    batch_size: int = typer.Option(128, "--batch-size"),
+    data_root: Optional[Path] = DataRootOption,
+    seed: int = SeedOption,
+) -> None:
+    """Train a model (an assembly: its zero blocks too) on the training data of all its classes."""
+    from modellego.modelfile import check_output_path, load, save
+    from modellego.train import finetune as tune
+
+    check_output_path(out_path)
+    if epochs <= 0:
+        raise ModellegoError(f"--epochs must be at least 1, got {epochs}")
+    model, manifest = load(file)
+    model, manifest = tune(model, manifest, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, root=data_root)
+    save(model, out_path, manifest)
+    out.print(f"fine-tuned {file.name} for {epochs} epochs -> {out_path}")
 
 
 @app.command()

@@ -91,7 +91,32 @@ def evaluate_file(path, dataset: str | None = None, root=None, classes=None, bat
         test_data = per_class_slice(test_data, max_per_class)
     result = report(model, manifest.input, test_data, batch_size, progress)
     result["data"] = test_data.name
+    if manifest.kind == "assembly":
+        result["base"] = assembly_base(manifest)
     return result
+
+
+def source_baselines(source: nn.Module, source_manifest, classes: list, test_data: Dataset,
+                     batch_size: int = 256, progress: bool = False) -> dict:
+    """Base (the source, argmax over all its classes) and Restricted base (its logits restricted to `classes`)
+    on `test_data` (labelled by position in `classes`), overall and per class."""
+    from modellego.errors import ModellegoError
+
+    positions = []
+    for ref in classes:
+        if ref not in source_manifest.classes:
+            raise ModellegoError(f"the source model does not predict class {ref.name!r} of {ref.dataset}, "
+                                 "so it is not this component's source")
+        positions.append(source_manifest.classes.index(ref))
+    logits, labels = predict(source, test_data, batch_size, progress)
+    positions_tensor = torch.tensor(positions)
+    names = [ref.name for ref in classes]
+    base = accuracy_of(logits.argmax(1), positions_tensor[labels], [])
+    base_per_class = accuracy_of(torch.where(logits.argmax(1) == positions_tensor[labels], labels, -1), labels, names)
+    restricted = accuracy_of(logits[:, positions_tensor].argmax(1), labels, names)
+    return {"base": base.accuracy, "base_per_class": base_per_class.per_class,
+            "restricted_base": restricted.accuracy, "restricted_base_per_class": restricted.per_class,
+            "test_samples_per_class": {name: int((labels == k).sum()) for k, name in enumerate(names)}}
 
 
 def compare(component_path, source_path, root=None, batch_size: int = 256, progress: bool = False,
@@ -100,27 +125,44 @@ def compare(component_path, source_path, root=None, batch_size: int = 256, progr
     argmax over all its classes), Restricted base (source logits restricted to the task), and the component."""
     from modellego.data.subsets import per_class_slice
     from modellego.data.task import task_data
-    from modellego.errors import ModellegoError
     from modellego.modelfile import load
 
     component, manifest = load(component_path)
     source, source_manifest = load(source_path)
-    positions = []
-    for ref in manifest.classes:
-        if ref not in source_manifest.classes:
-            raise ModellegoError(f"{source_path} does not predict class {ref.name!r} of {ref.dataset}, "
-                                 f"so it is not the source of {component_path}")
-        positions.append(source_manifest.classes.index(ref))
     test_data = task_data(manifest.classes, "test", root=root)
     if max_per_class:
         test_data = per_class_slice(test_data, max_per_class)
-    logits, labels = predict(source, test_data, batch_size, progress)
-    positions_tensor = torch.tensor(positions)
-    base = accuracy_of(logits.argmax(1), positions_tensor[labels], [])
-    restricted = accuracy_of(logits[:, positions_tensor].argmax(1), labels, manifest.class_names)
+    baselines = source_baselines(source, source_manifest, manifest.classes, test_data, batch_size, progress)
     own = evaluate(component, test_data, batch_size, progress)
-    return {"base": base.accuracy, "restricted_base": restricted.accuracy, "accuracy": own.accuracy,
-            "per_class": own.per_class, "restricted_base_per_class": restricted.per_class,
+    return {**baselines, "accuracy": own.accuracy, "per_class": own.per_class,
             "params": count_params(component), "flops": count_flops(component, manifest.input),
             "source_params": count_params(source), "source_flops": count_flops(source, source_manifest.input),
             "samples": own.samples, "classes": manifest.class_names, "data": test_data.name}
+
+
+def assembly_base(manifest) -> float | None:
+    """The mean Base of the source models on an assembly's classes, from what each component recorded when it
+    was disassembled (per class, weighted by test samples); None when a component did not record it."""
+    total, weight = 0.0, 0
+    for record in manifest.provenance.get("assembled", {}).get("components", []):
+        metrics = record.get("metrics", {})
+        per_class, counts = metrics.get("base_per_class"), metrics.get("test_samples_per_class")
+        if not per_class or not counts:
+            return None
+        for name, value in per_class.items():
+            total += value * counts[name]
+            weight += counts[name]
+    return total / weight if weight else None
+
+
+def component_metrics(component: nn.Module, manifest, source: nn.Module, source_manifest, root=None,
+                      batch_size: int = 256) -> dict:
+    """Test metrics recorded in a component's manifest: its accuracy and its source's Base / Restricted base
+    on the task (per class too), so that assemblies can report the mean Base of their sources later."""
+    from modellego.data.task import task_data
+
+    test_data = task_data(manifest.classes, "test", root=root)
+    baselines = source_baselines(source, source_manifest, manifest.classes, test_data, batch_size)
+    own = evaluate(component, test_data, batch_size)
+    return {**baselines, "test_accuracy": own.accuracy, "params": count_params(component),
+            "flops": count_flops(component, manifest.input)}

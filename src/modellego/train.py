@@ -74,3 +74,22 @@ def train_model(builder: str, dataset: Dataset, epochs: int, width: float = 1.0,
                                 "batch_size": batch_size, "seed": seed, "final_loss": losses[-1]}},
     )
     return model, manifest
+
+
+def finetune(model: nn.Module, manifest: "Manifest", dataset: Dataset | None = None, epochs: int = 2,
+             lr: float = 1e-3, batch_size: int = 128, seed: int = 0, root=None,
+             progress: bool = True) -> tuple[nn.Module, "Manifest"]:
+    """Train `model` (typically an assembly, whose zero blocks become trainable) on the training data of
+    all its classes (or `dataset`, labelled by its outputs); the manifest keeps its lineage."""
+    import copy
+
+    from modellego.data.task import task_data
+
+    data = dataset if dataset is not None else task_data(manifest.classes, "train", root=root)
+    losses = train(model, data, epochs, lr=lr, batch_size=batch_size, seed=seed, progress=progress)
+    manifest = copy.deepcopy(manifest)
+    history = manifest.provenance.setdefault("finetuned", [])
+    history.append({"epochs": epochs, "lr": lr, "batch_size": batch_size, "seed": seed,
+                    "samples": len(data), "final_loss": losses[-1]})
+    manifest.metrics = {}
+    return model, manifest
