@@ -5,11 +5,16 @@ from modellego import data, models
 from modellego.errors import ModellegoError
 from modellego.evaluate import count_flops, count_params, report
 from modellego.modelfile import ClassRef, Manifest, load, read_manifest, save
-from modellego.train import train_model
+from modellego.train import finetune, train_model
+from modellego.profiles import Profile, profile
+from modellego.masks import ComponentMasks, locate
+from modellego.disassembly import Component, auto_disassemble, disassemble
+from modellego.assembly import assemble, scale
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "ClassRef", "Manifest", "ModellegoError", "count_flops", "count_params", "data", "load", "models",
-    "read_manifest", "report", "save", "train_model",
+    "ClassRef", "Component", "ComponentMasks", "Manifest", "ModellegoError", "Profile", "assemble",
+    "auto_disassemble", "count_flops", "count_params", "data", "disassemble", "finetune", "load", "locate",
+    "models", "profile", "read_manifest", "report", "save", "scale", "train_model",
 ]
