@@ -21,6 +21,8 @@ err = Console(stderr=True)
 DataOption = typer.Option(None, "--data", help="Dataset name: fashion-mnist, digits, mnist, cifar10, cifar100, imagefolder, tiny-imagenet.")
 DataRootOption = typer.Option(None, "--data-root", help="Folder holding the dataset's files (default: where the dataset usually lives).")
 SeedOption = typer.Option(0, "--seed", help="Seed for every random choice; the same seed gives the same files.")
+LrOption = typer.Option(1e-3, "--lr", help="Peak learning rate (Adam, one-cycle schedule).")
+BatchSizeOption = typer.Option(128, "--batch-size", help="Images per training step.")
 
 
 def _percent(value: float) -> str:
@@ -39,8 +41,8 @@ def train(
     epochs: int = typer.Option(3, "--epochs", help="Passes over the training data."),
     classes: Optional[str] = typer.Option(None, "--classes", help="Train on these classes only: names or indices, comma-separated."),
     width: float = typer.Option(1.0, "--width", help="Channel-width multiplier."),
-    lr: float = typer.Option(1e-3, "--lr", help="Peak learning rate (Adam, one-cycle schedule)."),
-    batch_size: int = typer.Option(128, "--batch-size"),
+    lr: float = LrOption,
+    batch_size: int = BatchSizeOption,
     max_per_class: Optional[int] = typer.Option(None, "--max-per-class", help="Use at most this many training samples per class."),
     data_root: Optional[Path] = DataRootOption,
     seed: int = SeedOption,
@@ -229,8 +231,8 @@ def finetune(
     file: Path = typer.Argument(..., help="A model file, usually an assembly."),
     out_path: Path = typer.Option(..., "--out", help="Fine-tuned model file to write."),
     epochs: int = typer.Option(2, "--epochs"),
-    lr: float = typer.Option(1e-3, "--lr", help="Peak learning rate (Adam, one-cycle schedule)."),
-    batch_size: int = typer.Option(128, "--batch-size"),
+    lr: float = LrOption,
+    batch_size: int = BatchSizeOption,
     data_root: Optional[Path] = DataRootOption,
     seed: int = SeedOption,
 ) -> None:

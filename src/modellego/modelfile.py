@@ -149,7 +149,9 @@ def read_manifest(path: str | os.PathLike) -> Manifest:
     return _open(path)[1]
 
 
-def _open(path: str | os.PathLike, with_tensors: bool = False) -> tuple[dict[str, torch.Tensor], Manifest]:
+def read_safetensors(path: str | os.PathLike, what: str, with_tensors: bool = True) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """The metadata and (optionally) tensors of a safetensors file; anything else is refused, never unpickled.
+    `what` names the expected kind of file in the error message."""
     source = Path(path)
     if not source.is_file():
         raise ModellegoError(f"no such file: {source}")
@@ -159,8 +161,13 @@ def _open(path: str | os.PathLike, with_tensors: bool = False) -> tuple[dict[str
             tensors = {key: handle.get_tensor(key) for key in handle.keys()} if with_tensors else {}
     except Exception as error:  # safetensors raises several types for foreign or damaged bytes
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise ModellegoError(f"{source} is not a readable modellego model file "
-                             f"(not a valid safetensors file: {reason})") from None
+        raise ModellegoError(f"{source} is not a readable {what} (not a valid safetensors file: {reason})") from None
+    return metadata, tensors
+
+
+def _open(path: str | os.PathLike, with_tensors: bool = False) -> tuple[dict[str, torch.Tensor], Manifest]:
+    source = Path(path)
+    metadata, tensors = read_safetensors(source, "modellego model file", with_tensors)
     if METADATA_KEY not in metadata:
         raise ModellegoError(f"{source} is a safetensors file but not a modellego model (it has no modellego manifest)")
     return tensors, Manifest.from_json(metadata[METADATA_KEY], str(source))

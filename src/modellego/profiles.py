@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
@@ -20,7 +19,7 @@ from modellego.contributions import contributions
 from modellego.data.subsets import SampleSubset
 from modellego.errors import ModellegoError
 from modellego.evaluate import predict
-from modellego.modelfile import atomic_write, weights_hash
+from modellego.modelfile import atomic_write, read_safetensors, weights_hash
 from modellego.progress import track
 
 PROFILE_FORMAT = "modellego-profile"
@@ -100,15 +99,7 @@ class Profile:
     def load(cls, path: str | os.PathLike) -> "Profile":
         """Read a profile written by `save`; anything else is refused without unpickling."""
         source = Path(path)
-        if not source.is_file():
-            raise ModellegoError(f"no such file: {source}")
-        try:
-            with safe_open(str(source), framework="pt") as handle:
-                metadata = handle.metadata() or {}
-                tensors = {key: handle.get_tensor(key) for key in handle.keys()}
-        except Exception as error:  # safetensors raises several types for foreign or damaged bytes
-            raise ModellegoError(f"{source} is not a readable modellego profile (not a valid safetensors file: "
-                                 f"{str(error).splitlines()[0] if str(error) else type(error).__name__})") from None
+        metadata, tensors = read_safetensors(source, "modellego profile")
         if "modellego-profile" not in metadata:
             raise ModellegoError(f"{source} is a safetensors file but not a modellego profile; pass the file "
                                  "that `modellego profile` wrote")
