@@ -23,13 +23,13 @@ MODES = ("padded", "parallel")
 Member = tuple[nn.Module, Manifest]
 
 
-def scale(model: nn.Module, manifest: Manifest, dataset) -> Member:
+def scale(model: nn.Module, manifest: Manifest, dataset, progress: bool = False) -> Member:
     """Parameter scaling: per class k, m_k = the mean top logit over the correctly classified samples of k in
     `dataset` (the component's own task, training split, labelled by its outputs); classifier row k (weight
     and bias) is multiplied by 1/m_k, so that different components' logits become comparable."""
     scaled = copy.deepcopy(model).eval()
     manifest = copy.deepcopy(manifest)
-    logits, labels = predict(scaled, dataset)
+    logits, labels = predict(scaled, dataset, progress=progress)
     head = _classifier(scaled, manifest)
     factors = []
     for k, ref in enumerate(manifest.classes):
@@ -50,7 +50,7 @@ def scale(model: nn.Module, manifest: Manifest, dataset) -> Member:
 
 
 def assemble(components: Sequence[Member | str | os.PathLike], mode: str = "padded", scale_logits: bool = True,
-             data_root: str | os.PathLike | None = None) -> Member:
+             data_root: str | os.PathLike | None = None, progress: bool = False) -> Member:
     """One model answering the union of the components' classes (in order; a class shared by two components
     from the same dataset gets one output, the max of their logits). With `scale_logits`, each component is
     first scaled on its own task's training data (skipped for components already scaled)."""
@@ -69,7 +69,7 @@ def assemble(components: Sequence[Member | str | os.PathLike], mode: str = "padd
                                  "assemble components of the same input size and channels")
     if scale_logits:
         members = [member if "scaled" in member[1].provenance
-                   else scale(member[0], member[1], task_data(member[1].classes, "train", root=data_root))
+                   else scale(member[0], member[1], task_data(member[1].classes, "train", root=data_root), progress)
                    for member in members]
     classes, targets = _union([manifest for _, manifest in members])
     model = _parallel(members, targets) if mode == "parallel" else _padded(members, targets)

@@ -219,7 +219,7 @@ def assemble(
     check_output_path(out_path)
     if len(components) < 2:
         raise ModellegoError(f"assembling needs at least two components, got {len(components)}")
-    model, manifest = build(components, mode, scale_logits=not no_scale, data_root=data_root)
+    model, manifest = build(components, mode, scale_logits=not no_scale, data_root=data_root, progress=True)
     save(model, out_path, manifest)
     out.print(f"assembled {len(components)} components ({mode}{', scaled' if not no_scale else ''}): "
               f"{len(manifest.classes)} classes, {count_params(model):,} params, "
