@@ -130,3 +130,8 @@ def test_refusals():
         assemble([first, big], "parallel", scale_logits=False)
     with pytest.raises(ModellegoError, match="mode"):
         assemble([first, first], "stacked", scale_logits=False)
+    nested = assemble([first, first], "padded", scale_logits=False)
+    with pytest.raises(ModellegoError, match="not assemblies"):
+        assemble([nested, first], "padded", scale_logits=False)
+    combined, _ = assemble([nested, other], "parallel", scale_logits=False)
+    assert combined(torch.rand(2, 1, 28, 28)).shape == (2, 3)

@@ -65,7 +65,7 @@ def test_profile_equals_the_definition(trained, lenet_profile):
         hook.remove()
     assert lenet_profile.layers == list(inputs)
     for name, x in inputs.items():
-        per_sample = reference_contribution(dict(model.named_modules())[name], x.double() if False else x)
+        per_sample = reference_contribution(dict(model.named_modules())[name], x)
         expected = torch.stack([per_sample[labels == k].sum(0) for k in range(10)])
         torch.testing.assert_close(lenet_profile.contributions[name], expected, rtol=1e-4, atol=1e-4)
     # The samples: correctly classified, and per class the most confident ones.

@@ -117,6 +117,8 @@ def _classifier(model: nn.Module, manifest: Manifest) -> nn.Linear:
 def _check_topology(members: list[Member]) -> None:
     reference_model, reference = members[0]
     keys = set(reference_model.state_dict())
+    if any("merge.targets" in model.state_dict() for model, _ in members):
+        raise ModellegoError("padded mode takes components, not assemblies; use --mode parallel to combine assemblies")
     for model, manifest in members[1:]:
         same_builder = manifest.architecture.get("builder") == reference.architecture.get("builder")
         if not same_builder or set(model.state_dict()) != keys:

@@ -12,7 +12,7 @@ import os
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors import safe_open
@@ -110,7 +110,7 @@ def check_output_path(path: str | os.PathLike) -> Path:
     return target
 
 
-def atomic_write(path: str | os.PathLike, write: "callable[[str], None]") -> Path:
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     """Run `write(temp_path)` then rename onto `path`, so a reader never sees a half-written file."""
     target = check_output_path(path)
     handle, temp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)

@@ -60,8 +60,6 @@ def train_model(builder: str, dataset: Dataset, epochs: int, width: float = 1.0,
     from modellego.modelfile import ClassRef, Manifest
     from modellego.models.classifier import classifier
 
-    if epochs <= 0:
-        raise ModellegoError(f"epochs must be a positive number, got {epochs}")
     seed_everything(seed)
     model = classifier(builder, dataset.spec, len(dataset.classes), width)
     losses = train(model, dataset, epochs, lr=lr, batch_size=batch_size, seed=seed, progress=progress)
