@@ -282,7 +282,7 @@ def demo(
     epochs: int = typer.Option(4, "--epochs"),
     seed: int = SeedOption,
 ) -> None:
-    """Train LeNet-5 on Fashion-MNIST (digits when it is absent), evaluate it and print a table."""
+    """The whole job on Fashion-MNIST (digits when absent): train, profile, disassemble two tasks, assemble, fine-tune."""
     from modellego.demo import run_demo
 
     run_demo(out_dir, epochs=epochs, seed=seed, console=out)

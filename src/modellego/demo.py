@@ -32,7 +32,8 @@ def _demo_dataset(console: Console) -> str:
 
 
 def run_demo(out_dir: Path, epochs: int = 4, seed: int = 0, console: Console | None = None) -> dict:
-    """Train LeNet-5 on Fashion-MNIST (digits when absent), save, reload, evaluate; returns the metrics."""
+    """Train LeNet-5 on Fashion-MNIST (digits when absent), profile it, disassemble two tasks, assemble the two
+    components and fine-tune the assembly for one epoch, printing each stage's table; returns the metrics."""
     console = console or Console()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
