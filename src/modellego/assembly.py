@@ -167,11 +167,7 @@ def _padded(members: list[Member], targets: list[int]) -> nn.Module:
         merged_shapes[key] = torch.Size([merged_shapes[key][0], inputs, *states[0][key].shape[2:]])
 
     merged = copy.deepcopy(models[0])
-    layer_facts = {name: facts for name, facts in groups.items()}
-    for name, module in merged.named_modules():
-        if isinstance(module, nn.Conv2d) and module.groups != 1 and name not in layer_facts:
-            layer_facts[name] = {"groups": module.groups}
-    _conform(merged, merged_shapes, layer_facts)
+    _conform(merged, merged_shapes, groups)  # every grouped conv is depthwise here (checked above)
     merged_graph = ChannelGraph(merged, shape)
 
     values: dict[str, torch.Tensor] = {}

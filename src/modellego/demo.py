@@ -13,7 +13,7 @@ from modellego.errors import ModellegoError
 from modellego.data.task import task_data
 from modellego.disassembly import disassemble
 from modellego.assembly import assemble
-from modellego.evaluate import component_metrics, count_flops, count_params, evaluate, report
+from modellego.evaluate import assembly_base, component_metrics, count_flops, count_params, evaluate, report
 from modellego.masks import locate
 from modellego.modelfile import load, save
 from modellego.profiles import profile
@@ -97,7 +97,7 @@ def run_demo(out_dir: Path, epochs: int = 4, seed: int = 0, console: Console | N
     tuned, tuned_manifest = finetune(assembly, assembly_manifest, epochs=1, seed=seed)
     save(tuned, out_dir / "assembly-finetuned.safetensors", tuned_manifest)
     score2 = evaluate(tuned, test_all).accuracy
-    base = sum(r["base"] * sum(r["test_samples_per_class"].values()) for r in results.values()) / len(test_all)
+    base = assembly_base(assembly_manifest)
     summary = Table(title=f"assembly of {len(components)} components: {', '.join(assembly_manifest.class_names)} "
                           f"({len(test_all)} test images)")
     for column in ("model", "accuracy", "params", "FLOPs"):
