@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.modellego-installed
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: setup data demo test bench clean
+.PHONY: setup data demo test test-all bench clean
 
 setup: $(STAMP)
 
@@ -28,6 +28,10 @@ demo: setup data
 
 test: setup data
 	$(BIN)/python -m pytest -q
+
+# Everything, the slow checks too (every torchvision builder through the whole chain: about an hour on 2 cores).
+test-all: setup data
+	$(BIN)/python -m pytest -q -m "slow or not slow"
 
 bench: setup data
 	$(BIN)/python benchmarks/contributions.py

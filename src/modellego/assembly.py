@@ -17,7 +17,7 @@ from modellego.evaluate import predict
 from modellego.graph import ChannelGraph
 from modellego.modelfile import ClassRef, Manifest, _conform, load, weights_hash
 from modellego.models.classifier import MergeOutputs, Normalize, Parallel
-from modellego.profiles import execution_order
+from modellego.layers import CHANNELWISE, execution_order, is_grouped
 
 MODES = ("padded", "parallel")
 Member = tuple[nn.Module, Manifest]
@@ -119,6 +119,10 @@ def _check_topology(members: list[Member]) -> None:
     keys = set(reference_model.state_dict())
     if any("merge.targets" in model.state_dict() for model, _ in members):
         raise ModellegoError("padded mode takes components, not assemblies; use --mode parallel to combine assemblies")
+    for name, module in reference_model.named_modules():
+        if isinstance(module, (nn.LayerNorm, nn.GroupNorm)):
+            raise ModellegoError(f"padded mode cannot merge {name}: {type(module).__name__} normalises across "
+                                 "channels, so the components would mix; use --mode parallel")
     for model, manifest in members[1:]:
         same_builder = manifest.architecture.get("builder") == reference.architecture.get("builder")
         if not same_builder or set(model.state_dict()) != keys:
@@ -155,9 +159,11 @@ def _padded(members: list[Member], targets: list[int]) -> nn.Module:
         module = modules[0][name]
         key = f"{name}.weight"
         if isinstance(module, nn.Conv2d) and module.groups > 1:
-            if any(m[name].groups != m[name].in_channels or m[name].in_channels != m[name].out_channels
-                   for m in modules):
-                raise ModellegoError(f"{name}: only depthwise grouped convolutions can be padded; use --mode parallel")
+            # Stacked groups are block-diagonal already: the merged conv has every member's groups, same widths.
+            widths = {(m[name].in_channels // m[name].groups, m[name].out_channels // m[name].groups) for m in modules}
+            if len(widths) != 1:
+                raise ModellegoError(f"{name}: the components' grouped convolutions have different group widths "
+                                     f"{sorted(widths)}; use --mode parallel")
             groups[name] = {"groups": sum(m[name].groups for m in modules)}
             continue
         if name in image_layers:
@@ -167,16 +173,27 @@ def _padded(members: list[Member], targets: list[int]) -> nn.Module:
         merged_shapes[key] = torch.Size([merged_shapes[key][0], inputs, *states[0][key].shape[2:]])
 
     merged = copy.deepcopy(models[0])
-    _conform(merged, merged_shapes, groups)  # every grouped conv is depthwise here (checked above)
+    _conform(merged, merged_shapes, groups)
     merged_graph = ChannelGraph(merged, shape)
+    for name in groups:
+        _check_stacked(name, merged_graph, graphs, modules)
 
+    channelwise = {name for name, module in modules[0].items() if isinstance(module, CHANNELWISE)}
     values: dict[str, torch.Tensor] = {}
     for key in states[0]:
+        owner_name = key.rsplit(".", 1)[0]
         if key.startswith("normalize.") and shared_input:
             values[key] = states[0][key]
         elif states[0][key].ndim == 0:
             values[key] = states[0][key]
-        elif key.rsplit(".", 1)[0] not in layers or key.endswith(".bias") or key.rsplit(".", 1)[0] in groups:
+        elif owner_name in channelwise and merged_graph.feeds(owner_name):
+            # A BatchNorm after a concat sees the merged channels interleaved per concat slot, not member by member.
+            owner, index = _input_layout(owner_name, merged_graph, graphs, modules, merged_shapes[key][0])
+            values[key] = torch.empty(merged_shapes[key], dtype=states[0][key].dtype)
+            for member, state in enumerate(states):
+                positions = owner == member
+                values[key][positions] = state[key][index[positions]]
+        elif owner_name not in layers or key.endswith(".bias") or owner_name in groups:
             values[key] = torch.cat([state[key] for state in states])
     for name in layers:
         if name in groups:
@@ -200,6 +217,17 @@ def _padded(members: list[Member], targets: list[int]) -> nn.Module:
     merged.load_state_dict(values, strict=True)
     merged.add_module("merge", MergeOutputs(targets))
     return merged
+
+
+def _check_stacked(layer: str, merged: ChannelGraph, graphs: list[ChannelGraph], modules: list[dict]) -> None:
+    """A grouped conv merges by stacking its groups, which is right only if its inputs arrive member by member."""
+    widths = [m[layer].in_channels for m in modules]
+    owner, index = _input_layout(layer, merged, graphs, modules, sum(widths))
+    expected_owner = torch.repeat_interleave(torch.arange(len(widths)), torch.tensor(widths))
+    expected_index = torch.cat([torch.arange(width) for width in widths])
+    if not (torch.equal(owner, expected_owner) and torch.equal(index, expected_index)):
+        raise ModellegoError(f"{layer}: the inputs of this grouped convolution interleave the components' "
+                             "channels, so its groups cannot be stacked; use --mode parallel")
 
 
 def _input_layout(layer: str, merged: ChannelGraph, graphs: list[ChannelGraph], modules: list[dict],

@@ -16,7 +16,7 @@ from modellego.errors import ModellegoError
 from modellego.graph import ChannelGraph, dependency_graph
 from modellego.masks import ComponentMasks
 from modellego.modelfile import Manifest, weights_hash
-from modellego.profiles import parameter_layers
+from modellego.layers import is_grouped, parameter_layers
 
 
 @dataclass
@@ -33,7 +33,8 @@ def disassemble(model: nn.Module, masks: ComponentMasks, classes: str | Sequence
     """The component of `model` for `classes` (names or output positions, in the order wanted).
 
     Channels kept: those any task class routes through, united over everything coupled with them
-    (residual adds, depthwise convs); input channels stay; no layer is left empty; the classifier keeps
+    (residual adds, depthwise convs); grouped convs keep all their channels (their groups must stay equally
+    wide); input channels stay; no layer is left empty; the classifier keeps
     exactly the task's rows, in the task's order. `manifest` is the source's; the component's derives from it.
     """
     task = resolve_classes(masks.classes, classes, "the model's classes")
@@ -46,6 +47,8 @@ def disassemble(model: nn.Module, masks: ComponentMasks, classes: str | Sequence
     plans = []
     for group in graph.get_all_groups(ignored_layers=[head], root_module_types=(nn.Conv2d, nn.Linear)):
         root = group[0]
+        if any(is_grouped(item.dep.target.module) for item in group.items):
+            continue  # a grouped conv's groups must keep equal widths: its input and output channels stay whole
         count = len(root.idxs)
         kept = torch.zeros(count, dtype=torch.bool)
         relevance = torch.zeros(count)

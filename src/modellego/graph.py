@@ -3,12 +3,15 @@ feed a layer's input channels, through flatten, concat, residual adds and depthw
 
 from __future__ import annotations
 
+import warnings
 from collections import defaultdict
 from dataclasses import dataclass
 
 import torch
 import torch_pruning as tp
 from torch import nn
+
+from modellego.layers import CHANNELWISE, is_depthwise
 
 
 @dataclass(frozen=True)
@@ -24,11 +27,16 @@ def dependency_graph(model: nn.Module, input_shape: tuple[int, ...]) -> tp.Depen
     """Trace `model` on one zero input of `input_shape` (C, H, W) into a torch-pruning DependencyGraph."""
     device = next(model.parameters()).device
     example = torch.zeros(1, *input_shape, device=device)
-    return tp.DependencyGraph().build_dependency(model, example_inputs=example)
+    with warnings.catch_warnings():
+        # Per-channel parameters outside a module (ConvNeXt's layer_scale, C×1×1) are pruned on their channel
+        # dimension, which is what torch-pruning does by default; its notice about them is not for the user.
+        warnings.filterwarnings("ignore", message="Unwrapped parameters detected")
+        return tp.DependencyGraph().build_dependency(model, example_inputs=example)
 
 
 class ChannelGraph:
-    """A model's channel graph: for every Conv2d/Linear layer, the producer channels that feed its inputs.
+    """A model's channel graph: for every Conv2d/Linear layer and every per-channel module (BatchNorm, LayerNorm,
+    GroupNorm, PReLU), the producer channels that feed its inputs (a per-channel module's channel is its input).
 
     Built from torch-pruning's groups rooted at *output* channels: in that direction every index maps to
     exactly one root channel (a flattened feature to its channel, a concat slot to its branch, an add's
@@ -43,17 +51,20 @@ class ChannelGraph:
         self._modules = {name: module for name, module in model.named_modules()
                          if isinstance(module, (nn.Conv2d, nn.Linear))}
         self._names = {module: name for name, module in self._modules.items()}
+        self._channelwise = {module: name for name, module in model.named_modules() if isinstance(module, CHANNELWISE)}
         self._source_cache: dict[str, set[str]] = {}
         self._feeds = self._collect()
 
     def feeds(self, layer: str) -> list[Feed]:
-        """Every (producer output channel → `layer` input channel) pair, for Conv2d/Linear producers."""
+        """Every (producer output channel → `layer` input channel) pair, for Conv2d/Linear producers; `layer` is
+        a Conv2d/Linear layer or a per-channel module."""
         return self._feeds.get(layer, [])
 
     def _sources(self, consumer: str) -> set[str]:
         """The Conv2d/Linear layers whose outputs reach `consumer`'s input without crossing another one."""
         if consumer not in self._source_cache:
-            start = self.dependency.module2node[self._modules[consumer]]
+            module = self._modules.get(consumer) or self.model.get_submodule(consumer)
+            start = self.dependency.module2node[module]
             found, stack, seen = set(), list(start.inputs), set()
             while stack:
                 node = stack.pop()
@@ -76,10 +87,13 @@ class ChannelGraph:
             consumers: dict[str, list[tuple[int, int]]] = defaultdict(list)  # name -> (input, root)
             for item in group.items:
                 module = item.dep.target.module
+                pairs = list(zip((int(i) for i in item.idxs), (int(r) for r in item.root_idxs)))
+                if module in self._channelwise:
+                    consumers[self._channelwise[module]].extend(pairs)
+                    continue
                 if module not in names:
                     continue
-                pairs = list(zip((int(i) for i in item.idxs), (int(r) for r in item.root_idxs)))
-                depthwise = isinstance(module, nn.Conv2d) and module.groups > 1 and module.groups == module.in_channels
+                depthwise = is_depthwise(module)
                 if graph.is_out_channel_pruning_fn(item.dep.handler):
                     producers[names[module]].update((root, index) for index, root in pairs)
                     if depthwise:  # torch-pruning handles its inputs and outputs as one coupled op
@@ -92,7 +106,7 @@ class ChannelGraph:
                     if producer not in sources:
                         continue
                     channels, inputs = found[consumer].setdefault(producer, ([], []))
-                    for index, root in pairs:
+                    for index, root in dict.fromkeys(pairs):
                         if root in channel_of_root:
                             channels.append(channel_of_root[root])
                             inputs.append(index)

@@ -10,7 +10,8 @@ from torch import nn
 
 from modellego.errors import ModellegoError
 from modellego.graph import ChannelGraph
-from modellego.profiles import Profile, parameter_layers
+from modellego.layers import parameter_layers
+from modellego.profiles import Profile
 
 PAPER_DEFAULTS = {"alpha_conv": 0.3, "beta_conv": 0.2, "alpha_fc": 0.4, "beta_fc": 0.3}
 

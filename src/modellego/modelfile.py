@@ -215,6 +215,12 @@ def _conform(model: nn.Module, shapes: dict[str, torch.Size], layers: dict[str, 
         elif isinstance(module, nn.modules.batchnorm._BatchNorm):
             reference = module.running_mean if module.running_mean is not None else module.weight
             module.num_features = reference.shape[0]
+        elif isinstance(module, nn.LayerNorm) and module.weight is not None:
+            module.normalized_shape = tuple(module.weight.shape)
+        elif isinstance(module, nn.GroupNorm) and module.weight is not None:
+            module.num_channels = module.weight.shape[0]
+        elif isinstance(module, nn.PReLU):
+            module.num_parameters = module.weight.shape[0]
 
 
 def load(path: str | os.PathLike) -> tuple[nn.Module, Manifest]:

@@ -19,37 +19,13 @@ from modellego.contributions import contributions
 from modellego.data.subsets import SampleSubset
 from modellego.errors import ModellegoError
 from modellego.evaluate import predict
+from modellego.layers import execution_order, parameter_layers  # noqa: F401  (re-exported)
 from modellego.modelfile import atomic_write, read_safetensors, weights_hash
 from modellego.progress import track
+from modellego.support import check_supported
 
 PROFILE_FORMAT = "modellego-profile"
 PROFILE_VERSION = 1
-
-
-def parameter_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """The model's Conv2d and Linear layers by qualified name, in definition order."""
-    layers = {name: module for name, module in model.named_modules() if isinstance(module, (nn.Conv2d, nn.Linear))}
-    if not layers:
-        raise ModellegoError("the model has no Conv2d or Linear layer, so it has nothing to profile or disassemble")
-    return layers
-
-
-@torch.no_grad()
-def execution_order(model: nn.Module, input_shape: tuple[int, ...]) -> list[str]:
-    """Names of the Conv2d/Linear layers in the order they run on one input of `input_shape` (C, H, W)."""
-    order: list[str] = []
-    layers = parameter_layers(model)
-    handles = [module.register_forward_pre_hook(lambda m, a, n=name: order.append(n) if n not in order else None)
-               for name, module in layers.items()]
-    was_training = model.training
-    try:
-        model.eval()
-        model(torch.zeros(1, *input_shape, device=next(model.parameters()).device))
-    finally:
-        model.train(was_training)
-        for handle in handles:
-            handle.remove()
-    return order
 
 
 @dataclass
@@ -154,6 +130,7 @@ def profile(model: nn.Module, dataset: Dataset, samples_per_class: int = 50, bat
     """Profile `model` on `dataset` (labels = the model's output positions, normally its training split)."""
     model.eval()
     layers = parameter_layers(model)
+    check_supported(model, tuple(dataset[0][0].shape))
     positions, notes = select_samples(model, dataset, samples_per_class, progress=progress)
     for note in notes:
         warnings.warn(note, stacklevel=2)

@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from modellego.errors import ModellegoError
 from modellego.progress import track
+from modellego.support import check_supported
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -62,6 +63,7 @@ def train_model(builder: str, dataset: Dataset, epochs: int, width: float = 1.0,
 
     seed_everything(seed)
     model = classifier(builder, dataset.spec, len(dataset.classes), width)
+    check_supported(model, (dataset.spec.channels, *dataset.spec.size), builder)
     losses = train(model, dataset, epochs, lr=lr, batch_size=batch_size, seed=seed, progress=progress)
     manifest = Manifest(
         architecture={"builder": builder, "in_channels": dataset.spec.channels,

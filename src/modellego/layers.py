@@ -1,0 +1,47 @@
+"""Model introspection: the parameter layers, the per-channel modules beside them, and their execution order."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from modellego.errors import ModellegoError
+
+# Modules whose parameters and buffers are indexed by channel: they follow the channels they act on.
+CHANNELWISE = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm, nn.PReLU)
+
+
+def parameter_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """The model's Conv2d and Linear layers by qualified name, in definition order."""
+    layers = {name: module for name, module in model.named_modules() if isinstance(module, (nn.Conv2d, nn.Linear))}
+    if not layers:
+        raise ModellegoError("the model has no Conv2d or Linear layer, so it has nothing to profile or disassemble")
+    return layers
+
+
+def is_depthwise(module: nn.Module) -> bool:
+    """A grouped conv with one input channel per group (depthwise, any channel multiplier)."""
+    return isinstance(module, nn.Conv2d) and module.groups > 1 and module.groups == module.in_channels
+
+
+def is_grouped(module: nn.Module) -> bool:
+    """A grouped conv whose groups hold several input channels (ResNeXt, RegNet): its groups must stay whole."""
+    return isinstance(module, nn.Conv2d) and module.groups > 1 and not is_depthwise(module)
+
+
+@torch.no_grad()
+def execution_order(model: nn.Module, input_shape: tuple[int, ...]) -> list[str]:
+    """Names of the Conv2d/Linear layers in the order they run on one input of `input_shape` (C, H, W)."""
+    order: list[str] = []
+    layers = parameter_layers(model)
+    handles = [module.register_forward_pre_hook(lambda m, a, n=name: order.append(n) if n not in order else None)
+               for name, module in layers.items()]
+    was_training = model.training
+    try:
+        model.eval()
+        model(torch.zeros(1, *input_shape, device=next(model.parameters()).device))
+    finally:
+        model.train(was_training)
+        for handle in handles:
+            handle.remove()
+    return order
