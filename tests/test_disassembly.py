@@ -347,3 +347,20 @@ def test_bad_thresholds_classes_and_profiles(trained, lenet_profile):
     other, _ = random_source("lenet5", 1.0, classes=10)
     with pytest.raises(ModellegoError, match="different model"):
         locate(other, lenet_profile)
+
+
+def test_profile_takes_plain_datasets_and_data_loaders(trained):
+    """Any (input, label) data: a TensorDataset or a DataLoader gives the same samples and sums as the named dataset."""
+    path, train = trained
+    model, _ = modellego.load(path)
+    named = profile(model, train, samples_per_class=5)
+    images = torch.stack([train[i][0] for i in range(len(train))])
+    plain = torch.utils.data.TensorDataset(images, train.targets)
+    for source in (plain, torch.utils.data.DataLoader(plain, batch_size=100)):
+        result = profile(model, source, samples_per_class=5)
+        assert result.classes == [str(k) for k in range(10)]
+        assert torch.equal(result.samples, named.samples) and torch.equal(result.sample_labels, named.sample_labels)
+        for name in named.layers:
+            torch.testing.assert_close(result.contributions[name], named.contributions[name], rtol=1e-5, atol=1e-4)
+    with pytest.raises(ModellegoError, match="shuffles"):
+        profile(model, torch.utils.data.DataLoader(plain, shuffle=True), samples_per_class=5)

@@ -142,7 +142,8 @@ def profile(
         raise ModellegoError(f"--samples-per-class must be at least 1, got {samples_per_class}")
     network, manifest = load(model)
     train_data = task_data(manifest.classes, "train", root=data_root, dataset=data)
-    result = build_profile(network, train_data, samples_per_class, batch_size, progress=True)
+    result = build_profile(network, train_data, samples_per_class=samples_per_class, batch_size=batch_size,
+                           progress=True)
     for note in result.notes:
         err.print(f"note: {note}", highlight=False, markup=False)
     result.save(out_path)
