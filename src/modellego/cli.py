@@ -204,7 +204,7 @@ def disassemble(
     """Cut a standalone component for some classes out of a model, without training."""
     from modellego.data.task import task_data
     from modellego.disassembly import auto_disassemble, disassemble as cut, validation_data
-    from modellego.evaluate import component_metrics, count_params, profile_sample_accuracy
+    from modellego.evaluate import component_metrics, count_params
     from modellego.masks import check_thresholds, locate
     from modellego.modelfile import check_output_path, load, save
     from modellego.profiles import Profile
@@ -231,13 +231,7 @@ def disassemble(
         component = cut(network, masks, classes, manifest)
     for note in component.warnings:
         warnings.warn(note, stacklevel=1)  # shown once even when disassembly already warned it
-    task_positions = component.manifest.provenance["disassembled"]["task_positions"]
-    check = profile_sample_accuracy(component.model, network, task_positions, train_data, class_profile)
-    if check.component_accuracy < check.restricted_base - AGREEMENT_GAP:
-        warnings.warn(f"the component gets {_percent(check.component_accuracy)} of the task's {check.samples} profile "
-                      f"images right, {100 * (check.restricted_base - check.component_accuracy):.1f} points below its "
-                      f"source restricted to the task ({_percent(check.restricted_base)}): these α/β cut channels the "
-                      "task needs; try --auto", stacklevel=1)
+    _warn_if_component_lost_its_task(component, network, train_data, class_profile)
     metrics = component_metrics(component.model, component.manifest, network, manifest, root=data_root,
                                 image_size=image_size, verify=not no_verify)
     component.manifest.metrics = metrics
@@ -246,6 +240,21 @@ def disassemble(
               f"{_percent(metrics['test_accuracy'])} (restricted base {_percent(metrics['restricted_base'])}), "
               f"{metrics['params']:,} params ({count_params(network):,} in the source), "
               f"{metrics['flops']:,} FLOPs -> {out_path}")
+
+
+def _warn_if_component_lost_its_task(component, source, train_data, class_profile) -> None:
+    """Warn when the component is far below its restricted source on the profile's images of the task."""
+    from modellego.evaluate import profile_sample_accuracy
+
+    if class_profile.dataset != train_data.name:
+        return  # profiled on another dataset (--data): its sample positions do not index this data
+    task_positions = component.manifest.provenance["disassembled"]["task_positions"]
+    check = profile_sample_accuracy(component.model, source, task_positions, train_data, class_profile)
+    if check.component_accuracy < check.restricted_base - AGREEMENT_GAP:
+        warnings.warn(f"the component gets {_percent(check.component_accuracy)} of the task's {check.samples} profile "
+                      f"images right, {100 * (check.restricted_base - check.component_accuracy):.1f} points below its "
+                      f"source restricted to the task ({_percent(check.restricted_base)}): these α/β cut channels the "
+                      "task needs; try --auto", stacklevel=1)
 
 
 @app.command()
