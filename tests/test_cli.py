@@ -103,3 +103,71 @@ def test_files_that_are_not_models_are_refused(tmp_path):
 def test_eval_on_a_dataset_without_the_models_classes(trained):
     assert_user_error(invoke("eval", str(trained), "--data", "digits"), "has no class named")
     assert_user_error(invoke("eval", str(trained), "--classes", "Coat"), "'Coat' is not in")
+
+
+def test_an_unexpected_error_is_one_line_asking_for_a_report(trained, monkeypatch):
+    import modellego.modelfile
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("the index went sideways\nsecond line")
+
+    monkeypatch.setattr(modellego.modelfile, "read_manifest", broken)
+    result = invoke("info", str(trained))
+    assert result.returncode == 1
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines == ["error: RuntimeError: the index went sideways (please report this at the project's issue "
+                     "tracker; rerun with --debug for the traceback)"]
+    assert "Traceback" not in result.stdout + result.stderr
+    debug = invoke("--debug", "info", str(trained))
+    assert debug.returncode == 1 and "Traceback" in debug.stderr and "the index went sideways" in debug.stderr
+    assert invoke("info", str(trained)).returncode == 1 and "Traceback" not in invoke("info", str(trained)).stderr
+
+
+def test_library_warnings_are_single_lines(trained, monkeypatch):
+    import warnings
+
+    import modellego.modelfile
+
+    real = modellego.modelfile.read_manifest
+
+    def warning_twice(path):
+        warnings.warn("this file is odd")
+        warnings.warn("this file is odd")
+        return real(path)
+
+    monkeypatch.setattr(modellego.modelfile, "read_manifest", warning_twice)
+    result = invoke("info", str(trained))
+    assert result.returncode == 0
+    assert result.stderr.strip().splitlines() == ["warning: this file is odd"]
+
+
+def test_imagefolder_model_remembers_its_data_and_image_size(tmp_path, monkeypatch):
+    from test_data import write_image_folder
+
+    write_image_folder(tmp_path / "pictures", per_class=6)
+    monkeypatch.chdir(tmp_path)
+    trained = invoke("train", "--model", "lenet5", "--data", "imagefolder", "--data-root", "pictures",
+                     "--image-size", "32", "--epochs", "3", "--lr", "0.01", "--batch-size", "4",
+                     "--out", "folder.safetensors")
+    assert trained.returncode == 0, trained.stderr
+    _, manifest = load(tmp_path / "folder.safetensors")
+    assert manifest.input.size == (32, 32)
+    assert manifest.provenance["trained"]["data_root"] == str(tmp_path / "pictures")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    monkeypatch.delenv("MODELLEGO_DATA_ROOT", raising=False)
+    result = invoke("eval", str(tmp_path / "folder.safetensors"), "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["samples"] == 12
+    assert_user_error(invoke("eval", str(tmp_path / "folder.safetensors"), "--image-size", "4"), "--image-size")
+    assert_user_error(invoke("eval", str(tmp_path / "folder.safetensors"), "--data-root", str(elsewhere)),
+                      "looked in", "--data-root", "MODELLEGO_DATA_ROOT")
+
+
+def test_bad_image_sizes_are_refused_before_any_work(tmp_path):
+    out = tmp_path / "m.safetensors"
+    assert_user_error(invoke(*TRAIN, "--image-size", "5000", "--out", str(out)), "--image-size must be")
+    assert_user_error(invoke(*TRAIN, "--image-size", "big", "--out", str(out)), "--image-size")
+    assert_user_error(invoke(*TRAIN, "--image-size", "64", "--out", str(out)), "has 28×28 images")
+    assert list(tmp_path.iterdir()) == []

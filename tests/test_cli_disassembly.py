@@ -86,3 +86,19 @@ def test_bad_disassembly_input(pipeline, tmp_path):
                       "--samples-per-class must be at least 1")
     assert_user_error(invoke("eval", str(out), "--against", str(source)), "no such file")
     assert not out.exists()
+
+
+def test_a_component_that_lost_its_task_is_never_silent(pipeline, tmp_path):
+    _, source, profile, _ = pipeline
+    base = ["disassemble", str(source), "--profile", str(profile), "--classes", "Trouser,Bag,Sandal"]
+    extreme = invoke(*base, "--alpha-conv", "1", "--beta-conv", "1", "--alpha-fc", "1", "--beta-fc", "1",
+                     "--out", str(tmp_path / "cut.safetensors"))
+    assert extreme.returncode == 0, extreme.stderr
+    warned = [line for line in extreme.stderr.splitlines() if "profile images" in line]
+    assert len(warned) == 1 and warned[0].startswith("warning: the component gets "), extreme.stderr
+    assert "points below its source restricted to the task (100.00%)" in warned[0] and "--auto" in warned[0]
+    assert len(extreme.stderr.splitlines()) == len(set(extreme.stderr.splitlines()))  # each warning once
+    keep_all = invoke(*base, "--alpha-conv", "0", "--beta-conv", "0", "--alpha-fc", "0", "--beta-fc", "0",
+                      "--out", str(tmp_path / "all.safetensors"))
+    assert keep_all.returncode == 0, keep_all.stderr
+    assert "profile images" not in keep_all.stderr

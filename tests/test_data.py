@@ -153,3 +153,92 @@ def test_imagefolder_and_tiny_imagenet_layouts(tmp_path):
     assert validation[0][0].shape == (3, 64, 64)
     with pytest.raises(ModellegoError, match="train"):
         data.load("imagefolder", "train", tmp_path / "nothing")
+
+
+def test_a_missing_dataset_names_both_ways_to_point_at_it(tmp_path, monkeypatch):
+    monkeypatch.delenv("MODELLEGO_DATA_ROOT", raising=False)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ModellegoError) as missing:
+        data.load("cifar10", "train")
+    message = str(missing.value)
+    assert "--data-root" in message and "MODELLEGO_DATA_ROOT" in message
+    assert f"looked in {tmp_path}/data/cifar10/cifar-10-batches-py" in message
+    monkeypatch.setenv("MODELLEGO_DATA_ROOT", str(tmp_path / "datasets"))
+    with pytest.raises(ModellegoError, match=f"looked in {tmp_path}/datasets/mnist.*MODELLEGO_DATA_ROOT"):
+        data.load("mnist", "test")
+    assert len(data.load("fashion-mnist", "test")) == 10000  # not there: Debian's copy, as without the variable
+
+
+def write_fake_cifar10(root, per_batch: int = 4):
+    """torchvision's cifar-10-batches-py layout, pickled batches included, with a few random images each."""
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.RandomState(0)
+    names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = {"batch_label": name, "data": rng.randint(0, 256, (per_batch, 3072)).astype(np.uint8),
+                 "labels": [int(label) for label in rng.randint(0, 10, per_batch)]}
+        (folder / name).write_bytes(pickle.dumps(batch))
+    (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": names, "num_vis": 3072}))
+    return folder, names
+
+
+def test_cifar_that_fails_the_checksums_reads_with_no_verify(tmp_path):
+    folder, names = write_fake_cifar10(tmp_path)
+    with pytest.raises(ModellegoError, match="--no-verify"):
+        data.load("cifar10", "train", tmp_path)
+    train = data.load("cifar10", "train", tmp_path, verify=False)
+    test = data.load("cifar10", "test", tmp_path, verify=False)
+    assert len(train) == 20 and len(test) == 4 and train.classes == names
+    assert train.images.shape == (20, 3, 32, 32) and train.spec.size == (32, 32)
+    first = pickle.loads((folder / "data_batch_1").read_bytes())
+    assert torch.equal(train.images[0], torch.from_numpy(first["data"][0].reshape(3, 32, 32)))
+    assert train.targets[:4].tolist() == first["labels"]
+    (folder / "data_batch_3").unlink()
+    with pytest.raises(ModellegoError, match="cannot read"):
+        data.load("cifar10", "train", tmp_path, verify=False)
+
+
+def write_image_folder(root, classes=("cat", "dog"), per_class: int = 3, size=(40, 48)) -> None:
+    """ROOT/train/<class>/*.png and ROOT/test/<class>/*.png; each class has its own colour, plus noise."""
+    rng = np.random.RandomState(0)
+    for split in ("train", "test"):
+        for position, name in enumerate(classes):
+            (root / split / name).mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                pixels = rng.randint(0, 60, (*size, 3)) + np.array([180 * (position % 2), 90 * position % 256, 60])
+                Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(root / split / name / f"{i}.png")
+
+
+def test_imagefolder_image_size(tmp_path):
+    write_image_folder(tmp_path)
+    small = data.load("imagefolder", "train", tmp_path, image_size=32)
+    assert small[0][0].shape == (3, 32, 32) and small.spec.size == (32, 32)
+    assert data.load("tiny-imagenet", "train", tmp_path, image_size=16)[0][0].shape == (3, 16, 16)
+    for bad in (4, 2048, 32.5, True):
+        with pytest.raises(ModellegoError, match="--image-size must be a whole number of pixels from 8 to 1024"):
+            data.load("imagefolder", "train", tmp_path, image_size=bad)
+    assert data.load("digits", "train", image_size=28).spec.size == (28, 28)  # its own size is fine
+    with pytest.raises(ModellegoError, match="applies to imagefolder and tiny-imagenet only"):
+        data.load("digits", "train", image_size=64)
+
+
+def test_data_root_precedence(tmp_path, monkeypatch):
+    from modellego.data.task import data_root_hints, resolve_root
+
+    hint, explicit, env = tmp_path / "hint", tmp_path / "explicit", tmp_path / "env"
+    hint.mkdir()
+    monkeypatch.delenv("MODELLEGO_DATA_ROOT", raising=False)
+    assert resolve_root("imagefolder", explicit, str(hint)) == explicit
+    assert resolve_root("imagefolder", None, str(hint)) == str(hint)
+    assert resolve_root("imagefolder", None, str(tmp_path / "moved")) is None  # a hint that no longer exists
+    monkeypatch.setenv("MODELLEGO_DATA_ROOT", str(env))
+    assert resolve_root("imagefolder", None, str(hint)) == str(hint)  # the variable names no such dataset
+    (env / "imagefolder").mkdir(parents=True)
+    assert resolve_root("imagefolder", None, str(hint)) is None  # `load` reads $MODELLEGO_DATA_ROOT/imagefolder
+    assert resolve_root("imagefolder", explicit, str(hint)) == explicit
+    nested = {"assembled": {"components": [
+        {"provenance": {"disassembled": {"source_provenance": {"trained": {"dataset": "imagefolder",
+                                                                          "data_root": "/a"}}}}},
+        {"provenance": {"trained": {"dataset": "cifar10", "data_root": None}}}]}}
+    assert data_root_hints(nested) == {"imagefolder": "/a"}

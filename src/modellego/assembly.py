@@ -69,7 +69,7 @@ def assemble(components: Sequence[Member | str | os.PathLike], mode: str = "padd
                                  "assemble components of the same input size and channels")
     if scale_logits:
         members = [member if "scaled" in member[1].provenance
-                   else scale(member[0], member[1], task_data(member[1].classes, "train", root=data_root), progress)
+                   else scale(member[0], member[1], task_data(member[1], "train", root=data_root), progress)
                    for member in members]
     classes, targets = _union([manifest for _, manifest in members])
     model = _parallel(members, targets) if mode == "parallel" else _padded(members, targets)

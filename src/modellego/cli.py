@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import sys
+import traceback
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -23,10 +25,33 @@ DataRootOption = typer.Option(None, "--data-root", help="Folder holding the data
 SeedOption = typer.Option(0, "--seed", help="Seed for every random choice; the same seed gives the same files.")
 LrOption = typer.Option(1e-3, "--lr", help="Peak learning rate (Adam, one-cycle schedule).")
 BatchSizeOption = typer.Option(128, "--batch-size", help="Images per training step.")
+ImageSizeOption = typer.Option(None, "--image-size", help="Resize imagefolder / tiny-imagenet images to N×N "
+                               "(default: 224 / 64 for train, then the size the model was trained at).")
+NoVerifyOption = typer.Option(False, "--no-verify", help="Read a CIFAR folder that fails torchvision's checksums "
+                              "(a subset or copy of your own).")
+AGREEMENT_GAP = 0.10  # a component this far below its restricted source on the profile's images gets a warning
+
+
+_options = {"debug": False}
+
+
+@app.callback()
+def _global_options(
+    debug: bool = typer.Option(False, "--debug", help="On an unexpected error, print the full traceback."),
+) -> None:
+    """Make new CNN classifiers without training: disassemble trained models, assemble components."""
+    _options["debug"] = debug
 
 
 def _percent(value: float) -> str:
     return f"{100 * value:.2f}%"
+
+
+def _check_image_size(image_size: Optional[int]) -> None:
+    from modellego.data.datasets import check_image_size
+
+    if image_size is not None:
+        check_image_size(image_size)
 
 
 def _print_json(payload: dict) -> None:
@@ -45,6 +70,8 @@ def train(
     batch_size: int = BatchSizeOption,
     max_per_class: Optional[int] = typer.Option(None, "--max-per-class", help="Use at most this many training samples per class."),
     data_root: Optional[Path] = DataRootOption,
+    image_size: Optional[int] = ImageSizeOption,
+    no_verify: bool = NoVerifyOption,
     seed: int = SeedOption,
 ) -> None:
     """Train a model from the zoo on a dataset (or some of its classes) and save it."""
@@ -56,8 +83,9 @@ def train(
     check_output_path(out_path)
     if epochs <= 0:
         raise ModellegoError(f"--epochs must be at least 1, got {epochs}")
-    train_data = datasets.load(data, "train", data_root)
-    test_data = datasets.load(data, "test", data_root)
+    _check_image_size(image_size)
+    train_data = datasets.load(data, "train", data_root, image_size=image_size, verify=not no_verify)
+    test_data = datasets.load(data, "test", data_root, image_size=image_size, verify=not no_verify)
     if classes:
         train_data = datasets.select_classes(train_data, classes)
         test_data = datasets.select_classes(test_data, classes)
@@ -80,21 +108,25 @@ def eval_command(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
     against: Optional[Path] = typer.Option(None, "--against", help="The source model: report Base / Restricted base / this model."),
     batch_size: int = typer.Option(256, "--batch-size"),
+    image_size: Optional[int] = ImageSizeOption,
+    no_verify: bool = NoVerifyOption,
 ) -> None:
     """Accuracy overall and per class on the test split, with params and FLOPs."""
     from modellego.evaluate import compare, evaluate_file
 
+    _check_image_size(image_size)
     if against is not None:
         if data is not None or classes is not None:
             raise ModellegoError("--against evaluates on the component's own task; drop --data/--classes")
-        result = compare(file, against, root=data_root, batch_size=batch_size, progress=not as_json)
+        result = compare(file, against, root=data_root, batch_size=batch_size, progress=not as_json,
+                         image_size=image_size, verify=not no_verify)
         if as_json:
             _print_json(result)
         else:
             _print_comparison(file, against, result)
         return
     result = evaluate_file(file, dataset=data, root=data_root, classes=classes, batch_size=batch_size,
-                           progress=not as_json)
+                           progress=not as_json, image_size=image_size, verify=not no_verify)
     if as_json:
         _print_json(result)
         return
@@ -130,6 +162,8 @@ def profile(
     samples_per_class: int = typer.Option(50, "--samples-per-class", help="Most confident correct training samples per class."),
     data: Optional[str] = DataOption,
     data_root: Optional[Path] = DataRootOption,
+    image_size: Optional[int] = ImageSizeOption,
+    no_verify: bool = NoVerifyOption,
     batch_size: int = typer.Option(64, "--batch-size"),
 ) -> None:
     """Per-class contributions of every Conv2d/Linear layer, on the model's training data."""
@@ -140,12 +174,12 @@ def profile(
     check_output_path(out_path)
     if samples_per_class < 1:
         raise ModellegoError(f"--samples-per-class must be at least 1, got {samples_per_class}")
+    _check_image_size(image_size)
     network, manifest = load(model)
-    train_data = task_data(manifest.classes, "train", root=data_root, dataset=data)
+    train_data = task_data(manifest, "train", root=data_root, dataset=data, image_size=image_size,
+                           verify=not no_verify)
     result = build_profile(network, train_data, samples_per_class=samples_per_class, batch_size=batch_size,
                            progress=True)
-    for note in result.notes:
-        err.print(f"note: {note}", highlight=False, markup=False)
     result.save(out_path)
     out.print(f"profiled {len(result.layers)} layers on {int(result.counts.sum())} samples "
               f"({samples_per_class} per class asked) -> {out_path}")
@@ -164,6 +198,8 @@ def disassemble(
     auto: bool = typer.Option(False, "--auto", help="Search α/β for the smallest component within --max-drop."),
     max_drop: float = typer.Option(1.0, "--max-drop", help="With --auto: accuracy points the component may lose on validation data."),
     data_root: Optional[Path] = DataRootOption,
+    image_size: Optional[int] = ImageSizeOption,
+    no_verify: bool = NoVerifyOption,
     seed: int = SeedOption,
 ) -> None:
     """Cut a standalone component for some classes out of a model, without training."""
@@ -176,12 +212,13 @@ def disassemble(
 
     check_output_path(out_path)
     check_thresholds(alpha_conv=alpha_conv, beta_conv=beta_conv, alpha_fc=alpha_fc, beta_fc=beta_fc)
+    _check_image_size(image_size)
     network, manifest = load(model)
     class_profile = Profile.load(profile_path)
     class_profile.check_model(network)
+    train_data = task_data(manifest, "train", root=data_root, image_size=image_size, verify=not no_verify)
     if auto:
         # Validation: held-out training samples of the task, never test data, never the profile's samples.
-        train_data = task_data(manifest.classes, "train", root=data_root)
         validation = validation_data(train_data, classes, class_profile.samples, 0.1, seed)
         search = auto_disassemble(network, class_profile, classes, manifest, validation, max_drop, progress=True)
         component = search.component
@@ -194,14 +231,31 @@ def disassemble(
         masks = locate(network, class_profile, alpha_conv, beta_conv, alpha_fc, beta_fc)
         component = cut(network, masks, classes, manifest)
     for note in component.warnings:
-        err.print(f"warning: {note}", highlight=False, markup=False)
-    metrics = component_metrics(component.model, component.manifest, network, manifest, root=data_root)
+        warnings.warn(note, stacklevel=1)  # shown once even when disassembly already warned it
+    _warn_if_component_lost_its_task(component, network, train_data, class_profile)
+    metrics = component_metrics(component.model, component.manifest, network, manifest, root=data_root,
+                                image_size=image_size, verify=not no_verify)
     component.manifest.metrics = metrics
     save(component.model, out_path, component.manifest)
     out.print(f"component for {', '.join(component.manifest.class_names)}: test accuracy "
               f"{_percent(metrics['test_accuracy'])} (restricted base {_percent(metrics['restricted_base'])}), "
               f"{metrics['params']:,} params ({count_params(network):,} in the source), "
               f"{metrics['flops']:,} FLOPs -> {out_path}")
+
+
+def _warn_if_component_lost_its_task(component, source, train_data, class_profile) -> None:
+    """Warn when the component is far below its restricted source on the profile's images of the task."""
+    from modellego.evaluate import profile_sample_accuracy
+
+    if class_profile.dataset != train_data.name:
+        return  # profiled on another dataset (--data): its sample positions do not index this data
+    task_positions = component.manifest.provenance["disassembled"]["task_positions"]
+    check = profile_sample_accuracy(component.model, source, task_positions, train_data, class_profile)
+    if check.component_accuracy < check.restricted_base - AGREEMENT_GAP:
+        warnings.warn(f"the component gets {_percent(check.component_accuracy)} of the task's {check.samples} profile "
+                      f"images right, {100 * (check.restricted_base - check.component_accuracy):.1f} points below its "
+                      f"source restricted to the task ({_percent(check.restricted_base)}): these α/β cut channels the "
+                      "task needs; try --auto", stacklevel=1)
 
 
 @app.command()
@@ -211,16 +265,28 @@ def assemble(
     mode: str = typer.Option("padded", "--mode", help="padded: one dense network (alignment padding); parallel: side by side."),
     no_scale: bool = typer.Option(False, "--no-scale", help="Skip parameter scaling of the components' logits."),
     data_root: Optional[Path] = DataRootOption,
+    image_size: Optional[int] = ImageSizeOption,
+    no_verify: bool = NoVerifyOption,
 ) -> None:
     """Assemble components into one model that answers the union of their classes, without training."""
-    from modellego.assembly import assemble as build
+    from modellego.assembly import MODES, assemble as build, scale
+    from modellego.data.task import task_data
     from modellego.evaluate import count_flops, count_params
-    from modellego.modelfile import check_output_path, save
+    from modellego.modelfile import check_output_path, load, save
 
     check_output_path(out_path)
     if len(components) < 2:
         raise ModellegoError(f"assembling needs at least two components, got {len(components)}")
-    model, manifest = build(components, mode, scale_logits=not no_scale, data_root=data_root, progress=True)
+    if mode not in MODES:
+        raise ModellegoError(f"unknown assembly mode {mode!r}; choose 'padded' or 'parallel'")
+    _check_image_size(image_size)
+    members = [load(path) for path in components]
+    if not no_scale:  # each component scaled on its own data (recorded roots, input size); build() keeps these
+        members = [member if "scaled" in member[1].provenance else
+                   scale(*member, task_data(member[1], "train", root=data_root, image_size=image_size,
+                                            verify=not no_verify), progress=True)
+                   for member in members]
+    model, manifest = build(members, mode, scale_logits=not no_scale, data_root=data_root, progress=True)
     save(model, out_path, manifest)
     out.print(f"assembled {len(components)} components ({mode}{', scaled' if not no_scale else ''}): "
               f"{len(manifest.classes)} classes, {count_params(model):,} params, "
@@ -235,6 +301,8 @@ def finetune(
     lr: float = LrOption,
     batch_size: int = BatchSizeOption,
     data_root: Optional[Path] = DataRootOption,
+    image_size: Optional[int] = ImageSizeOption,
+    no_verify: bool = NoVerifyOption,
     seed: int = SeedOption,
 ) -> None:
     """Train a model (an assembly: its zero blocks too) on the training data of all its classes."""
@@ -244,8 +312,10 @@ def finetune(
     check_output_path(out_path)
     if epochs <= 0:
         raise ModellegoError(f"--epochs must be at least 1, got {epochs}")
+    _check_image_size(image_size)
     model, manifest = load(file)
-    model, manifest = tune(model, manifest, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, root=data_root)
+    model, manifest = tune(model, manifest, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, root=data_root,
+                           image_size=image_size, verify=not no_verify)
     save(model, out_path, manifest)
     out.print(f"fine-tuned {file.name} for {epochs} epochs -> {out_path}")
 
@@ -289,8 +359,29 @@ def demo(
     run_demo(out_dir, epochs=epochs, seed=seed, console=out)
 
 
+def _show_warning_once(shown: set[str]):
+    """A `warnings.showwarning` that prints each distinct message once as `warning: ...` on stderr."""
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        text = str(message)
+        if text not in shown:
+            shown.add(text)
+            err.print(f"warning: {text}", highlight=False, markup=False, soft_wrap=True)
+    return show
+
+
 def main() -> None:
-    """Entry point: user mistakes print one line on stderr and exit with code 2, never a traceback."""
+    """Entry point: user mistakes print one line on stderr and exit with code 2, unexpected errors one line
+    asking for a report (exit 1, the traceback with --debug), warnings one `warning:` line each."""
+    _options["debug"] = False
+    with warnings.catch_warnings():
+        if not sys.warnoptions:  # -W / PYTHONWARNINGS, when given, decide what is shown
+            warnings.simplefilter("ignore")
+            warnings.simplefilter("always", UserWarning)
+        warnings.showwarning = _show_warning_once(set())
+        _run()
+
+
+def _run() -> None:
     try:
         app(standalone_mode=False)
     except ModellegoError as error:
@@ -307,3 +398,11 @@ def main() -> None:
     except KeyboardInterrupt:
         err.print("interrupted", highlight=False)
         sys.exit(130)
+    except Exception as error:  # a bug: one line by default, the traceback on request
+        if _options["debug"]:
+            sys.stderr.write(traceback.format_exc())
+        else:
+            message = str(error).splitlines()[0] if str(error) else ""
+            err.print(f"error: {type(error).__name__}: {message} (please report this at the project's issue "
+                      "tracker; rerun with --debug for the traceback)", highlight=False, markup=False, soft_wrap=True)
+        sys.exit(1)

@@ -64,7 +64,7 @@ def run_demo(out_dir: Path, epochs: int = 4, seed: int = 0, console: Console | N
 
     console.print(f"[bold]2. profile[/bold] the 50 most confident correct training images per class")
     source, manifest = load(path)
-    class_profile = profile(source, task_data(manifest.classes, "train"), samples_per_class=50, progress=True)
+    class_profile = profile(source, task_data(manifest, "train"), samples_per_class=50, progress=True)
     class_profile.save(out_dir / "lenet5.profile.safetensors")
     masks = locate(source, class_profile)
     table = Table(title="3. disassemble (paper α/β, no training): components on their tasks' test images")
@@ -91,7 +91,7 @@ def run_demo(out_dir: Path, epochs: int = 4, seed: int = 0, console: Console | N
     assembly, assembly_manifest = assemble(components, "padded", scale_logits=True)
     assembly_path = out_dir / "assembly.safetensors"
     save(assembly, assembly_path, assembly_manifest)
-    test_all = task_data(assembly_manifest.classes, "test")
+    test_all = task_data(assembly_manifest, "test")
     score1 = evaluate(assembly, test_all).accuracy
     console.print("[bold]5. fine-tune[/bold] the assembly for one epoch on its classes' training images")
     tuned, tuned_manifest = finetune(assembly, assembly_manifest, epochs=1, seed=seed)

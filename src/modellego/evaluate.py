@@ -79,14 +79,16 @@ def report(model: nn.Module, spec: InputSpec, dataset: Dataset, batch_size: int 
 
 
 def evaluate_file(path, dataset: str | None = None, root=None, classes=None, batch_size: int = 256,
-                  progress: bool = False, max_per_class: int | None = None) -> dict:
+                  progress: bool = False, max_per_class: int | None = None, image_size: int | None = None,
+                  verify: bool = True) -> dict:
     """Evaluate a model file on the test split of its own task (or `dataset`, matched by class names)."""
     from modellego.data.subsets import per_class_slice
     from modellego.data.task import task_data
     from modellego.modelfile import load
 
     model, manifest = load(path)
-    test_data = task_data(manifest.classes, "test", root=root, dataset=dataset, only=classes)
+    test_data = task_data(manifest, "test", root=root, dataset=dataset, only=classes, image_size=image_size,
+                          verify=verify)
     if max_per_class:
         test_data = per_class_slice(test_data, max_per_class)
     result = report(model, manifest.input, test_data, batch_size, progress)
@@ -120,7 +122,7 @@ def source_baselines(source: nn.Module, source_manifest, classes: list, test_dat
 
 
 def compare(component_path, source_path, root=None, batch_size: int = 256, progress: bool = False,
-            max_per_class: int | None = None) -> dict:
+            max_per_class: int | None = None, image_size: int | None = None, verify: bool = True) -> dict:
     """A component (or any model) against its source on the component's task test samples: Base (source,
     argmax over all its classes), Restricted base (source logits restricted to the task), and the component."""
     from modellego.data.subsets import per_class_slice
@@ -129,7 +131,7 @@ def compare(component_path, source_path, root=None, batch_size: int = 256, progr
 
     component, manifest = load(component_path)
     source, source_manifest = load(source_path)
-    test_data = task_data(manifest.classes, "test", root=root)
+    test_data = task_data(manifest, "test", root=root, image_size=image_size, verify=verify)
     if max_per_class:
         test_data = per_class_slice(test_data, max_per_class)
     baselines = source_baselines(source, source_manifest, manifest.classes, test_data, batch_size, progress)
@@ -156,13 +158,44 @@ def assembly_base(manifest) -> float | None:
 
 
 def component_metrics(component: nn.Module, manifest, source: nn.Module, source_manifest, root=None,
-                      batch_size: int = 256) -> dict:
+                      batch_size: int = 256, image_size: int | None = None, verify: bool = True) -> dict:
     """Test metrics recorded in a component's manifest: its accuracy and its source's Base / Restricted base
     on the task (per class too), so that assemblies can report the mean Base of their sources later."""
     from modellego.data.task import task_data
 
-    test_data = task_data(manifest.classes, "test", root=root)
+    test_data = task_data(manifest, "test", root=root, image_size=image_size, verify=verify)
     baselines = source_baselines(source, source_manifest, manifest.classes, test_data, batch_size)
     own = evaluate(component, test_data, batch_size)
     return {**baselines, "test_accuracy": own.accuracy, "params": count_params(component),
             "flops": count_flops(component, manifest.input)}
+
+
+@dataclass
+class ProfileSampleCheck:
+    """A component and its source restricted to the task, on the task's profile images (training data)."""
+
+    component_accuracy: float
+    restricted_base: float
+    samples: int
+
+
+def profile_sample_accuracy(component: nn.Module, source: nn.Module, task_positions: list[int], train_data: Dataset,
+                            profile, batch_size: int = 256) -> ProfileSampleCheck:
+    """Accuracy of `component` (outputs = the task, in order) and of `source` restricted to `task_positions`
+    (its outputs of the task) on the profile's images of the task; `train_data` is the source's training
+    data the profile was computed on (positions = `profile.samples`). Cheap: at most the profile's N per class."""
+    from modellego.data.subsets import SampleSubset
+
+    task = torch.tensor(task_positions)
+    in_task = torch.full((len(profile.classes),), -1, dtype=torch.long)
+    in_task[task] = torch.arange(len(task))
+    labels = in_task[profile.sample_labels.long()]
+    chosen = labels >= 0
+    if not chosen.any():
+        return ProfileSampleCheck(float("nan"), float("nan"), 0)
+    subset = SampleSubset(train_data, profile.samples[chosen], labels[chosen])
+    source_logits, labels = predict(source, subset, batch_size)
+    component_logits, _ = predict(component, subset, batch_size)
+    restricted = (source_logits[:, task].argmax(1) == labels).float().mean().item()
+    own = (component_logits.argmax(1) == labels).float().mean().item()
+    return ProfileSampleCheck(own, restricted, len(labels))

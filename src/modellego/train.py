@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import random
+import warnings
 
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from modellego.errors import ModellegoError
 from modellego.progress import track
+from modellego.reconstruct import reestimate_batchnorm
 from modellego.support import check_supported
+
+TRAINING_CHECK_SAMPLES = 2000
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -55,9 +59,44 @@ def train(model: nn.Module, dataset: Dataset, epochs: int, lr: float = 1e-3, bat
     return losses
 
 
+def training_accuracy(model: nn.Module, dataset: Dataset, samples: int = TRAINING_CHECK_SAMPLES,
+                      seed: int = 0) -> tuple[float, float, int]:
+    """Eval-mode accuracy of `model` on up to `samples` images of `dataset` (drawn with `seed`), the chance level
+    on them (the share of their most frequent class) and how many images were used."""
+    from modellego.evaluate import predict
+
+    count = min(samples, len(dataset))
+    positions = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:count].sort().values
+    logits, labels = predict(model, Subset(dataset, positions.tolist()))
+    accuracy = (logits.argmax(1) == labels).float().mean().item()
+    chance = torch.bincount(labels).max().item() / count
+    return accuracy, chance, count
+
+
+def warn_if_at_chance(accuracy: float, chance: float, samples: int) -> bool:
+    """Warn when a trained model is not clearly above chance on its own training data: below chance plus a
+    tenth of the way from chance to 100% (19% for 10 balanced classes). Returns whether it warned."""
+    if accuracy >= chance + 0.1 * (1 - chance):
+        return False
+    warnings.warn(f"the model is at chance level on its own training data: {100 * accuracy:.1f}% on {samples:,} "
+                  f"training images (chance {100 * chance:.1f}%); train longer (more --epochs), try a lower --lr "
+                  "(if the loss diverged) or a higher one (if it barely moved), or a larger --batch-size",
+                  stacklevel=3)
+    return True
+
+
+def _settle(model: nn.Module, dataset: Dataset, batch_size: int, seed: int, progress: bool) -> dict:
+    """After training: re-estimate BatchNorm statistics, then check the model learned; the facts for provenance."""
+    images = reestimate_batchnorm(model, dataset, batch_size=batch_size, seed=seed, progress=progress)
+    accuracy, chance, samples = training_accuracy(model, dataset, seed=seed)
+    warn_if_at_chance(accuracy, chance, samples)
+    return {"batchnorm_reestimated_images": images, "train_accuracy": accuracy, "train_accuracy_images": samples}
+
+
 def train_model(builder: str, dataset: Dataset, epochs: int, width: float = 1.0, lr: float = 1e-3,
                 batch_size: int = 128, seed: int = 0, progress: bool = True) -> tuple[nn.Module, "Manifest"]:
-    """Build `builder` for `dataset`'s input spec and classes, train it, and describe it in a manifest."""
+    """Build `builder` for `dataset`'s input spec and classes, train it, re-estimate its BatchNorm statistics
+    and describe it in a manifest (warning when it stayed at chance level on its training data)."""
     from modellego.modelfile import ClassRef, Manifest
     from modellego.models.classifier import classifier
 
@@ -65,31 +104,37 @@ def train_model(builder: str, dataset: Dataset, epochs: int, width: float = 1.0,
     model = classifier(builder, dataset.spec, len(dataset.classes), width)
     check_supported(model, (dataset.spec.channels, *dataset.spec.size), builder)
     losses = train(model, dataset, epochs, lr=lr, batch_size=batch_size, seed=seed, progress=progress)
+    settled = _settle(model, dataset, batch_size, seed, progress)
+    root = getattr(dataset, "root", None)
     manifest = Manifest(
         architecture={"builder": builder, "in_channels": dataset.spec.channels,
                       "num_classes": len(dataset.classes), "width": width},
         classes=[ClassRef(name, dataset.name, index) for name, index in zip(dataset.classes, dataset.class_indices)],
         input=dataset.spec,
         provenance={"trained": {"dataset": dataset.name, "samples": len(dataset), "epochs": epochs, "lr": lr,
-                                "batch_size": batch_size, "seed": seed, "final_loss": losses[-1]}},
+                                "batch_size": batch_size, "seed": seed, "final_loss": losses[-1],
+                                "data_root": str(root) if root is not None else None, **settled}},
     )
     return model, manifest
 
 
 def finetune(model: nn.Module, manifest: "Manifest", dataset: Dataset | None = None, epochs: int = 2,
-             lr: float = 1e-3, batch_size: int = 128, seed: int = 0, root=None,
-             progress: bool = True) -> tuple[nn.Module, "Manifest"]:
+             lr: float = 1e-3, batch_size: int = 128, seed: int = 0, root=None, image_size: int | None = None,
+             verify: bool = True, progress: bool = True) -> tuple[nn.Module, "Manifest"]:
     """Train `model` (typically an assembly, whose zero blocks become trainable) on the training data of
-    all its classes (or `dataset`, labelled by its outputs); the manifest keeps its lineage."""
+    all its classes (or `dataset`, labelled by its outputs), then re-estimate its BatchNorm statistics;
+    the manifest keeps its lineage."""
     import copy
 
     from modellego.data.task import task_data
 
-    data = dataset if dataset is not None else task_data(manifest.classes, "train", root=root)
+    data = dataset if dataset is not None else task_data(manifest, "train", root=root, image_size=image_size,
+                                                         verify=verify)
     losses = train(model, data, epochs, lr=lr, batch_size=batch_size, seed=seed, progress=progress)
+    settled = _settle(model, data, batch_size, seed, progress)
     manifest = copy.deepcopy(manifest)
     history = manifest.provenance.setdefault("finetuned", [])
     history.append({"epochs": epochs, "lr": lr, "batch_size": batch_size, "seed": seed,
-                    "samples": len(data), "final_loss": losses[-1]})
+                    "samples": len(data), "final_loss": losses[-1], **settled})
     manifest.metrics = {}
     return model, manifest

@@ -4,6 +4,7 @@ and carries `.classes` (names), `.targets` (a LongTensor of labels) and `.spec` 
 from __future__ import annotations
 
 import os
+import pickle
 from pathlib import Path
 from typing import Callable
 
@@ -24,6 +25,9 @@ FASHION_MNIST_CLASSES = [
 ]
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# Datasets read from image files, resized to a square size (their default); the others have a fixed size.
+RESIZABLE = {"imagefolder": 224, "tiny-imagenet": 64}
+IMAGE_SIZE_RANGE = (8, 1024)
 
 
 class TensorImages(Dataset):
@@ -38,6 +42,7 @@ class TensorImages(Dataset):
         self.classes = list(classes)
         self.class_indices = list(range(len(classes)))
         self.spec = InputSpec(images.shape[1], (images.shape[2], images.shape[3]), mean, std)
+        self.root: Path | None = None  # the folder it was read from when one was given (set by `load`)
 
     def __len__(self) -> int:
         return len(self.targets)
@@ -65,6 +70,7 @@ class FolderImages(Dataset):
         self.classes = list(classes)
         self.class_indices = list(range(len(classes)))
         self.spec = InputSpec(3, (size, size), mean, std)
+        self.root: Path | None = None
         self.transform = transforms.Compose([
             transforms.Resize(size), transforms.CenterCrop(size), transforms.ToTensor(),
         ])
@@ -79,8 +85,10 @@ class FolderImages(Dataset):
         return self.transform(default_loader(path)), label
 
 
-def _missing(name: str, looked: Path, how: str) -> ModellegoError:
-    return ModellegoError(f"dataset '{name}' not found: looked in {looked}; {how}")
+def _missing(name: str, looked: Path | list[Path], how: str) -> ModellegoError:
+    where = ", ".join(str(folder) for folder in looked) if isinstance(looked, list) else str(looked)
+    return ModellegoError(f"dataset '{name}' not found: looked in {where}; {how}; pass --data-root FOLDER "
+                          f"or set MODELLEGO_DATA_ROOT (read as $MODELLEGO_DATA_ROOT/{name})")
 
 
 def _idx_file(folder: Path, stem: str) -> Path | None:
@@ -101,13 +109,17 @@ def _load_idx_pair(name: str, split: str, folders: list[Path], how: str) -> tupl
             if len(pixels) != len(targets):
                 raise ModellegoError(f"{images} and {labels} disagree on the number of samples")
             return pixels, targets
-    raise _missing(name, folders[0], how)
+    raise _missing(name, folders, how)
 
 
 def _fashion_mnist(split: str, root: Path | None) -> Dataset:
-    folders = [root, root / "FashionMNIST" / "raw"] if root else [FASHION_MNIST_ROOT]
-    how = ("install it with `apt-get install dataset-fashion-mnist` or pass --data-root to a folder "
-           "holding the four IDX files")
+    env = os.environ.get("MODELLEGO_DATA_ROOT")
+    if root is None and env:
+        root = Path(env) / "fashion-mnist"
+        folders = [root, root / "FashionMNIST" / "raw", FASHION_MNIST_ROOT]
+    else:
+        folders = [root, root / "FashionMNIST" / "raw"] if root else [FASHION_MNIST_ROOT]
+    how = "install it with `apt-get install dataset-fashion-mnist` or point to a folder holding its four IDX files"
     images, targets = _load_idx_pair("fashion-mnist", split, folders, how)
     return TensorImages("fashion-mnist", split, images, targets, FASHION_MNIST_CLASSES, (0.2860,), (0.3530,))
 
@@ -115,7 +127,7 @@ def _fashion_mnist(split: str, root: Path | None) -> Dataset:
 def _mnist(split: str, root: Path | None) -> Dataset:
     base = _require_root("mnist", root)
     folders = [base, base / "MNIST" / "raw", base / "raw"]
-    how = "pass --data-root to a folder with torchvision's MNIST layout (MNIST/raw/*-ubyte[.gz])"
+    how = "it needs torchvision's MNIST layout (MNIST/raw/*-ubyte[.gz])"
     images, targets = _load_idx_pair("mnist", split, folders, how)
     return TensorImages("mnist", split, images, targets, [str(d) for d in range(10)], (0.1307,), (0.3081,))
 
@@ -140,7 +152,7 @@ def _digits(split: str, root: Path | None) -> Dataset:
                         (0.1557,), (0.2773,))
 
 
-def _cifar(name: str, split: str, root: Path | None) -> Dataset:
+def _cifar(name: str, split: str, root: Path | None, verify: bool = True) -> Dataset:
     from torchvision.datasets import CIFAR10, CIFAR100
 
     base = _require_root(name, root)
@@ -150,13 +162,39 @@ def _cifar(name: str, split: str, root: Path | None) -> Dataset:
     }[name]
     if not (base / folder).is_dir():
         raise _missing(name, base / folder, f"unpack the official python-version archive under {base}")
+    if not verify:
+        images, targets, classes = _read_cifar_batches(name, base / folder, cls, split)
+        return TensorImages(name, split, images, targets, classes, mean, std)
     try:
         data = cls(str(base), train=(split == "train"), download=False)
     except RuntimeError:
         raise ModellegoError(f"dataset '{name}' under {base / folder} is incomplete or corrupt (torchvision's "
-                             "checksums do not match); unpack the official python-version archive again") from None
+                             "checksums do not match); unpack the official python-version archive again, or pass "
+                             "--no-verify to read your own copy without the checksums") from None
     images = torch.from_numpy(data.data).permute(0, 3, 1, 2).contiguous()
     return TensorImages(name, split, images, torch.tensor(data.targets), list(data.classes), mean, std)
+
+
+def _read_cifar_batches(name: str, folder: Path, cls: type, split: str) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """The images (N×3×32×32 uint8), labels and class names of a CIFAR folder in torchvision's layout, read
+    without torchvision's MD5 checks (the user asked for it: a subset or a re-packed copy of their own)."""
+    images, labels = [], []
+    try:
+        for file_name, _ in (cls.train_list if split == "train" else cls.test_list):
+            with open(folder / file_name, "rb") as handle:
+                entry = pickle.load(handle, encoding="latin1")  # the official format is pickled batches
+            images.append(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+            labels.extend(int(label) for label in (entry["labels"] if "labels" in entry else entry["fine_labels"]))
+        with open(folder / cls.meta["filename"], "rb") as handle:
+            classes = [str(label) for label in pickle.load(handle, encoding="latin1")[cls.meta["key"]]]
+    except (OSError, EOFError, pickle.UnpicklingError, KeyError, ValueError, TypeError, AttributeError) as error:
+        raise ModellegoError(f"dataset '{name}': cannot read {folder} ({type(error).__name__}: {error})") from None
+    pixels = torch.from_numpy(np.concatenate(images))
+    targets = torch.tensor(labels, dtype=torch.long)
+    if len(pixels) != len(targets) or (len(targets) and not 0 <= int(targets.min()) <= int(targets.max()) < len(classes)):
+        raise ModellegoError(f"dataset '{name}': {folder} holds {len(pixels)} images but {len(targets)} labels, "
+                             f"or labels outside its {len(classes)} classes")
+    return pixels, targets, classes
 
 
 def _folder_samples(name: str, folder: Path) -> tuple[list[tuple[str, int]], list[str]]:
@@ -178,19 +216,19 @@ def _split_folder(name: str, base: Path, split: str) -> Path:
                    "with one sub-folder of images per class")
 
 
-def _imagefolder(split: str, root: Path | None, size: int = 224) -> Dataset:
+def _imagefolder(split: str, root: Path | None, size: int = RESIZABLE["imagefolder"]) -> Dataset:
     base = _require_root("imagefolder", root)
     samples, classes = _folder_samples("imagefolder", _split_folder("imagefolder", base, split))
     return FolderImages("imagefolder", split, samples, classes, size)
 
 
-def _tiny_imagenet(split: str, root: Path | None) -> Dataset:
+def _tiny_imagenet(split: str, root: Path | None, size: int = RESIZABLE["tiny-imagenet"]) -> Dataset:
     """Tiny-ImageNet as distributed (train/<wnid>/images, val/images + val_annotations.txt) or any
     ImageFolder layout with train/ and val/ (or test/)."""
     base = _require_root("tiny-imagenet", root)
     train_samples, classes = _folder_samples("tiny-imagenet", _split_folder("tiny-imagenet", base, "train"))
     if split == "train":
-        return FolderImages("tiny-imagenet", split, train_samples, classes, 64)
+        return FolderImages("tiny-imagenet", split, train_samples, classes, size)
     annotations = base / "val" / "val_annotations.txt"
     if annotations.is_file():
         index = {wnid: position for position, wnid in enumerate(classes)}
@@ -199,27 +237,27 @@ def _tiny_imagenet(split: str, root: Path | None) -> Dataset:
             parts = line.split("\t")
             if len(parts) >= 2 and parts[1] in index:
                 samples.append((str(base / "val" / "images" / parts[0]), index[parts[1]]))
-        return FolderImages("tiny-imagenet", split, samples, classes, 64)
+        return FolderImages("tiny-imagenet", split, samples, classes, size)
     samples, test_classes = _folder_samples("tiny-imagenet", _split_folder("tiny-imagenet", base, split))
     if test_classes != classes:
         raise ModellegoError(f"tiny-imagenet: the class folders of {base}/train and its test split differ")
-    return FolderImages("tiny-imagenet", split, samples, classes, 64)
+    return FolderImages("tiny-imagenet", split, samples, classes, size)
 
 
 def _require_root(name: str, root: Path | None) -> Path:
     if root is not None:
         return root
     env = os.environ.get("MODELLEGO_DATA_ROOT")
-    base = Path(env) / name if env else Path("data") / name
+    base = Path(env) / name if env else Path.cwd() / "data" / name
     return base
 
 
-LOADERS: dict[str, Callable[[str, Path | None], Dataset]] = {
+LOADERS: dict[str, Callable[..., Dataset]] = {
     "fashion-mnist": _fashion_mnist,
     "digits": _digits,
     "mnist": _mnist,
-    "cifar10": lambda split, root: _cifar("cifar10", split, root),
-    "cifar100": lambda split, root: _cifar("cifar100", split, root),
+    "cifar10": lambda split, root, verify=True: _cifar("cifar10", split, root, verify),
+    "cifar100": lambda split, root, verify=True: _cifar("cifar100", split, root, verify),
     "imagefolder": _imagefolder,
     "tiny-imagenet": _tiny_imagenet,
 }
@@ -230,14 +268,40 @@ def dataset_names() -> list[str]:
     return list(LOADERS)
 
 
-def load(name: str, split: str = "train", root: str | os.PathLike | None = None) -> Dataset:
+def check_image_size(image_size: int) -> int:
+    """Refuse an image size that is not a whole number of pixels in IMAGE_SIZE_RANGE."""
+    low, high = IMAGE_SIZE_RANGE
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or not low <= image_size <= high:
+        raise ModellegoError(f"--image-size must be a whole number of pixels from {low} to {high}, got {image_size!r}")
+    return image_size
+
+
+def load(name: str, split: str = "train", root: str | os.PathLike | None = None, image_size: int | None = None,
+         verify: bool = True) -> Dataset:
     """Load dataset `name` (see `dataset_names()`), split 'train' or 'test', from local files only.
 
-    `root` overrides where the files are looked for; without it, Fashion-MNIST is read from Debian's
-    package and the others from `$MODELLEGO_DATA_ROOT/<name>` or `./data/<name>`. Nothing is downloaded.
+    `root` overrides where the files are looked for; without it, Fashion-MNIST is read from
+    `$MODELLEGO_DATA_ROOT/fashion-mnist` or Debian's package and the others from `$MODELLEGO_DATA_ROOT/<name>`
+    or `./data/<name>`. Nothing is downloaded. `image_size` resizes imagefolder / tiny-imagenet images to a
+    square (default 224 / 64); other datasets accept only their own size. `verify=False` reads CIFAR folders
+    that fail torchvision's checksums. The dataset's `.root` is the absolute `root`, or None.
     """
     if name not in LOADERS:
         raise ModellegoError(f"unknown dataset '{name}'; choose one of {', '.join(LOADERS)}")
     if split not in SPLITS:
         raise ModellegoError(f"unknown split '{split}'; choose 'train' or 'test'")
-    return LOADERS[name](split, Path(root).expanduser() if root is not None else None)
+    if image_size is not None:
+        check_image_size(image_size)
+    base = Path(root).expanduser() if root is not None else None
+    if name in RESIZABLE:
+        dataset = LOADERS[name](split, base, image_size or RESIZABLE[name])
+    elif name.startswith("cifar"):
+        dataset = LOADERS[name](split, base, verify)
+    else:
+        dataset = LOADERS[name](split, base)
+    if image_size is not None and tuple(dataset.spec.size) != (image_size, image_size):
+        height, width = dataset.spec.size
+        raise ModellegoError(f"dataset '{name}' has {height}×{width} images, not {image_size}×{image_size}; "
+                             f"--image-size applies to {' and '.join(RESIZABLE)} only")
+    dataset.root = base.resolve() if base is not None else None
+    return dataset

@@ -24,6 +24,7 @@ class SampleSubset(Dataset):
         self.name = dataset.name
         self.split = dataset.split
         self.spec = dataset.spec
+        self.root = getattr(dataset, "root", None)
 
     def __len__(self) -> int:
         return len(self.positions)

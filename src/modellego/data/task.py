@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import os
-from typing import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 from torch.utils.data import Dataset
 
-from modellego.data.datasets import load
+from modellego.data.datasets import RESIZABLE, load
 from modellego.data.subsets import SampleSubset, resolve_classes
 from modellego.errors import ModellegoError
+
+if TYPE_CHECKING:
+    from modellego.modelfile import ClassRef, Manifest
 
 
 class TaskData(Dataset):
@@ -46,14 +50,52 @@ class TaskData(Dataset):
         return list(zip(images, self.targets[index].tolist()))
 
 
-def task_data(classes: Sequence, split: str, root: str | os.PathLike | None = None, dataset: str | None = None,
-              only: str | Sequence[str | int] | None = None) -> TaskData:
-    """The `split` samples of a model's classes (a list of ClassRef), labelled by output position.
+def data_root_hints(provenance: dict) -> dict[str, str]:
+    """The data roots a model's lineage was trained from, by dataset name (components and assemblies carry
+    their sources' provenance, so these are found at any depth; the outermost record of a dataset wins)."""
+    hints: dict[str, str] = {}
+    pending: list = [provenance]
+    while pending:
+        record = pending.pop(0)
+        if isinstance(record, dict):
+            if isinstance(record.get("dataset"), str) and isinstance(record.get("data_root"), str):
+                hints.setdefault(record["dataset"], record["data_root"])
+            pending.extend(record.values())
+        elif isinstance(record, list):
+            pending.extend(record)
+    return hints
+
+
+def resolve_root(dataset: str, root: str | os.PathLike | None, hint: str | None) -> str | os.PathLike | None:
+    """Where to read `dataset` from: an explicit `root` first, then `$MODELLEGO_DATA_ROOT/<dataset>` when it
+    exists, then `hint` (the folder a model was trained from) when it exists; None means the default location."""
+    if root is not None:
+        return root
+    env = os.environ.get("MODELLEGO_DATA_ROOT")
+    if env and (Path(env) / dataset).exists():
+        return None  # `load` reads it there
+    if hint and Path(hint).is_dir():
+        return hint
+    return None
+
+
+def task_data(classes: "Manifest | Sequence[ClassRef]", split: str, root: str | os.PathLike | None = None, dataset: str | None = None,
+              only: str | Sequence[str | int] | None = None, image_size: int | None = None,
+              verify: bool = True) -> TaskData:
+    """The `split` samples of a model's classes, labelled by output position. `classes` is the model's
+    Manifest (then the data roots it was trained from and its input size are the defaults) or a list of ClassRef.
 
     `dataset` evaluates on another dataset whose class names match the model's (e.g. mnist for a digits
     model); `only` keeps a subset of the model's classes (names or output positions), labels unchanged.
-    `root` is where the (single) dataset lives.
+    `root` is where the (single) dataset lives; `image_size` and `verify` go to `load`.
     """
+    hints: dict[str, str] = {}
+    default_size = None
+    if hasattr(classes, "provenance"):  # a Manifest
+        hints = data_root_hints(classes.provenance)
+        height, width = classes.input.size
+        default_size = height if height == width else None
+        classes = classes.classes
     names = [ref.name for ref in classes]
     keep = range(len(classes)) if only is None else resolve_classes(names, only, "this model's classes")
     by_dataset: dict[str, list[tuple[int, int]]] = {}
@@ -62,7 +104,9 @@ def task_data(classes: Sequence, split: str, root: str | os.PathLike | None = No
         ref = classes[position]
         source = dataset or ref.dataset
         if source not in loaded:
-            loaded[source] = load(source, split, root)
+            size = image_size if image_size is not None else (default_size if source in RESIZABLE else None)
+            loaded[source] = load(source, split, resolve_root(source, root, hints.get(source)), image_size=size,
+                                  verify=verify)
         if dataset is None:
             index = ref.index
         else:
