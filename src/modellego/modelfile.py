@@ -464,7 +464,8 @@ def _check_layout(model: nn.Module, raw: RawFile, manifest: Manifest) -> None:
     missing = sorted(set(expected) - set(raw.entries))
     extra = sorted(set(raw.entries) - set(expected))
     if missing or extra:
-        raise _inconsistent(raw, manifest, f"missing {missing[:3]}, unexpected {[show(k) for k in extra[:3]]}")
+        raise _inconsistent(raw, manifest, f"missing [{', '.join(show(k) for k in missing[:3])}], "
+                                           f"unexpected [{', '.join(show(k) for k in extra[:3])}]")
     for key, (_, shape) in raw.entries.items():
         if len(shape) != expected[key].dim():
             raise _inconsistent(raw, manifest, f"{key} has {len(shape)} dimensions, expected {expected[key].dim()}")

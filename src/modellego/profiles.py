@@ -180,7 +180,7 @@ def _validate_index(meta: dict, entries: dict[str, tuple[str, tuple[int, ...]]])
     expected = {f"A/{name}" for name in meta["layers"]} | {"counts", "samples", "sample_labels"}
     if set(entries) != expected:
         odd = sorted((set(entries) ^ expected))[:3]
-        raise Invalid(f"its tensors do not match its layers ({[show(name) for name in odd]})")
+        raise Invalid(f"its tensors do not match its layers ({', '.join(show(name) for name in odd)})")
     for name in meta["layers"]:
         dtype, shape = entries[f"A/{name}"]
         if dtype != "F32":
