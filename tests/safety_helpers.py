@@ -128,7 +128,7 @@ def read_with(reader: str, path: Path) -> str:
 def measure_in_subprocess(reader: str, path: Path, address_space_gb: float = 2.0, timeout: int = 120) -> dict:
     """Read `path` in a fresh Python whose address space may grow by at most `address_space_gb` beyond what
     importing torch takes, so a memory regression fails instead of exhausting the machine. Returns the outcome,
-    seconds spent reading and the process's peak RSS in MB."""
+    seconds spent reading and the process's peak RSS in MB (VmHWM)."""
     import os
     import subprocess
     import sys
@@ -147,8 +147,9 @@ except MemoryError:
 except Exception as error:
     outcome = 'crash: ' + type(error).__name__ + ': ' + str(error)[:200]
 seconds = time.perf_counter() - started
-print(json.dumps({{'outcome': outcome, 'seconds': seconds,
-                  'peak_rss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}))
+# VmHWM, not ru_maxrss: a forked child's ru_maxrss starts from its parent's size
+peak = int(open('/proc/self/status').read().split('VmHWM:')[1].split()[0]) / 1024
+print(json.dumps({{'outcome': outcome, 'seconds': seconds, 'peak_rss_mb': peak}}))
 """
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=timeout,
                             env=dict(os.environ, PYTHONWARNINGS="ignore"))

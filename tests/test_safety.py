@@ -66,7 +66,7 @@ def _set(data, path: str, value) -> None:
     while len(parts) > 1:
         head = parts.pop(0)
         if isinstance(node, list):
-            node = node[int(head)] if int(head) < len(node) else {}
+            node = node[int(head)] if head.isdigit() and int(head) < len(node) else {}
         elif head == "layers" and parts and not isinstance(node.get(head), list):
             node = node.setdefault(head, {})
             parts = [".".join(parts)]
@@ -74,7 +74,7 @@ def _set(data, path: str, value) -> None:
             node = node.setdefault(head, {}) if isinstance(node, dict) else {}
     key = parts[0]
     if isinstance(node, list):
-        if int(key) < len(node):
+        if key.isdigit() and int(key) < len(node):
             node[int(key)] = value
     elif isinstance(node, dict):
         if value == "DELETE":
@@ -434,3 +434,42 @@ def test_class_index_out_of_the_dataset_is_refused(tmp_path):
     manifest.classes = [ClassRef(f"c{i}", "digits", i) for i in (0, 1, 2, 11)]
     path = save(model, tmp_path / "m.safetensors", manifest)
     assert_user_error(invoke("eval", str(path)), "index 11")
+
+
+# --- the malformed manifests the tester found, one by one ----------------------------------------------------------
+
+MALFORMED = [
+    ("architecture.num_classes", "abc"), ("architecture.num_classes", None), ("architecture.num_classes", 10**12),
+    ("architecture.num_classes", 10**400), ("architecture.width", "abc"), ("architecture.width", 1e9),
+    ("architecture.builder", "parallel"), ("provenance", "DEEP"), ("classes", []), ("classes.1.index", 10**6 + 1),
+    ("classes.1.index", -5), ("input.size", [0, 28]), ("input.size", [40_000, 28]), ("layers.net.features.0", {"groups": 0}),
+    ("input.mean", [0.1, 0.2]), ("input.std", [0.0]), ("input.mean", [float("nan")]), ("format_version", "1"),
+    ("input.channels", 3), ("architecture", []), ("metrics", [1]), ("classes.0.name", 5),
+]
+MALFORMED_TENSORS = [("net.features.0.weight", []), ("net.features.0.weight", [6]), ("net.features.0.weight", [6, 1, 5]),
+                     ("net.classifier.4.weight", [4, 83]), ("net.classifier.4.weight", [0, 84]), ("normalize.mean", [2, 1, 1])]
+
+
+@pytest.mark.parametrize("field, value", MALFORMED, ids=[f"{f}={json.dumps(v)[:20]}" for f, v in MALFORMED])
+def test_each_malformed_manifest_is_one_clean_refusal(tmp_path, field, value):
+    tensors, manifest = model_parts()
+    _set(manifest, field, value)
+    path = write_raw(tmp_path / "m.safetensors", tensors, _text(manifest))
+    started = time.perf_counter()
+    outcome = read_with("load", path)
+    assert outcome.startswith("refused") and time.perf_counter() - started < 1, outcome
+    if MATRIX_FILE:
+        with open(MATRIX_FILE + ".files", "a") as handle:
+            handle.write(json.dumps([f"manifest {field} = {json.dumps(value)[:40]}", outcome.replace(str(path), "FILE")]) + "\n")
+
+
+@pytest.mark.parametrize("key, shape", MALFORMED_TENSORS, ids=[f"{k}{s}" for k, s in MALFORMED_TENSORS])
+def test_each_malformed_tensor_is_one_clean_refusal(tmp_path, key, shape):
+    tensors, manifest = model_parts()
+    tensors[key] = torch.ones(shape)
+    path = write_raw(tmp_path / "m.safetensors", tensors, manifest)
+    outcome = read_with("load", path)
+    assert outcome.startswith("refused"), outcome
+    if MATRIX_FILE:
+        with open(MATRIX_FILE + ".files", "a") as handle:
+            handle.write(json.dumps([f"tensor {key} of shape {shape}", outcome.replace(str(path), "FILE")]) + "\n")
