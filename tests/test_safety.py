@@ -193,7 +193,7 @@ def test_memory_bomb_files_are_refused_fast_in_bounded_memory(tmp_path):
             continue  # loads or builds torchvision: covered in-process below, keeps this test fast
         result = measure_in_subprocess(reader, path, address_space_gb=2.0)
         assert result["outcome"].startswith("refused"), (name, result)
-        assert result["seconds"] < 1.0, (name, result)
+        assert result["seconds"] < 2.0, (name, result)  # about 0.3 s at most on a quiet 2-core CPU
     for name in ("mobilenet_v2 width=16", "input size 4096x4096 (allowed)"):
         reader, path = cases[name]
         assert read_with(reader, path).startswith("refused" if "mobilenet" in name else "loaded")

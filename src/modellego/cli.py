@@ -67,8 +67,18 @@ def _safe(value: object, limit: int = MAX_CELL) -> Text:
     return Text(_CONTROL.sub(lambda match: f"\\x{ord(match.group()):02x}", text))
 
 
+def _check_epochs(epochs: int) -> None:
+    if not 1 <= epochs <= MAX_EPOCHS:
+        raise ModellegoError(f"--epochs must be at least 1 and at most {MAX_EPOCHS:,}, got {epochs}")
+
+
+def _check_width(width: float) -> None:
+    if not (math.isfinite(width) and 0 < width <= 16):
+        raise ModellegoError(f"--width must be a positive number up to 16 (a channel multiplier), got {width}")
+
+
 def _check_training(epochs: int, lr: float, batch_size: int, seed: int) -> None:
-    option_int("--epochs", epochs, 1, MAX_EPOCHS)
+    _check_epochs(epochs)
     option_float("--lr", lr, 0.0, 10.0, low_open=True)
     option_int("--batch-size", batch_size, 1, MAX_BATCH)
     option_seed(seed)
@@ -96,7 +106,7 @@ def train(
 
     check_output_path(out_path)
     _check_training(epochs, lr, batch_size, seed)
-    option_float("--width", width, 0.0, 16.0, low_open=True)
+    _check_width(width)
     option_text("--classes", classes)
     if max_per_class is not None:
         option_int("--max-per-class", max_per_class, 1, 10**7)
@@ -346,7 +356,7 @@ def demo(
     from modellego.checks import output_folder
     from modellego.demo import run_demo
 
-    option_int("--epochs", epochs, 1, MAX_EPOCHS)
+    _check_epochs(epochs)
     option_seed(seed)
     output_folder(out_dir)
     run_demo(out_dir, epochs=epochs, seed=seed, console=out)
