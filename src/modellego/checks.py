@@ -102,7 +102,7 @@ def depth(value: Any) -> int:
 def option_int(flag: str, value: int, low: int, high: int) -> int:
     """A command-line integer within [low, high], else a one-line error naming the flag."""
     if not low <= value <= high:
-        raise ModellegoError(f"{flag} must be an integer from {low:,} to {high:,}, got {show(value)}")
+        raise ModellegoError(f"{flag} must be at least {low:,} and at most {high:,}, got {show(value)}")
     return value
 
 
@@ -122,7 +122,7 @@ def option_seed(value: int, flag: str = "--seed") -> int:
 def option_text(flag: str, value: str | None) -> str | None:
     """A list option such as --classes: absent is fine, empty or blank is a mistake."""
     if value is not None and not value.replace(",", "").strip():
-        raise ModellegoError(f"{flag} is empty; give class names or indices, comma-separated, or leave {flag} out")
+        raise ModellegoError(f"{flag} is empty: no classes given; name at least one class (names or indices, comma-separated)")
     return value
 
 

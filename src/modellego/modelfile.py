@@ -379,6 +379,7 @@ def read_raw(path: str | os.PathLike, what: str, with_data: bool = True) -> RawF
         header_bytes = handle.read(size)
         if len(header_bytes) < size:
             raise refuse("truncated header")
+        data_size = os.fstat(handle.fileno()).st_size - 8 - size
         rest = handle.read() if with_data else None
     try:
         header = mapping(parse_json(header_bytes.decode("utf-8"), "the header", MAX_HEADER_BYTES, 3), "the header")
@@ -390,12 +391,19 @@ def read_raw(path: str | os.PathLike, what: str, with_data: bool = True) -> RawF
     if len(header) > MAX_TENSORS:
         raise refuse(f"it indexes {len(header):,} tensors")
     entries: dict[str, tuple[str, tuple[int, ...]]] = {}
+    end = 0
     for key, entry in header.items():
         if not isinstance(entry, dict) or entry.get("dtype") not in _DTYPES or not isinstance(entry.get("shape"), list) \
                 or len(entry["shape"]) > 8 or not all(isinstance(n, int) and not isinstance(n, bool) and 0 <= n < 2**40
                                                       for n in entry["shape"]):
             raise refuse(f"tensor {show(key)} has a damaged index entry")
         entries[key] = (entry["dtype"], tuple(entry["shape"]))
+        offsets = entry.get("data_offsets")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(n, int) for n in offsets)):
+            raise refuse(f"tensor {show(key)} has a damaged index entry")
+        end = max(end, offsets[1])
+    if end != data_size:
+        raise refuse(f"the header indexes {end:,} bytes of tensors but the file holds {data_size:,} (truncated or damaged)")
     return RawFile(source, metadata, entries, prefix + header_bytes + rest if rest is not None else None)
 
 
