@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import json
+import math
+import re
 import sys
 import traceback
 import warnings
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
+from modellego.checks import option_float, option_int, option_seed, option_text
 from modellego.errors import ModellegoError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -43,6 +47,11 @@ def _global_options(
     _options["debug"] = debug
 
 
+MAX_EPOCHS = 10_000
+MAX_BATCH = 65_536
+MAX_SAMPLES_PER_CLASS = 100_000
+
+
 def _percent(value: float) -> str:
     return f"{100 * value:.2f}%"
 
@@ -54,8 +63,50 @@ def _check_image_size(image_size: Optional[int]) -> None:
         check_image_size(image_size)
 
 
+def _strict(value: Any) -> Any:
+    """`value` with every non-finite float replaced by None, so that the JSON printed is strict JSON."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _strict(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict(item) for item in value]
+    return value
+
+
 def _print_json(payload: dict) -> None:
-    sys.stdout.write(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+    sys.stdout.write(json.dumps(_strict(payload), indent=2, sort_keys=True, allow_nan=False) + "\n")
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+MAX_CELL = 2_000
+MAX_ROWS = 100
+
+
+def _safe(value: object, limit: int = MAX_CELL) -> Text:
+    """Text from a file, fit for the terminal: control characters shown as escapes (no ANSI sequences reach
+    the terminal), no markup or emoji interpreted (a Text is printed as is), cut to `limit` characters."""
+    text = str(value)
+    if len(text) > limit:
+        text = f"{text[:limit]}… ({len(text) - limit:,} more characters)"
+    return Text(_CONTROL.sub(lambda match: f"\\x{ord(match.group()):02x}", text))
+
+
+def _check_epochs(epochs: int) -> None:
+    if not 1 <= epochs <= MAX_EPOCHS:
+        raise ModellegoError(f"--epochs must be at least 1 and at most {MAX_EPOCHS:,}, got {epochs}")
+
+
+def _check_width(width: float) -> None:
+    if not (math.isfinite(width) and 0 < width <= 16):
+        raise ModellegoError(f"--width must be a positive number up to 16 (a channel multiplier), got {width}")
+
+
+def _check_training(epochs: int, lr: float, batch_size: int, seed: int) -> None:
+    _check_epochs(epochs)
+    option_float("--lr", lr, 0.0, 10.0, low_open=True)
+    option_int("--batch-size", batch_size, 1, MAX_BATCH)
+    option_seed(seed)
 
 
 @app.command()
@@ -81,15 +132,18 @@ def train(
     from modellego.train import train_model
 
     check_output_path(out_path)
-    if epochs <= 0:
-        raise ModellegoError(f"--epochs must be at least 1, got {epochs}")
+    _check_training(epochs, lr, batch_size, seed)
+    _check_width(width)
+    option_text("--classes", classes)
+    if max_per_class is not None:
+        option_int("--max-per-class", max_per_class, 1, 10**7)
     _check_image_size(image_size)
     train_data = datasets.load(data, "train", data_root, image_size=image_size, verify=not no_verify)
     test_data = datasets.load(data, "test", data_root, image_size=image_size, verify=not no_verify)
-    if classes:
+    if classes is not None:
         train_data = datasets.select_classes(train_data, classes)
         test_data = datasets.select_classes(test_data, classes)
-    if max_per_class:
+    if max_per_class is not None:
         train_data = datasets.per_class_slice(train_data, max_per_class, seed)
     network, manifest = train_model(model, train_data, epochs, width=width, lr=lr, batch_size=batch_size, seed=seed)
     metrics = report(network, manifest.input, test_data, progress=True)
@@ -114,6 +168,8 @@ def eval_command(
     """Accuracy overall and per class on the test split, with params and FLOPs."""
     from modellego.evaluate import compare, evaluate_file
 
+    option_int("--batch-size", batch_size, 1, MAX_BATCH)
+    option_text("--classes", classes)
     _check_image_size(image_size)
     if against is not None:
         if data is not None or classes is not None:
@@ -130,11 +186,11 @@ def eval_command(
     if as_json:
         _print_json(result)
         return
-    table = Table(title=f"{file.name} on {result['data']} (test split, {result['samples']} samples)")
+    table = Table(title=_safe(f"{file.name} on {result['data']} (test split, {result['samples']} samples)"))
     table.add_column("class")
     table.add_column("accuracy", justify="right")
     for name, value in result["per_class"].items():
-        table.add_row(name, _percent(value))
+        table.add_row(_safe(name), _percent(value))
     table.add_row("[bold]all[/bold]", f"[bold]{_percent(result['accuracy'])}[/bold]")
     out.print(table)
     out.print(f"params {result['params']:,}   FLOPs {result['flops']:,} per image")
@@ -144,14 +200,15 @@ def eval_command(
 
 
 def _print_comparison(file: Path, source: Path, result: dict) -> None:
-    table = Table(title=f"task {', '.join(result['classes'])}: test split, {result['samples']} samples")
+    table = Table(title=_safe(f"task {', '.join(result['classes'])}: test split, {result['samples']} samples"))
     for column in ("model", "accuracy", "params", "FLOPs"):
         table.add_column(column, justify="left" if column == "model" else "right")
-    table.add_row(f"Base ({source.name}, all classes)", _percent(result["base"]),
+    table.add_row(_safe(f"Base ({source.name}, all classes)"), _percent(result["base"]),
                   f"{result['source_params']:,}", f"{result['source_flops']:,}")
-    table.add_row(f"Restricted base ({source.name}, task classes)", _percent(result["restricted_base"]),
+    table.add_row(_safe(f"Restricted base ({source.name}, task classes)"), _percent(result["restricted_base"]),
                   f"{result['source_params']:,}", f"{result['source_flops']:,}")
-    table.add_row(f"Disa ({file.name})", _percent(result["accuracy"]), f"{result['params']:,}", f"{result['flops']:,}")
+    table.add_row(_safe(f"Disa ({file.name})"), _percent(result["accuracy"]), f"{result['params']:,}",
+                  f"{result['flops']:,}")
     out.print(table)
 
 
@@ -171,9 +228,9 @@ def profile(
     from modellego.modelfile import check_output_path, load
     from modellego.profiles import profile as build_profile
 
-    check_output_path(out_path)
-    if samples_per_class < 1:
-        raise ModellegoError(f"--samples-per-class must be at least 1, got {samples_per_class}")
+    check_output_path(out_path, inputs=[model])
+    option_int("--samples-per-class", samples_per_class, 1, MAX_SAMPLES_PER_CLASS)
+    option_int("--batch-size", batch_size, 1, MAX_BATCH)
     _check_image_size(image_size)
     network, manifest = load(model)
     train_data = task_data(manifest, "train", root=data_root, dataset=data, image_size=image_size,
@@ -210,8 +267,11 @@ def disassemble(
     from modellego.modelfile import check_output_path, load, save
     from modellego.profiles import Profile
 
-    check_output_path(out_path)
+    check_output_path(out_path, inputs=[model, profile_path])
     check_thresholds(alpha_conv=alpha_conv, beta_conv=beta_conv, alpha_fc=alpha_fc, beta_fc=beta_fc)
+    option_text("--classes", classes)
+    option_float("--max-drop", max_drop, 0.0, 100.0)
+    option_seed(seed)
     _check_image_size(image_size)
     network, manifest = load(model)
     class_profile = Profile.load(profile_path)
@@ -274,7 +334,7 @@ def assemble(
     from modellego.evaluate import count_flops, count_params
     from modellego.modelfile import check_output_path, load, save
 
-    check_output_path(out_path)
+    check_output_path(out_path, inputs=components)
     if len(components) < 2:
         raise ModellegoError(f"assembling needs at least two components, got {len(components)}")
     if mode not in MODES:
@@ -309,9 +369,8 @@ def finetune(
     from modellego.modelfile import check_output_path, load, save
     from modellego.train import finetune as tune
 
-    check_output_path(out_path)
-    if epochs <= 0:
-        raise ModellegoError(f"--epochs must be at least 1, got {epochs}")
+    check_output_path(out_path, inputs=[file])
+    _check_training(epochs, lr, batch_size, seed)
     _check_image_size(image_size)
     model, manifest = load(file)
     model, manifest = tune(model, manifest, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, root=data_root,
@@ -332,19 +391,30 @@ def info(
     if as_json:
         _print_json(json.loads(manifest.to_json()))
         return
-    table = Table(title=str(file), show_header=False)
+    table = Table(title=_safe(file), show_header=False)
     table.add_column("field", style="bold")
     table.add_column("value")
-    table.add_row("kind", manifest.kind)
-    table.add_row("architecture", json.dumps(manifest.architecture))
-    table.add_row("input", f"{manifest.input.describe()}, mean {list(manifest.input.mean)}, std {list(manifest.input.std)}")
-    table.add_row("classes", ", ".join(f"{ref.name} ({ref.dataset}#{ref.index})" for ref in manifest.classes))
-    for key, value in manifest.provenance.items():
-        table.add_row(f"provenance.{key}", json.dumps(value))
-    for key, value in manifest.metrics.items():
-        table.add_row(f"metrics.{key}", json.dumps(value))
-    table.add_row("format", str(manifest.format_version))
+    for field, value in _info_rows(manifest):
+        table.add_row(_safe(field, 200), _safe(value))
     out.print(table)
+
+
+def _info_rows(manifest) -> list[tuple[str, str]]:
+    """The manifest as (field, value) rows; long values are cut when printed, and at most MAX_ROWS
+    provenance/metrics entries are listed."""
+    rows = [("kind", manifest.kind), ("architecture", json.dumps(manifest.architecture)),
+            ("input", f"{manifest.input.describe()}, mean {list(manifest.input.mean)}, std {list(manifest.input.std)}"),
+            ("classes", ", ".join(f"{ref.name} ({ref.dataset}#{ref.index})"
+                                  for ref in manifest.classes[:MAX_ROWS * 10])
+             + (f", … ({len(manifest.classes):,} in all)" if len(manifest.classes) > MAX_ROWS * 10 else ""))]
+    for section in ("provenance", "metrics"):
+        entries = getattr(manifest, section)
+        for key, value in list(entries.items())[:MAX_ROWS]:
+            rows.append((f"{section}.{key}", json.dumps(value)))
+        if len(entries) > MAX_ROWS:
+            rows.append((f"{section}", f"… {len(entries) - MAX_ROWS:,} more entries (see --json)"))
+    rows.append(("format", str(manifest.format_version)))
+    return rows
 
 
 @app.command()
@@ -354,8 +424,12 @@ def demo(
     seed: int = SeedOption,
 ) -> None:
     """The whole job on Fashion-MNIST (digits when absent): train, profile, disassemble two tasks, assemble, fine-tune."""
+    from modellego.checks import output_folder
     from modellego.demo import run_demo
 
+    _check_epochs(epochs)
+    option_seed(seed)
+    output_folder(out_dir)
     run_demo(out_dir, epochs=epochs, seed=seed, console=out)
 
 
@@ -383,7 +457,7 @@ def main() -> None:
 
 def _run() -> None:
     try:
-        app(standalone_mode=False)
+        app(args=sys.argv[1:] or ["--help"], standalone_mode=False)
     except ModellegoError as error:
         err.print(f"error: {error}", highlight=False, markup=False, soft_wrap=True)
         sys.exit(2)

@@ -17,8 +17,9 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset
 
 from modellego.contributions import contributions
 from modellego.errors import ModellegoError
+from modellego.checks import Invalid, integer, mapping, parse_json, sequence, show, string
 from modellego.layers import execution_order, parameter_layers  # noqa: F401  (re-exported)
-from modellego.modelfile import atomic_write, read_safetensors, weights_hash
+from modellego.modelfile import atomic_write, read_raw, weights_hash
 from modellego.progress import track
 from modellego.support import check_supported
 
@@ -71,30 +72,118 @@ class Profile:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Profile":
-        """Read a profile written by `save`; anything else is refused without unpickling."""
+        """Read a profile written by `save`; anything else is refused without unpickling. The header is
+        validated (types, ranges, sizes) and every tensor's dtype and shape checked against it before the
+        tensors are created; the sums must be finite, non-negative and not all zero."""
         source = Path(path)
-        metadata, tensors = read_safetensors(source, "modellego profile")
-        if "modellego-profile" not in metadata:
+        raw = read_raw(source, "modellego profile")
+        if "modellego-profile" not in raw.metadata:
             raise ModellegoError(f"{source} is a safetensors file but not a modellego profile; pass the file "
                                  "that `modellego profile` wrote")
         try:
-            meta = json.loads(metadata["modellego-profile"])
-            if meta.get("format") != PROFILE_FORMAT or int(meta["format_version"]) > PROFILE_VERSION:
-                raise ValueError("unknown format")
-            layers = list(meta["layers"])
-            return cls(contributions={name: tensors[f"A/{name}"] for name in layers}, layers=layers,
-                       classes=list(meta["classes"]), counts=tensors["counts"], samples=tensors["samples"],
-                       sample_labels=tensors["sample_labels"], model_hash=str(meta["model_hash"]),
-                       input_shape=tuple(int(v) for v in meta["input_shape"]),
-                       dataset=str(meta.get("dataset", "")), samples_per_class=int(meta["samples_per_class"]),
-                       notes=list(meta.get("notes", [])))
-        except (KeyError, ValueError, TypeError) as error:
+            meta = _validate_header(raw.metadata["modellego-profile"])
+            _validate_index(meta, raw.entries)
+        except Invalid as error:
             raise ModellegoError(f"{source} is not a modellego profile (missing or damaged profile header: {error})") from None
+        tensors = raw.tensors("modellego profile")
+        try:
+            _validate_values(meta, tensors)
+        except Invalid as error:
+            raise ModellegoError(f"{source} is a damaged modellego profile ({error})") from None
+        layers = meta["layers"]
+        return cls(contributions={name: tensors[f"A/{name}"] for name in layers}, layers=layers,
+                   classes=meta["classes"], counts=tensors["counts"], samples=tensors["samples"],
+                   sample_labels=tensors["sample_labels"], model_hash=meta["model_hash"],
+                   input_shape=tuple(meta["input_shape"]), dataset=meta.get("dataset", ""),
+                   samples_per_class=meta["samples_per_class"], notes=meta.get("notes", []))
 
     def check_model(self, model: nn.Module) -> None:
-        """Refuse a model other than the one this profile was computed on."""
+        """Refuse a model other than the one this profile was computed on, and a profile whose layers or sums'
+        shapes do not fit the model's Conv2d/Linear layers (an edited file can keep the model's hash)."""
         if weights_hash(model) != self.model_hash:
             raise ModellegoError("this profile was computed on a different model; run `modellego profile` on this model")
+        layers = parameter_layers(model)
+        unknown = [name for name in self.layers if name not in layers]
+        if unknown or len(set(self.layers)) != len(layers):
+            names = unknown[:3] or sorted(set(layers) - set(self.layers))[:3]
+            raise ModellegoError(f"this profile's layers do not match the model's Conv2d/Linear layers ({names}); "
+                                 "run `modellego profile` on this model again")
+        for name in self.layers:
+            layer = layers[name]
+            outputs, inputs = ((layer.out_channels, layer.in_channels) if isinstance(layer, nn.Conv2d)
+                               else (layer.out_features, layer.in_features))
+            expected = (len(self.classes), outputs, inputs)
+            if tuple(self.contributions[name].shape) != expected:
+                raise ModellegoError(f"this profile's sums for layer {name} have shape "
+                                     f"{list(self.contributions[name].shape)}, the model needs {list(expected)}; "
+                                     "run `modellego profile` on this model again")
+
+
+MAX_PROFILE_HEADER = 4 << 20
+MAX_LAYERS = 10_000
+
+
+def _validate_header(text: str) -> dict:
+    """Types and ranges of a profile's JSON header."""
+    meta = mapping(parse_json(text, "the header", MAX_PROFILE_HEADER, 8), "the header")
+    if meta.get("format") != PROFILE_FORMAT:
+        raise Invalid("unknown format")
+    if integer(meta.get("format_version"), "format_version", 1, 10**9) > PROFILE_VERSION:
+        raise Invalid("written by a newer modellego; upgrade modellego")
+    layers = [string(name, f"layers[{i}]", 1_000)
+              for i, name in enumerate(sequence(meta.get("layers"), "layers", 1, MAX_LAYERS))]
+    if len(set(layers)) != len(layers):
+        raise Invalid("layers lists a layer twice")
+    classes = [string(name, f"classes[{i}]", 1_000, empty=True)
+               for i, name in enumerate(sequence(meta.get("classes"), "classes", 1, 100_000))]
+    model_hash = string(meta.get("model_hash"), "model_hash", 64)
+    shape = [integer(side, f"input_shape[{i}]", 1, 4_096)
+             for i, side in enumerate(sequence(meta.get("input_shape"), "input_shape", 1, 3))]
+    if len(shape) == 3 and shape[0] > 1_024:
+        raise Invalid(f"input_shape[0] (channels) must be at most 1,024, got {shape[0]:,}")
+    notes = [string(note, f"notes[{i}]", 10_000, empty=True)
+             for i, note in enumerate(sequence(meta.get("notes", []), "notes", 0, 100_000))]
+    return {"layers": layers, "classes": classes, "model_hash": model_hash, "input_shape": shape, "notes": notes,
+            "dataset": string(meta.get("dataset", ""), "dataset", 1_000, empty=True),
+            "samples_per_class": integer(meta.get("samples_per_class"), "samples_per_class", 1, 10**7)}
+
+
+def _validate_index(meta: dict, entries: dict[str, tuple[str, tuple[int, ...]]]) -> None:
+    """Dtypes and shapes of the stored tensors, from the file's index, before any tensor is created."""
+    k = len(meta["classes"])
+    expected = {f"A/{name}" for name in meta["layers"]} | {"counts", "samples", "sample_labels"}
+    if set(entries) != expected:
+        odd = sorted((set(entries) ^ expected))[:3]
+        raise Invalid(f"its tensors do not match its layers ({', '.join(show(name) for name in odd)})")
+    for name in meta["layers"]:
+        dtype, shape = entries[f"A/{name}"]
+        if dtype != "F32":
+            raise Invalid(f"sums of layer {name} are stored as {dtype}; profiles hold float32 sums")
+        if len(shape) != 3 or shape[0] != k or 0 in shape:
+            raise Invalid(f"sums of layer {name} have shape {list(shape)}; expected classes×outputs×inputs with "
+                          f"{k} classes")
+    for key in ("counts", "samples", "sample_labels"):
+        if entries[key][0] != "I64" or len(entries[key][1]) != 1:
+            raise Invalid(f"{key} must be a 1-d int64 tensor, got {entries[key][0]} {list(entries[key][1])}")
+    if entries["counts"][1][0] != k or entries["samples"][1] != entries["sample_labels"][1]:
+        raise Invalid("counts, samples and sample_labels do not agree with the classes")
+
+
+def _validate_values(meta: dict, tensors: dict[str, torch.Tensor]) -> None:
+    """Sums are sums of positive parts: finite, never negative, not all zero. Labels and counts agree."""
+    for name in meta["layers"]:
+        sums = tensors[f"A/{name}"]
+        if not torch.isfinite(sums).all():
+            raise Invalid(f"sums of layer {name} hold NaN or infinite values")
+        if (sums < 0).any():
+            raise Invalid(f"sums of layer {name} hold negative values; contributions are sums of positive parts")
+        if not (sums > 0).any():
+            raise Invalid(f"sums of layer {name} are all zero")
+    counts, labels = tensors["counts"], tensors["sample_labels"]
+    if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= len(meta["classes"])):
+        raise Invalid("sample_labels name classes the profile does not have")
+    if (counts < 0).any() or int(counts.sum()) != len(labels) or (tensors["samples"] < 0).any():
+        raise Invalid("counts do not add up to the samples")
 
 
 def _batches(data: Dataset | DataLoader, batch_size: int) -> DataLoader:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 import warnings
 
@@ -31,8 +32,12 @@ def train(model: nn.Module, dataset: Dataset, epochs: int, lr: float = 1e-3, bat
     """Train `model` in place on `dataset` (labels = output indices); returns the mean loss per epoch."""
     if epochs <= 0:
         raise ModellegoError(f"epochs must be a positive number, got {epochs}")
-    if lr <= 0:
-        raise ModellegoError(f"the learning rate must be positive, got {lr}")
+    if not math.isfinite(lr) or lr <= 0:
+        raise ModellegoError(f"the learning rate must be a positive finite number, got {lr}")
+    if batch_size < 1:
+        raise ModellegoError(f"the batch size must be at least 1, got {batch_size}")
+    if not 0 <= seed < 2**64:
+        raise ModellegoError(f"the seed must be in 0..2**64-1, got {seed}")
     if len(dataset) == 0:
         raise ModellegoError("the training data is empty")
     generator = seed_everything(seed)
@@ -52,6 +57,9 @@ def train(model: nn.Module, dataset: Dataset, epochs: int, lr: float = 1e-3, bat
             loss.backward()
             optimizer.step()
             schedule.step()
+            if not math.isfinite(loss.item()):
+                raise ModellegoError(f"training diverged (the loss became {loss.item()}) in epoch {epoch + 1}; "
+                                     "lower the learning rate (--lr)")
             total += loss.item() * len(labels)
             count += len(labels)
         losses.append(total / count)

@@ -109,6 +109,9 @@ def task_data(classes: "Manifest | Sequence[ClassRef]", split: str, root: str | 
                                   verify=verify)
         if dataset is None:
             index = ref.index
+            if not 0 <= index < len(loaded[source].classes):
+                raise ModellegoError(f"this model's class {ref.name!r} has index {index} in '{source}', which has "
+                                     f"classes 0..{len(loaded[source].classes) - 1}; the model file is damaged")
         else:
             matches = [i for i, name in enumerate(loaded[source].classes) if name.lower() == ref.name.lower()]
             if not matches:
