@@ -1,18 +1,20 @@
 """The support matrix: every torchvision classification builder and every zoo model through the whole chain
 (`modellego.selfcheck.check_builder`), each in its own process. Writes docs/support.md and the README's table.
 
-    python benchmarks/support_matrix.py                 # all builders (about 30-60 min on a 2-core CPU)
-    python benchmarks/support_matrix.py resnet18 vgg16  # some builders; prints only, writes nothing
+    python benchmarks/support_matrix.py [--jobs 2]       # all builders (about 30-60 min on a 2-core CPU)
+    python benchmarks/support_matrix.py resnet18 vgg16   # some builders; prints only, writes nothing
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -62,13 +64,18 @@ def table(rows: list[dict]) -> str:
 
 
 def main() -> None:
-    chosen = sys.argv[1:]
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("builders", nargs="*")
+    parser.add_argument("--jobs", type=int, default=1, help="builders checked at once (one process each)")
+    args = parser.parse_args()
+    chosen = args.builders
     names = [name if name in builders() else f"torchvision:{name}" for name in chosen] if chosen else builders()
     rows = []
-    for name in names:
-        row = run_one(name)
-        rows.append(row)
-        print(f"{row['status']:>14}  {name:<36} {row['seconds']:6.1f} s  {row['detail'][:110]}", flush=True)
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        for row in pool.map(run_one, names):
+            rows.append(row)
+            print(f"{row['status']:>14}  {row['builder']:<36} {row['seconds']:6.1f} s  {row['detail'][:110]}",
+                  flush=True)
     text = table(rows)
     print(text)
     if chosen:
