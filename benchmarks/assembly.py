@@ -26,10 +26,10 @@ import torch
 
 import modellego
 from modellego import data
-from modellego.assembly import assemble
 from modellego.data.task import task_data
-from modellego.disassembly import disassemble
-from modellego.evaluate import component_metrics, count_flops, count_params, evaluate
+from modellego.evaluate import count_flops, count_params, evaluate
+from modellego.modelfile import Brick
+from modellego.pipeline import assembly, assembly_base, component, component_metrics
 from modellego.masks import locate
 from modellego.profiles import profile
 from modellego.train import finetune
@@ -63,8 +63,8 @@ def trained(out_dir: Path, name: str, dataset: str, classes: str | None, epochs:
 def component_of(model, manifest, task: str):
     """Profile (50 samples per class), locate with the paper's α/β, disassemble `task`."""
     class_profile = profile(model, task_data(manifest.classes, "train"), samples_per_class=50)
-    cut = disassemble(model, locate(model, class_profile), task, manifest)
-    cut.manifest.metrics = component_metrics(cut.model, cut.manifest, model, manifest)
+    cut = component(Brick(model, manifest), locate(model, class_profile), task)
+    cut.manifest.metrics = component_metrics(cut, Brick(model, manifest))
     return cut.model, cut.manifest
 
 
@@ -88,22 +88,22 @@ def experiment(name: str, components: list, finetune_epochs: int, repeats: int) 
     result = {"components": [{"classes": mf.class_names, "accuracy": mf.metrics["test_accuracy"],
                               "base": mf.metrics["base"], "restricted_base": mf.metrics["restricted_base"]}
                              for _, mf in components]}
-    padded_raw, manifest = assemble(components, "padded", scale_logits=False)
-    padded, scaled_manifest = assemble(components, "padded", scale_logits=True)
-    parallel, _ = assemble(components, "parallel", scale_logits=True)
+    padded_raw, manifest = assembly(components, "padded", scale_logits=False)
+    padded, scaled_manifest = assembly(components, "padded", scale_logits=True)
+    parallel, _ = assembly(components, "parallel", scale_logits=True)
     images = torch.rand(256, manifest.input.channels, *manifest.input.size)
     with torch.no_grad():
         gap = ((padded(images) - parallel(images)).abs().max() / parallel(images).abs().max()).item()
     result.update(classes=scaled_manifest.class_names, padded_vs_parallel_relative_gap=gap,
                   score1_padding_only=score(padded_raw, manifest), score1=score(padded, scaled_manifest),
                   score1_parallel=score(parallel, scaled_manifest),
-                  base=modellego.evaluate.assembly_base(scaled_manifest))
+                  base=assembly_base(scaled_manifest))
     log(f"{name}: Score1 {100 * result['score1']:.2f}% (padding only {100 * result['score1_padding_only']:.2f}%)")
     tuned, tuned_manifest = finetune(padded, scaled_manifest, epochs=finetune_epochs, progress=False)
     result["score2"] = score(tuned, tuned_manifest)
     log(f"{name}: Score2 {100 * result['score2']:.2f}% after {finetune_epochs} epochs")
     spec = scaled_manifest.input
-    padded_fresh, _ = assemble(components, "padded", scale_logits=True)
+    padded_fresh, _ = assembly(components, "padded", scale_logits=True)
     result["cost"] = {
         "padded": {"params": count_params(padded_fresh), "flops": count_flops(padded_fresh, spec),
                    "ms_per_batch": inference_ms(padded_fresh, images, repeats)},

@@ -10,12 +10,11 @@ import pytest
 import torch
 from torch import nn
 
-from modellego.assembly import assemble
+from modellego import pipeline
 from modellego.data.spec import InputSpec
-from modellego.disassembly import disassemble
 from modellego.errors import ModellegoError
 from modellego.graph import ChannelGraph
-from modellego.modelfile import ClassRef, Manifest, _conform
+from modellego.modelfile import Brick, ClassRef, Manifest, _conform
 from modellego.models.classifier import Normalize
 from test_disassembly import full_masks
 
@@ -77,16 +76,15 @@ def components(network_type, seeds=(1, 2), keep=0.6):
         model, manifest = wrapped(network_type(), seed)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            cut = disassemble(model, full_masks(model, 4, keep=keep, seed=seed), [0, 1] if seed == 1 else [2, 3],
-                              manifest)
+            cut = pipeline.component(Brick(model, manifest), full_masks(model, 4, keep=keep, seed=seed), [0, 1] if seed == 1 else [2, 3])
         result.append((cut.model, cut.manifest))
     return result
 
 
 def test_batchnorm_after_a_concatenation_follows_the_interleaved_layout():
     members = components(DenseBlock)
-    padded, _ = assemble(members, "padded", scale_logits=False)
-    parallel, _ = assemble(members, "parallel", scale_logits=False)
+    padded, _ = pipeline.assembly(members, "padded", scale_logits=False)
+    parallel, _ = pipeline.assembly(members, "parallel", scale_logits=False)
     images = torch.rand(5, 1, 12, 12)
     with torch.no_grad():
         torch.testing.assert_close(padded(images), parallel(images), rtol=1e-5, atol=1e-5)
@@ -107,8 +105,8 @@ def test_grouped_convolutions_stay_whole_and_reproduce_the_source():
     images = torch.rand(3, 1, 12, 12)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        kept = disassemble(model, full_masks(model, 4), [2, 0], manifest)
-        cut = disassemble(model, full_masks(model, 4, keep=0.3, seed=3), [2, 0], manifest)
+        kept = pipeline.component(Brick(model, manifest), full_masks(model, 4), [2, 0])
+        cut = pipeline.component(Brick(model, manifest), full_masks(model, 4, keep=0.3, seed=3), [2, 0])
     with torch.no_grad():
         torch.testing.assert_close(kept.model(images), model(images)[:, [2, 0]])
     grouped = cut.model.net.grouped
@@ -120,8 +118,8 @@ def test_grouped_convolutions_stay_whole_and_reproduce_the_source():
 
 def test_grouped_convolutions_assemble_padded_equal_to_parallel():
     members = components(GroupedBlock, keep=0.4)
-    padded, _ = assemble(members, "padded", scale_logits=False)
-    parallel, _ = assemble(members, "parallel", scale_logits=False)
+    padded, _ = pipeline.assembly(members, "padded", scale_logits=False)
+    parallel, _ = pipeline.assembly(members, "parallel", scale_logits=False)
     assert padded.net.grouped.groups == 4
     images = torch.rand(5, 1, 12, 12)
     with torch.no_grad():
@@ -131,8 +129,8 @@ def test_grouped_convolutions_assemble_padded_equal_to_parallel():
 def test_normalisation_across_channels_is_refused_in_padded_mode_only():
     members = components(lambda: GroupedBlock(nn.GroupNorm), keep=1.0)
     with pytest.raises(ModellegoError, match="GroupNorm normalises across channels.*--mode parallel"):
-        assemble(members, "padded", scale_logits=False)
-    parallel, _ = assemble(members, "parallel", scale_logits=False)
+        pipeline.assembly(members, "padded", scale_logits=False)
+    parallel, _ = pipeline.assembly(members, "parallel", scale_logits=False)
     assert parallel(torch.rand(2, 1, 12, 12)).shape == (2, 4)
 
 

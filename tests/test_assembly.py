@@ -9,11 +9,10 @@ import torch
 from torch import nn
 
 import modellego
-from modellego.assembly import assemble, scale
+from modellego import pipeline
 from modellego.data.spec import InputSpec
-from modellego.disassembly import disassemble
 from modellego.errors import ModellegoError
-from modellego.modelfile import ClassRef, Manifest
+from modellego.modelfile import Brick, ClassRef, Manifest
 from modellego.models.classifier import classifier
 from test_disassembly import full_masks
 
@@ -34,7 +33,7 @@ def component(builder: str, width: float, spec: InputSpec, dataset: str, task: s
                         classes=[ClassRef(f"c{k}", dataset, k) for k in range(5)], input=spec)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        cut = disassemble(model, full_masks(model, 5, keep=0.5, seed=seed), task, manifest)
+        cut = pipeline.component(Brick(model, manifest), full_masks(model, 5, keep=0.5, seed=seed), task)
     return cut.model, cut.manifest
 
 
@@ -46,8 +45,8 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
 def test_padded_equals_parallel_before_finetuning(builder, width, tmp_path):
     first = component(builder, width, FASHION, "fashion-mnist", "c0,c3", seed=1)
     second = component(builder, width, DIGITS, "digits", "c4,c1,c2", seed=2)
-    padded, manifest = assemble([first, second], "padded", scale_logits=False)
-    parallel, parallel_manifest = assemble([first, second], "parallel", scale_logits=False)
+    padded, manifest = pipeline.assembly([first, second], "padded", scale_logits=False)
+    parallel, parallel_manifest = pipeline.assembly([first, second], "parallel", scale_logits=False)
     manifests = {"padded": manifest, "parallel": parallel_manifest}
     images = torch.rand(3, 1, 28, 28)
     with torch.no_grad():
@@ -73,7 +72,7 @@ def test_shared_classes_get_one_output_with_the_max_logit():
     first = component("lenet5", 1.0, FASHION, "fashion-mnist", "c0,c1", seed=1)
     second = component("lenet5", 1.0, FASHION, "fashion-mnist", "c1,c2", seed=2)
     for mode in ("padded", "parallel"):
-        model, manifest = assemble([first, second], mode, scale_logits=False)
+        model, manifest = pipeline.assembly([first, second], mode, scale_logits=False)
         assert manifest.class_names == ["c0", "c1", "c2"]
         images = torch.rand(4, 1, 28, 28)
         with torch.no_grad():
@@ -106,7 +105,7 @@ def test_scaling_divides_each_row_by_its_mean_top_logit():
     assert 10 < (logits.argmax(1) == 1).sum() < 54
     labels = logits.argmax(1).clone()
     labels[:5] = 1 - labels[:5]  # a few wrong labels: they must not count
-    scaled, scaled_manifest = scale(model, manifest, Labelled(images, labels))
+    scaled, scaled_manifest = pipeline.scaled(Brick(model, manifest), Labelled(images, labels))
     factors = []
     for k in range(2):
         chosen = (labels == k) & (logits.argmax(1) == k)
@@ -120,18 +119,18 @@ def test_refusals():
     first = component("lenet5", 1.0, FASHION, "fashion-mnist", "c0,c1", seed=1)
     other = component("resnet18", 0.125, FASHION, "fashion-mnist", "c2", seed=2)
     with pytest.raises(ModellegoError, match="at least two"):
-        assemble([first], scale_logits=False)
+        pipeline.assembly([first], scale_logits=False)
     with pytest.raises(ModellegoError, match="--mode parallel"):
-        assemble([first, other], "padded", scale_logits=False)
-    model, _ = assemble([first, other], "parallel", scale_logits=False)
+        pipeline.assembly([first, other], "padded", scale_logits=False)
+    model, _ = pipeline.assembly([first, other], "parallel", scale_logits=False)
     assert model(torch.rand(2, 1, 28, 28)).shape == (2, 3)
     big = component("lenet5", 1.0, InputSpec(3, (32, 32), (0.5,) * 3, (0.25,) * 3), "cifar10", "c0", seed=3)
     with pytest.raises(ModellegoError, match="different inputs"):
-        assemble([first, big], "parallel", scale_logits=False)
+        pipeline.assembly([first, big], "parallel", scale_logits=False)
     with pytest.raises(ModellegoError, match="mode"):
-        assemble([first, first], "stacked", scale_logits=False)
-    nested = assemble([first, first], "padded", scale_logits=False)
+        pipeline.assembly([first, first], "stacked", scale_logits=False)
+    nested = pipeline.assembly([first, first], "padded", scale_logits=False)
     with pytest.raises(ModellegoError, match="not assemblies"):
-        assemble([nested, first], "padded", scale_logits=False)
-    combined, _ = assemble([nested, other], "parallel", scale_logits=False)
+        pipeline.assembly([nested, first], "padded", scale_logits=False)
+    combined, _ = pipeline.assembly([nested, other], "parallel", scale_logits=False)
     assert combined(torch.rand(2, 1, 28, 28)).shape == (2, 3)

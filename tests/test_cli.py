@@ -106,12 +106,12 @@ def test_eval_on_a_dataset_without_the_models_classes(trained):
 
 
 def test_an_unexpected_error_is_one_line_asking_for_a_report(trained, monkeypatch):
-    import modellego.modelfile
+    import modellego.pipeline
 
     def broken(*args, **kwargs):
         raise RuntimeError("the index went sideways\nsecond line")
 
-    monkeypatch.setattr(modellego.modelfile, "read_manifest", broken)
+    monkeypatch.setattr(modellego.pipeline, "read_manifest", broken)
     result = invoke("info", str(trained))
     assert result.returncode == 1
     lines = [line for line in result.stderr.splitlines() if line.strip()]
@@ -126,16 +126,16 @@ def test_an_unexpected_error_is_one_line_asking_for_a_report(trained, monkeypatc
 def test_library_warnings_are_single_lines(trained, monkeypatch):
     import warnings
 
-    import modellego.modelfile
+    import modellego.pipeline
 
-    real = modellego.modelfile.read_manifest
+    real = modellego.pipeline.read_manifest
 
     def warning_twice(path):
         warnings.warn("this file is odd")
         warnings.warn("this file is odd")
         return real(path)
 
-    monkeypatch.setattr(modellego.modelfile, "read_manifest", warning_twice)
+    monkeypatch.setattr(modellego.pipeline, "read_manifest", warning_twice)
     result = invoke("info", str(trained))
     assert result.returncode == 0
     assert result.stderr.strip().splitlines() == ["warning: this file is odd"]

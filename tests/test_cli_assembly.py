@@ -20,7 +20,8 @@ def make_component(folder, name: str, data: str, classes: str, task: str) -> str
         ("train", "--model", "lenet5", "--data", data, "--classes", classes, "--epochs", "3", "--lr", "0.003",
          "--max-per-class", "300", "--out", str(source)),
         ("profile", str(source), "--samples-per-class", "20", "--out", str(profile)),
-        ("disassemble", str(source), "--profile", str(profile), "--classes", task, "--out", str(component)),
+        ("disassemble", str(source), "--profile", str(profile), "--classes", task, "--out", str(component),
+         "--evaluate"),
     ]
     for step in steps:
         result = invoke(*step)

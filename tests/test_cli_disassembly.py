@@ -102,3 +102,23 @@ def test_a_component_that_lost_its_task_is_never_silent(pipeline, tmp_path):
                       "--out", str(tmp_path / "all.safetensors"))
     assert keep_all.returncode == 0, keep_all.stderr
     assert "profile images" not in keep_all.stderr
+
+
+def test_test_split_is_used_only_when_asked(pipeline, tmp_path, monkeypatch):
+    """`disassemble` never reads the test split unless --evaluate; then it records Base / Restricted base / accuracy."""
+    from modellego.data import task as task_module
+
+    _, source, profile, component = pipeline
+    assert "test_accuracy" not in json.loads(invoke("info", str(component), "--json").stdout)["metrics"]
+    splits = []
+    original = task_module.load
+    monkeypatch.setattr(task_module, "load", lambda name, split, *a, **k: splits.append(split) or original(name, split, *a, **k))
+    plain, evaluated = tmp_path / "plain.safetensors", tmp_path / "evaluated.safetensors"
+    assert invoke("disassemble", str(source), "--profile", str(profile), "--classes", "Bag", "--out",
+                  str(plain)).returncode == 0
+    assert "test" not in splits
+    result = invoke("disassemble", str(source), "--profile", str(profile), "--classes", "Bag", "--out", str(evaluated),
+                    "--evaluate")
+    assert result.returncode == 0 and "test accuracy" in result.stdout and "test" in splits
+    metrics = json.loads(invoke("info", str(evaluated), "--json").stdout)["metrics"]
+    assert {"test_accuracy", "base", "restricted_base", "base_per_class"} <= set(metrics)

@@ -12,10 +12,10 @@ from torch import nn
 import modellego
 from modellego import data
 from modellego.data.spec import InputSpec
-from modellego.disassembly import disassemble
 from modellego.errors import ModellegoError
+from modellego import pipeline
 from modellego.masks import ComponentMasks, locate
-from modellego.modelfile import ClassRef, Manifest, weights_hash
+from modellego.modelfile import Brick, ClassRef, Manifest, weights_hash
 from modellego.models.classifier import classifier
 from modellego.profiles import Profile, profile
 
@@ -276,7 +276,7 @@ def full_masks(model: nn.Module, classes: int, keep: float = 1.0, seed: int = 0)
 @pytest.mark.parametrize("builder, width", ARCHITECTURES)
 def test_keeping_every_channel_reproduces_the_task_logits(builder, width, tmp_path):
     model, manifest = random_source(builder, width)
-    component = disassemble(model, full_masks(model, 5), "c3,c0", manifest)
+    component = pipeline.component(Brick(model, manifest), full_masks(model, 5), "c3,c0")
     images = torch.rand(4, 1, 28, 28)
     with torch.no_grad():
         expected = model(images)[:, [3, 0]]
@@ -293,7 +293,7 @@ def test_partial_masks_give_smaller_standalone_components(builder, width, tmp_pa
     model, manifest = random_source(builder, width)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        component = disassemble(model, full_masks(model, 5, keep=0.4, seed=1), "c1,c4", manifest)
+        component = pipeline.component(Brick(model, manifest), full_masks(model, 5, keep=0.4, seed=1), "c1,c4")
     assert modellego.count_params(component.model) < modellego.count_params(model)
     convs = [m for m in component.model.modules() if isinstance(m, nn.Conv2d)]
     assert convs[0].in_channels == 1 and all(m.out_channels > 0 for m in convs)
@@ -312,7 +312,7 @@ def test_an_empty_layer_keeps_its_most_relevant_channel():
     masks.scores["net.features.3"][:] = 0
     masks.scores["net.features.3"][1, 7] = 0.9
     with pytest.warns(UserWarning, match="keeping its most relevant one"):
-        component = disassemble(model, masks, "c1", manifest)
+        component = pipeline.component(Brick(model, manifest), masks, "c1")
     conv = component.model.net.features[3]
     assert conv.out_channels == 1
     torch.testing.assert_close(conv.weight[0], model.net.features[3].weight[7])
@@ -322,7 +322,7 @@ def test_trained_component_keeps_its_task(trained, lenet_profile):
     path, train = trained
     model, manifest = modellego.load(path)
     masks = locate(model, lenet_profile)
-    component = disassemble(model, masks, "Bag,Trouser", manifest)
+    component = pipeline.component(Brick(model, manifest), masks, "Bag,Trouser")
     record = component.manifest.provenance["disassembled"]
     assert record["source_hash"] == weights_hash(model) and record["profile_hash"] == lenet_profile.digest()
     assert record["task"] == ["Bag", "Trouser"] and record["alpha_conv"] == 0.3
@@ -335,15 +335,15 @@ def test_trained_component_keeps_its_task(trained, lenet_profile):
 def test_bad_thresholds_classes_and_profiles(trained, lenet_profile):
     path, _ = trained
     model, manifest = modellego.load(path)
-    with pytest.raises(ModellegoError, match="--alpha-conv must be between 0 and 1"):
+    with pytest.raises(ModellegoError, match="alpha_conv must be between 0 and 1"):
         locate(model, lenet_profile, alpha_conv=1.5)
-    with pytest.raises(ModellegoError, match="--beta-fc must be between 0 and 1"):
+    with pytest.raises(ModellegoError, match="beta_fc must be between 0 and 1"):
         locate(model, lenet_profile, beta_fc=-0.1)
     masks = locate(model, lenet_profile)
     with pytest.raises(ModellegoError, match="'Sofa' is not in"):
-        disassemble(model, masks, "Sofa", manifest)
+        pipeline.component(Brick(model, manifest), masks, "Sofa")
     with pytest.raises(ModellegoError, match="no classes"):
-        disassemble(model, masks, "", manifest)
+        pipeline.component(Brick(model, manifest), masks, "")
     other, _ = random_source("lenet5", 1.0, classes=10)
     with pytest.raises(ModellegoError, match="different model"):
         locate(other, lenet_profile)
@@ -364,3 +364,18 @@ def test_profile_takes_plain_datasets_and_data_loaders(trained):
             torch.testing.assert_close(result.contributions[name], named.contributions[name], rtol=1e-5, atol=1e-4)
     with pytest.raises(ModellegoError, match="shuffles"):
         profile(model, torch.utils.data.DataLoader(plain, shuffle=True), samples_per_class=5)
+
+
+def test_auto_search_chooses_the_fewest_flops_meeting_the_target(trained, lenet_profile):
+    from modellego.search import search_thresholds, validation_data
+
+    path, train = trained
+    model, _ = modellego.load(path)
+    validation = validation_data(train, "Trouser,Bag", lenet_profile.samples, 0.1, seed=0)
+    result = search_thresholds(model, lenet_profile, "Trouser,Bag", validation, max_drop=1.0,
+                               alphas=(0.0, 0.3, 0.6), betas=(0.0, 0.3))
+    meeting = [c for c in result.candidates if c["accuracy"] >= result.target]
+    assert meeting and result.met_target
+    assert modellego.count_flops(result.component, SPEC) == min(c["flops"] for c in meeting)
+    assert result.thresholds.as_dict() == {key: value for key, value in min(meeting, key=lambda c: c["flops"]).items()
+                                           if key.startswith(("alpha", "beta"))}

@@ -5,151 +5,112 @@ weights; `parallel` runs the components side by side. Both give the same logits 
 from __future__ import annotations
 
 import copy
-import os
 import warnings
 from typing import Sequence
 
 import torch
 from torch import nn
 
+from torch.utils.data import Dataset
+
 from modellego.errors import ModellegoError
 from modellego.evaluate import predict
 from modellego.graph import ChannelGraph
-from modellego.modelfile import ClassRef, Manifest, _conform, load, weights_hash
+from modellego.layers import CHANNELWISE, example_batch, head, parameter_layers
+from modellego.modelfile import _conform
 from modellego.models.classifier import MergeOutputs, Normalize, Parallel
-from modellego.layers import CHANNELWISE, execution_order, is_grouped
+from modellego.profiles import class_names
 
 MODES = ("padded", "parallel")
-Member = tuple[nn.Module, Manifest]
 
 
-def scale(model: nn.Module, manifest: Manifest, dataset, progress: bool = False) -> Member:
+@torch.no_grad()
+def scale(model: nn.Module, data: Dataset, example_input: torch.Tensor | tuple[int, ...] | None = None,
+          progress: bool = False) -> tuple[nn.Module, list[float]]:
     """Parameter scaling: per class k, m_k = the mean top logit over the correctly classified samples of k in
-    `dataset` (the component's own task, training split, labelled by its outputs); classifier row k (weight
-    and bias) is multiplied by 1/m_k, so that different components' logits become comparable."""
+    `data` (the component's own task, training split, labelled by its outputs); a copy of the model whose
+    classifier row k (weight and bias) is multiplied by 1/m_k, so that different components' logits become
+    comparable. Returns the copy and the factors (1 where a class has no positive mean top logit)."""
     scaled = copy.deepcopy(model).eval()
-    manifest = copy.deepcopy(manifest)
-    logits, labels = predict(scaled, dataset, progress=progress)
-    head = _classifier(scaled, manifest)
+    logits, labels = predict(scaled, data, progress=progress)
+    example = example_input if example_input is not None else tuple(data[0][0].shape)
+    _, classifier = head(scaled, example)
+    names = class_names(data, logits.shape[1])
     factors = []
-    for k, ref in enumerate(manifest.classes):
+    for k in range(logits.shape[1]):
         chosen = (labels == k) & (logits.argmax(1) == k)
         mean_top = logits[chosen, k].mean().item() if chosen.any() else float("nan")
         if not mean_top > 0:
-            warnings.warn(f"class {ref.name!r}: no positive mean top logit on correct samples; not scaled", stacklevel=2)
+            warnings.warn(f"class {names[k]!r}: no positive mean top logit on correct samples; not scaled",
+                          stacklevel=2)
             factors.append(1.0)
         else:
             factors.append(1.0 / mean_top)
-    factor = torch.tensor(factors, dtype=head.weight.dtype)
-    with torch.no_grad():
-        head.weight.mul_(factor[:, None])
-        if head.bias is not None:
-            head.bias.mul_(factor)
-    manifest.provenance["scaled"] = {"factors": factors, "samples": len(dataset)}
-    return scaled, manifest
+    factor = torch.tensor(factors, dtype=classifier.weight.dtype)
+    classifier.weight.mul_(factor[:, None])
+    if classifier.bias is not None:
+        classifier.bias.mul_(factor)
+    return scaled, factors
 
 
-def assemble(components: Sequence[Member | str | os.PathLike], mode: str = "padded", scale_logits: bool = True,
-             data_root: str | os.PathLike | None = None, progress: bool = False) -> Member:
-    """One model answering the union of the components' classes (in order; a class shared by two components
-    from the same dataset gets one output, the max of their logits). With `scale_logits`, each component is
-    first scaled on its own task's training data (skipped for components already scaled)."""
-    from modellego.data.task import task_data
-
+def assemble(models: Sequence[nn.Module], example_input: torch.Tensor | tuple[int, ...] | None = None,
+             mode: str = "padded", targets: Sequence[int] | None = None) -> nn.Module:
+    """One model answering the union of `models`' outputs, without training. Output j of the concatenated logits
+    goes to class `targets[j]` (default: every output its own class; a class several outputs map to gets the
+    max of their logits). `padded` builds one dense network with block-diagonal weights (models of one topology;
+    `example_input`, a batch or a shape C, H, W, traces their channels); `parallel` runs the models side by side.
+    Both give the same logits."""
     if mode not in MODES:
         raise ModellegoError(f"unknown assembly mode {mode!r}; choose 'padded' or 'parallel'")
-    members = [load(item) if isinstance(item, (str, os.PathLike)) else item for item in components]
-    if len(members) < 2:
-        raise ModellegoError("assembling needs at least two components")
-    first = members[0][1].input
-    for model, manifest in members[1:]:
-        spec = manifest.input
-        if (spec.channels, spec.size) != (first.channels, first.size):
-            raise ModellegoError(f"components take different inputs ({first.describe()} and {spec.describe()}); "
-                                 "assemble components of the same input size and channels")
-    if scale_logits:
-        members = [member if "scaled" in member[1].provenance
-                   else scale(member[0], member[1], task_data(member[1], "train", root=data_root), progress)
-                   for member in members]
-    classes, targets = _union([manifest for _, manifest in members])
-    model = _parallel(members, targets) if mode == "parallel" else _padded(members, targets)
-    manifest = Manifest(
-        architecture=_architecture(members, mode, len(classes)),
-        classes=classes, input=first, kind="assembly",
-        provenance={"assembled": {"mode": mode, "scaled": scale_logits,
-                                  "components": [{"hash": weights_hash(m), "classes": mf.class_names,
-                                                  "provenance": mf.provenance, "metrics": mf.metrics}
-                                                 for m, mf in members]}},
-    )
-    return model.eval(), manifest
-
-
-def _union(manifests: list[Manifest]) -> tuple[list[ClassRef], list[int]]:
-    classes: list[ClassRef] = []
-    targets: list[int] = []
-    for manifest in manifests:
-        for ref in manifest.classes:
-            if ref not in classes:
-                classes.append(ref)
-            targets.append(classes.index(ref))
-    return classes, targets
-
-
-def _architecture(members: list[Member], mode: str, num_classes: int) -> dict:
+    if len(models) < 2:
+        raise ModellegoError("assembling needs at least two models")
+    if targets is None:
+        widths = [_outputs(layer) for layer in (_last_layer(model) for model in models)]
+        targets = list(range(sum(widths)))
     if mode == "parallel":
-        return {"builder": "parallel", "num_classes": num_classes,
-                "members": [dict(manifest.architecture, input=manifest.input.to_dict()) for _, manifest in members]}
-    return dict(members[0][1].architecture, num_classes=num_classes, merge_outputs=True)
+        return Parallel([copy.deepcopy(model) for model in models], targets).eval()
+    return _padded(list(models), list(targets), example_batch(models[0], example_input)).eval()
 
 
-def _parallel(members: list[Member], targets: list[int]) -> nn.Module:
-    return Parallel([copy.deepcopy(model) for model, _ in members], targets)
+def _last_layer(model: nn.Module) -> nn.Module:
+    return list(parameter_layers(model).values())[-1]
 
 
-def _classifier(model: nn.Module, manifest: Manifest) -> nn.Linear:
-    name = execution_order(model, (manifest.input.channels, *manifest.input.size))[-1]
-    layer = dict(model.named_modules())[name]
-    if not isinstance(layer, nn.Linear):
-        raise ModellegoError(f"the last layer to run, {name}, is not a Linear classifier")
-    return layer
-
-
-def _check_topology(members: list[Member]) -> None:
-    reference_model, reference = members[0]
-    keys = set(reference_model.state_dict())
-    if any("merge.targets" in model.state_dict() for model, _ in members):
+def _check_topology(models: list[nn.Module]) -> None:
+    reference = models[0]
+    if any(isinstance(module, MergeOutputs) for model in models for module in model.modules()):
         raise ModellegoError("padded mode takes components, not assemblies; use --mode parallel to combine assemblies")
-    for name, module in reference_model.named_modules():
+    for name, module in reference.named_modules():
         if isinstance(module, (nn.LayerNorm, nn.GroupNorm)):
             raise ModellegoError(f"padded mode cannot merge {name}: {type(module).__name__} normalises across "
                                  "channels, so the components would mix; use --mode parallel")
-    for model, manifest in members[1:]:
-        same_builder = manifest.architecture.get("builder") == reference.architecture.get("builder")
-        if not same_builder or set(model.state_dict()) != keys:
-            raise ModellegoError(
-                f"padded mode needs components of one topology, got {reference.architecture.get('builder')} and "
-                f"{manifest.architecture.get('builder')}; use --mode parallel to assemble different architectures")
+    structure = [(name, type(module)) for name, module in reference.named_modules()]
+    for model in models[1:]:
+        if [(name, type(module)) for name, module in model.named_modules()] != structure or \
+                set(model.state_dict()) != set(reference.state_dict()):
+            raise ModellegoError("padded mode needs components of one topology (the same architecture); "
+                                 "use --mode parallel to assemble different architectures")
 
 
-def _padded(members: list[Member], targets: list[int]) -> nn.Module:
+def _padded(models: list[nn.Module], targets: list[int], example: torch.Tensor) -> nn.Module:
     """Alignment padding: every layer holds all components' channels, weights block-diagonal (zero blocks are
-    the empty kernels), the first layers stack outputs, BN/biases concatenate, concat layouts are tracked."""
-    _check_topology(members)
-    models = [model for model, _ in members]
-    spec = members[0][1].input
-    shape = (spec.channels, *spec.size)
+    the empty kernels), the first layers stack outputs, BN/biases concatenate, concat layouts are tracked.
+    Inputs normalised differently (modellego's Normalize) are stacked, each component reading its own copy."""
+    _check_topology(models)
+    shape = example
     states = [model.state_dict() for model in models]
     graphs = [ChannelGraph(model, shape) for model in models]
     modules = [dict(model.named_modules()) for model in models]
     layers = [name for name, module in modules[0].items() if isinstance(module, (nn.Conv2d, nn.Linear))]
-    shared_input = all(torch.equal(s["normalize.mean"], states[0]["normalize.mean"]) and
-                       torch.equal(s["normalize.std"], states[0]["normalize.std"]) for s in states)
+    normalizers = {f"{name}.{buffer}" for name, module in modules[0].items() if isinstance(module, Normalize)
+                   for buffer in ("mean", "std")}
+    shared_input = all(torch.equal(state[key], states[0][key]) for state in states for key in normalizers)
     image_layers = {name for name in layers if not graphs[0].feeds(name)}
 
     merged_shapes, groups = {}, {}
     for key, tensor in states[0].items():
         sizes = [state[key].shape for state in states]
-        if key.startswith("normalize."):
+        if key in normalizers:
             merged_shapes[key] = tensor.shape if shared_input else torch.Size([sum(s[0] for s in sizes), *tensor.shape[1:]])
         elif tensor.ndim == 0:
             merged_shapes[key] = tensor.shape
@@ -182,7 +143,7 @@ def _padded(members: list[Member], targets: list[int]) -> nn.Module:
     values: dict[str, torch.Tensor] = {}
     for key in states[0]:
         owner_name = key.rsplit(".", 1)[0]
-        if key.startswith("normalize.") and shared_input:
+        if key in normalizers and shared_input:
             values[key] = states[0][key]
         elif states[0][key].ndim == 0:
             values[key] = states[0][key]

@@ -16,8 +16,13 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from modellego.checks import option_float, option_int, option_seed, option_text
+from modellego import pipeline
+from modellego.checks import option_float, option_int, option_seed, option_text, output_folder
+from modellego.data.datasets import check_image_size
+from modellego.demo import run_demo
 from modellego.errors import ModellegoError
+from modellego.evaluate import count_flops, count_params
+from modellego.masks import PAPER, Thresholds, check_thresholds
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Make new CNN classifiers without training: disassemble trained models, assemble components.")
@@ -33,7 +38,6 @@ ImageSizeOption = typer.Option(None, "--image-size", help="Resize imagefolder / 
                                "(default: 224 / 64 for train, then the size the model was trained at).")
 NoVerifyOption = typer.Option(False, "--no-verify", help="Read a CIFAR folder that fails torchvision's checksums "
                               "(a subset or copy of your own).")
-AGREEMENT_GAP = 0.10  # a component this far below its restricted source on the profile's images gets a warning
 
 
 _options = {"debug": False}
@@ -52,13 +56,15 @@ MAX_BATCH = 65_536
 MAX_SAMPLES_PER_CLASS = 100_000
 
 
+def _data(root: Optional[Path], image_size: Optional[int], no_verify: bool) -> pipeline.DataOptions:
+    return pipeline.DataOptions(root, image_size, not no_verify)
+
+
 def _percent(value: float) -> str:
     return f"{100 * value:.2f}%"
 
 
 def _check_image_size(image_size: Optional[int]) -> None:
-    from modellego.data.datasets import check_image_size
-
     if image_size is not None:
         check_image_size(image_size)
 
@@ -126,31 +132,16 @@ def train(
     seed: int = SeedOption,
 ) -> None:
     """Train a model from the zoo on a dataset (or some of its classes) and save it."""
-    from modellego import data as datasets
-    from modellego.evaluate import report
-    from modellego.modelfile import check_output_path, save
-    from modellego.train import train_model
-
-    check_output_path(out_path)
     _check_training(epochs, lr, batch_size, seed)
     _check_width(width)
     option_text("--classes", classes)
     if max_per_class is not None:
         option_int("--max-per-class", max_per_class, 1, 10**7)
     _check_image_size(image_size)
-    train_data = datasets.load(data, "train", data_root, image_size=image_size, verify=not no_verify)
-    test_data = datasets.load(data, "test", data_root, image_size=image_size, verify=not no_verify)
-    if classes is not None:
-        train_data = datasets.select_classes(train_data, classes)
-        test_data = datasets.select_classes(test_data, classes)
-    if max_per_class is not None:
-        train_data = datasets.per_class_slice(train_data, max_per_class, seed)
-    network, manifest = train_model(model, train_data, epochs, width=width, lr=lr, batch_size=batch_size, seed=seed)
-    metrics = report(network, manifest.input, test_data, progress=True)
-    manifest.metrics = {"test_accuracy": metrics["accuracy"], "params": metrics["params"], "flops": metrics["flops"]}
-    save(network, out_path, manifest)
-    out.print(f"trained {model} on {data} ({len(train_data)} samples, {epochs} epochs): "
-              f"test accuracy {_percent(metrics['accuracy'])}, {metrics['params']:,} params -> {out_path}")
+    result = pipeline.train(model, data, out_path, epochs, classes, width, lr, batch_size, max_per_class,
+                            _data(data_root, image_size, no_verify), seed)
+    out.print(f"trained {model} on {data} ({result.samples} samples, {epochs} epochs): "
+              f"test accuracy {_percent(result.metrics['accuracy'])}, {result.metrics['params']:,} params -> {out_path}")
 
 
 @app.command("eval")
@@ -166,23 +157,21 @@ def eval_command(
     no_verify: bool = NoVerifyOption,
 ) -> None:
     """Accuracy overall and per class on the test split, with params and FLOPs."""
-    from modellego.evaluate import compare, evaluate_file
-
     option_int("--batch-size", batch_size, 1, MAX_BATCH)
     option_text("--classes", classes)
     _check_image_size(image_size)
     if against is not None:
         if data is not None or classes is not None:
             raise ModellegoError("--against evaluates on the component's own task; drop --data/--classes")
-        result = compare(file, against, root=data_root, batch_size=batch_size, progress=not as_json,
-                         image_size=image_size, verify=not no_verify)
+        result = pipeline.compare(file, against, _data(data_root, image_size, no_verify), batch_size,
+                                  progress=not as_json)
         if as_json:
             _print_json(result)
         else:
             _print_comparison(file, against, result)
         return
-    result = evaluate_file(file, dataset=data, root=data_root, classes=classes, batch_size=batch_size,
-                           progress=not as_json, image_size=image_size, verify=not no_verify)
+    result = pipeline.evaluate_file(file, data, classes, _data(data_root, image_size, no_verify), batch_size,
+                                    progress=not as_json)
     if as_json:
         _print_json(result)
         return
@@ -224,20 +213,11 @@ def profile(
     batch_size: int = typer.Option(64, "--batch-size"),
 ) -> None:
     """Per-class contributions of every Conv2d/Linear layer, on the model's training data."""
-    from modellego.data.task import task_data
-    from modellego.modelfile import check_output_path, load
-    from modellego.profiles import profile as build_profile
-
-    check_output_path(out_path, inputs=[model])
     option_int("--samples-per-class", samples_per_class, 1, MAX_SAMPLES_PER_CLASS)
     option_int("--batch-size", batch_size, 1, MAX_BATCH)
     _check_image_size(image_size)
-    network, manifest = load(model)
-    train_data = task_data(manifest, "train", root=data_root, dataset=data, image_size=image_size,
-                           verify=not no_verify)
-    result = build_profile(network, train_data, samples_per_class=samples_per_class, batch_size=batch_size,
-                           progress=True)
-    result.save(out_path)
+    result = pipeline.profile(model, out_path, samples_per_class, data, _data(data_root, image_size, no_verify),
+                              batch_size)
     out.print(f"profiled {len(result.layers)} layers on {int(result.counts.sum())} samples "
               f"({samples_per_class} per class asked) -> {out_path}")
 
@@ -248,74 +228,44 @@ def disassemble(
     profile_path: Path = typer.Option(..., "--profile", help="The source model's profile (modellego profile)."),
     classes: str = typer.Option(..., "--classes", help="The task: class names or indices, comma-separated, in output order."),
     out_path: Path = typer.Option(..., "--out", help="Component file to write (.safetensors)."),
-    alpha_conv: float = typer.Option(0.3, "--alpha-conv", help="Relative-contribution threshold α for conv layers."),
-    beta_conv: float = typer.Option(0.2, "--beta-conv", help="Vote threshold β for conv layers."),
-    alpha_fc: float = typer.Option(0.4, "--alpha-fc", help="α for linear layers."),
-    beta_fc: float = typer.Option(0.3, "--beta-fc", help="β for linear layers."),
+    alpha_conv: float = typer.Option(PAPER.alpha_conv, "--alpha-conv", help="Relative-contribution threshold α for conv layers."),
+    beta_conv: float = typer.Option(PAPER.beta_conv, "--beta-conv", help="Vote threshold β for conv layers."),
+    alpha_fc: float = typer.Option(PAPER.alpha_fc, "--alpha-fc", help="α for linear layers."),
+    beta_fc: float = typer.Option(PAPER.beta_fc, "--beta-fc", help="β for linear layers."),
     auto: bool = typer.Option(False, "--auto", help="Search α/β for the smallest component within --max-drop."),
     max_drop: float = typer.Option(1.0, "--max-drop", help="With --auto: accuracy points the component may lose on validation data."),
+    evaluate: bool = typer.Option(False, "--evaluate", help="Also measure and record test accuracy, Base and "
+                                  "Restricted base (an assembly's mean Base needs them; `eval --against` gives them any time)."),
     data_root: Optional[Path] = DataRootOption,
     image_size: Optional[int] = ImageSizeOption,
     no_verify: bool = NoVerifyOption,
     seed: int = SeedOption,
 ) -> None:
     """Cut a standalone component for some classes out of a model, without training."""
-    from modellego.data.task import task_data
-    from modellego.disassembly import auto_disassemble, disassemble as cut, validation_data
-    from modellego.evaluate import component_metrics, count_params
-    from modellego.masks import check_thresholds, locate
-    from modellego.modelfile import check_output_path, load, save
-    from modellego.profiles import Profile
-
-    check_output_path(out_path, inputs=[model, profile_path])
-    check_thresholds(alpha_conv=alpha_conv, beta_conv=beta_conv, alpha_fc=alpha_fc, beta_fc=beta_fc)
+    flags = {"--alpha-conv": alpha_conv, "--beta-conv": beta_conv, "--alpha-fc": alpha_fc, "--beta-fc": beta_fc}
+    check_thresholds(flags)
     option_text("--classes", classes)
     option_float("--max-drop", max_drop, 0.0, 100.0)
     option_seed(seed)
     _check_image_size(image_size)
-    network, manifest = load(model)
-    class_profile = Profile.load(profile_path)
-    class_profile.check_model(network)
-    train_data = task_data(manifest, "train", root=data_root, image_size=image_size, verify=not no_verify)
-    if auto:
-        # Validation: held-out training samples of the task, never test data, never the profile's samples.
-        validation = validation_data(train_data, classes, class_profile.samples, 0.1, seed)
-        search = auto_disassemble(network, class_profile, classes, manifest, validation, max_drop, progress=True)
-        component = search.component
-        chosen = component.manifest.provenance["disassembled"]
-        out.print(f"--auto: restricted base on {len(validation)} held-out training samples "
-                  f"{_percent(search.restricted_base)}; chose α_conv={chosen['alpha_conv']} β_conv={chosen['beta_conv']} "
-                  f"α_fc={chosen['alpha_fc']} β_fc={chosen['beta_fc']} "
-                  f"(validation {_percent(chosen['auto']['validation_accuracy'])}, {len(search.candidates)} candidates)")
-    else:
-        masks = locate(network, class_profile, alpha_conv, beta_conv, alpha_fc, beta_fc)
-        component = cut(network, masks, classes, manifest)
-    for note in component.warnings:
-        warnings.warn(note, stacklevel=1)  # shown once even when disassembly already warned it
-    _warn_if_component_lost_its_task(component, network, train_data, class_profile)
-    metrics = component_metrics(component.model, component.manifest, network, manifest, root=data_root,
-                                image_size=image_size, verify=not no_verify)
-    component.manifest.metrics = metrics
-    save(component.model, out_path, component.manifest)
-    out.print(f"component for {', '.join(component.manifest.class_names)}: test accuracy "
-              f"{_percent(metrics['test_accuracy'])} (restricted base {_percent(metrics['restricted_base'])}), "
-              f"{metrics['params']:,} params ({count_params(network):,} in the source), "
-              f"{metrics['flops']:,} FLOPs -> {out_path}")
-
-
-def _warn_if_component_lost_its_task(component, source, train_data, class_profile) -> None:
-    """Warn when the component is far below its restricted source on the profile's images of the task."""
-    from modellego.evaluate import profile_sample_accuracy
-
-    if class_profile.dataset != train_data.name:
-        return  # profiled on another dataset (--data): its sample positions do not index this data
-    task_positions = component.manifest.provenance["disassembled"]["task_positions"]
-    check = profile_sample_accuracy(component.model, source, task_positions, train_data, class_profile)
-    if check.component_accuracy < check.restricted_base - AGREEMENT_GAP:
-        warnings.warn(f"the component gets {_percent(check.component_accuracy)} of the task's {check.samples} profile "
-                      f"images right, {100 * (check.restricted_base - check.component_accuracy):.1f} points below its "
-                      f"source restricted to the task ({_percent(check.restricted_base)}): these α/β cut channels the "
-                      "task needs; try --auto", stacklevel=1)
+    result = pipeline.disassemble(model, profile_path, classes, out_path,
+                                  Thresholds(alpha_conv, beta_conv, alpha_fc, beta_fc), auto, max_drop, evaluate,
+                                  _data(data_root, image_size, no_verify), seed)
+    if result.search is not None:
+        search, chosen = result.search, result.search.thresholds
+        out.print(f"--auto: restricted base on {search.validation_samples} held-out training samples "
+                  f"{_percent(search.restricted_base)}; chose α_conv={chosen.alpha_conv} β_conv={chosen.beta_conv} "
+                  f"α_fc={chosen.alpha_fc} β_fc={chosen.beta_fc} (validation {_percent(search.accuracy)}, "
+                  f"{len(search.candidates)} candidates)")
+        front = result.brick.manifest.provenance["disassembled"]["auto"]["pareto"]
+        out.print("Pareto front (validation accuracy vs FLOPs): " + ", ".join(
+            f"α {c['alpha_conv']}/β {c['beta_conv']}: {_percent(c['accuracy'])} at {c['flops']:,}" for c in front))
+    metrics = result.metrics
+    accuracy = (f"test accuracy {_percent(metrics['test_accuracy'])} (restricted base "
+                f"{_percent(metrics['restricted_base'])}), " if evaluate else "")
+    out.print(_safe(f"component for {', '.join(result.brick.manifest.class_names)}: {accuracy}"
+                    f"{metrics['params']:,} params ({count_params(result.source.model):,} in the source), "
+                    f"{metrics['flops']:,} FLOPs -> {out_path}"))
 
 
 @app.command()
@@ -329,25 +279,9 @@ def assemble(
     no_verify: bool = NoVerifyOption,
 ) -> None:
     """Assemble components into one model that answers the union of their classes, without training."""
-    from modellego.assembly import MODES, assemble as build, scale
-    from modellego.data.task import task_data
-    from modellego.evaluate import count_flops, count_params
-    from modellego.modelfile import check_output_path, load, save
-
-    check_output_path(out_path, inputs=components)
-    if len(components) < 2:
-        raise ModellegoError(f"assembling needs at least two components, got {len(components)}")
-    if mode not in MODES:
-        raise ModellegoError(f"unknown assembly mode {mode!r}; choose 'padded' or 'parallel'")
     _check_image_size(image_size)
-    members = [load(path) for path in components]
-    if not no_scale:  # each component scaled on its own data (recorded roots, input size); build() keeps these
-        members = [member if "scaled" in member[1].provenance else
-                   scale(*member, task_data(member[1], "train", root=data_root, image_size=image_size,
-                                            verify=not no_verify), progress=True)
-                   for member in members]
-    model, manifest = build(members, mode, scale_logits=not no_scale, data_root=data_root, progress=True)
-    save(model, out_path, manifest)
+    model, manifest = pipeline.assemble(components, out_path, mode, not no_scale,
+                                        _data(data_root, image_size, no_verify))
     out.print(f"assembled {len(components)} components ({mode}{', scaled' if not no_scale else ''}): "
               f"{len(manifest.classes)} classes, {count_params(model):,} params, "
               f"{count_flops(model, manifest.input):,} FLOPs -> {out_path}")
@@ -366,17 +300,10 @@ def finetune(
     seed: int = SeedOption,
 ) -> None:
     """Train a model (an assembly: its zero blocks too) on the training data of all its classes."""
-    from modellego.modelfile import check_output_path, load, save
-    from modellego.train import finetune as tune
-
-    check_output_path(out_path, inputs=[file])
     _check_training(epochs, lr, batch_size, seed)
     _check_image_size(image_size)
-    model, manifest = load(file)
-    model, manifest = tune(model, manifest, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, root=data_root,
-                           image_size=image_size, verify=not no_verify)
-    save(model, out_path, manifest)
-    out.print(f"fine-tuned {file.name} for {epochs} epochs -> {out_path}")
+    pipeline.finetune(file, out_path, epochs, lr, batch_size, _data(data_root, image_size, no_verify), seed)
+    out.print(_safe(f"fine-tuned {file.name} for {epochs} epochs -> {out_path}"))
 
 
 @app.command()
@@ -385,9 +312,7 @@ def info(
     as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
 ) -> None:
     """Show a model file's manifest: architecture, classes, input, provenance, metrics."""
-    from modellego.modelfile import read_manifest
-
-    manifest = read_manifest(file)
+    manifest = pipeline.info(file)
     if as_json:
         _print_json(json.loads(manifest.to_json()))
         return
@@ -424,9 +349,6 @@ def demo(
     seed: int = SeedOption,
 ) -> None:
     """The whole job on Fashion-MNIST (digits when absent): train, profile, disassemble two tasks, assemble, fine-tune."""
-    from modellego.checks import output_folder
-    from modellego.demo import run_demo
-
     _check_epochs(epochs)
     option_seed(seed)
     output_folder(out_dir)

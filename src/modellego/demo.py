@@ -1,4 +1,5 @@
-"""`modellego demo`: the whole job on an embedded default, on a 2-core CPU in about a minute."""
+"""`modellego demo`: the whole job on an embedded default, on a 2-core CPU in about a minute. Each step is one
+pipeline call, the same one its command makes."""
 
 from __future__ import annotations
 
@@ -9,15 +10,9 @@ from rich.console import Console
 from rich.table import Table
 
 from modellego import data as datasets
+from modellego import pipeline
 from modellego.errors import ModellegoError
-from modellego.data.task import task_data
-from modellego.disassembly import disassemble
-from modellego.assembly import assemble
-from modellego.evaluate import assembly_base, component_metrics, count_flops, count_params, evaluate, report
-from modellego.masks import locate
-from modellego.modelfile import load, save
-from modellego.profiles import profile
-from modellego.train import finetune, train_model
+from modellego.evaluate import count_flops, count_params
 
 DEMO_TASKS = {"fashion-mnist": ["Trouser,Bag", "Sandal,Sneaker,Ankle boot"], "digits": ["0,1", "3,5,8"]}
 
@@ -31,6 +26,10 @@ def _demo_dataset(console: Console) -> str:
         return "digits"
 
 
+def _file_name(task: str) -> str:
+    return f"component-{task.replace(',', '-').replace(' ', '').replace('/', '')}.safetensors"
+
+
 def run_demo(out_dir: Path, epochs: int = 4, seed: int = 0, console: Console | None = None) -> dict:
     """Train LeNet-5 on Fashion-MNIST (digits when absent), profile it, disassemble two tasks, assemble the two
     components and fine-tune the assembly for one epoch, printing each stage's table; returns the metrics."""
@@ -38,21 +37,15 @@ def run_demo(out_dir: Path, epochs: int = 4, seed: int = 0, console: Console | N
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     name = _demo_dataset(console)
-    train_data, test_data = datasets.load(name, "train"), datasets.load(name, "test")
     if name == "digits":
         epochs = max(epochs, 30)  # 1,437 training images: more passes, still a few seconds
-    console.print(f"[bold]1. train[/bold] LeNet-5 on {name}: {len(train_data)} training images, {epochs} epochs")
+    console.print(f"[bold]1. train[/bold] LeNet-5 on {name}, {epochs} epochs")
     started = time.perf_counter()
-    model, manifest = train_model("lenet5", train_data, epochs, seed=seed)
-    seconds = time.perf_counter() - started
     path = out_dir / f"lenet5-{name}.safetensors"
-    metrics = report(model, manifest.input, test_data, progress=True)
-    manifest.metrics = {"test_accuracy": metrics["accuracy"], "params": metrics["params"], "flops": metrics["flops"]}
-    save(model, path, manifest)
-    reloaded, _ = load(path)
-    metrics = report(reloaded, manifest.input, test_data)
-
-    console.print(f"saved {path}; reloaded it for the evaluation below")
+    trained = pipeline.train("lenet5", name, path, epochs, seed=seed)
+    seconds = time.perf_counter() - started
+    metrics = pipeline.evaluate_file(path)  # the file as written, reloaded
+    console.print(f"saved {path} ({trained.samples} training images); reloaded it for the evaluation below")
     table = Table(title=f"LeNet-5 on {name}, test split ({metrics['samples']} images)")
     table.add_column("class")
     table.add_column("accuracy", justify="right")
@@ -60,22 +53,19 @@ def run_demo(out_dir: Path, epochs: int = 4, seed: int = 0, console: Console | N
         table.add_row(class_name, f"{100 * value:.2f}%")
     table.add_row("[bold]all[/bold]", f"[bold]{100 * metrics['accuracy']:.2f}%[/bold]")
     console.print(table)
-    console.print(f"params {metrics['params']:,}   FLOPs {metrics['flops']:,} per image   training {seconds:.0f} s")
+    console.print(f"params {metrics['params']:,}   FLOPs {metrics['flops']:,} per image   training and evaluation "
+                  f"{seconds:.0f} s")
 
-    console.print(f"[bold]2. profile[/bold] the 50 most confident correct training images per class")
-    source, manifest = load(path)
-    class_profile = profile(source, task_data(manifest, "train"), samples_per_class=50, progress=True)
-    class_profile.save(out_dir / "lenet5.profile.safetensors")
-    masks = locate(source, class_profile)
+    console.print("[bold]2. profile[/bold] the 50 most confident correct training images per class")
+    profile_path = out_dir / "lenet5.profile.safetensors"
+    pipeline.profile(path, profile_path, samples_per_class=50)
     table = Table(title="3. disassemble (paper α/β, no training): components on their tasks' test images")
     for column in ("task", "Base", "Restricted base", "Disa", "params", "FLOPs"):
         table.add_column(column, justify="left" if column == "task" else "right", overflow="fold")
     results, components = {}, []
     for task in DEMO_TASKS[name]:
-        component = disassemble(source, masks, task, manifest)
-        component.manifest.metrics = result = component_metrics(component.model, component.manifest, source, manifest)
-        component_path = out_dir / f"component-{task.replace(',', '-').replace(' ', '').replace('/', '')}.safetensors"
-        save(component.model, component_path, component.manifest)
+        component_path = out_dir / _file_name(task)
+        result = pipeline.disassemble(path, profile_path, task, component_path, evaluate=True).metrics
         components.append(component_path)
         results[task] = result
         table.add_row(task, f"{100 * result['base']:.2f}%", f"{100 * result['restricted_base']:.2f}%",
@@ -88,26 +78,24 @@ def run_demo(out_dir: Path, epochs: int = 4, seed: int = 0, console: Console | N
     metrics["components"] = results
 
     console.print("[bold]4. assemble[/bold] the two components into one model (alignment padding, parameter scaling)")
-    assembly, assembly_manifest = assemble(components, "padded", scale_logits=True)
     assembly_path = out_dir / "assembly.safetensors"
-    save(assembly, assembly_path, assembly_manifest)
-    test_all = task_data(assembly_manifest, "test")
-    score1 = evaluate(assembly, test_all).accuracy
+    assembly, assembly_manifest = pipeline.assemble(components, assembly_path, "padded")
+    score1 = pipeline.evaluate_file(assembly_path)
     console.print("[bold]5. fine-tune[/bold] the assembly for one epoch on its classes' training images")
-    tuned, tuned_manifest = finetune(assembly, assembly_manifest, epochs=1, seed=seed)
-    save(tuned, out_dir / "assembly-finetuned.safetensors", tuned_manifest)
-    score2 = evaluate(tuned, test_all).accuracy
-    base = assembly_base(assembly_manifest)
+    tuned_path = out_dir / "assembly-finetuned.safetensors"
+    tuned, _ = pipeline.finetune(assembly_path, tuned_path, epochs=1, seed=seed)
+    score2 = pipeline.evaluate_file(tuned_path)
+    base = pipeline.assembly_base(assembly_manifest)
     summary = Table(title=f"assembly of {len(components)} components: {', '.join(assembly_manifest.class_names)} "
-                          f"({len(test_all)} test images)")
+                          f"({score1['samples']} test images)")
     for column in ("model", "accuracy", "params", "FLOPs"):
         summary.add_column(column, justify="left" if column == "model" else "right")
     summary.add_row("Base (LeNet-5, all 10 classes, on these images)", f"{100 * base:.2f}%",
                     f"{metrics['params']:,}", f"{metrics['flops']:,}")
-    summary.add_row("Score1 (assembled, no training)", f"{100 * score1:.2f}%", f"{count_params(assembly):,}",
-                    f"{count_flops(assembly, assembly_manifest.input):,}")
-    summary.add_row("Score2 (after 1 fine-tuning epoch)", f"{100 * score2:.2f}%", f"{count_params(tuned):,}",
-                    f"{count_flops(tuned, assembly_manifest.input):,}")
+    summary.add_row("Score1 (assembled, no training)", f"{100 * score1['accuracy']:.2f}%",
+                    f"{count_params(assembly):,}", f"{count_flops(assembly, assembly_manifest.input):,}")
+    summary.add_row("Score2 (after 1 fine-tuning epoch)", f"{100 * score2['accuracy']:.2f}%",
+                    f"{count_params(tuned):,}", f"{count_flops(tuned, assembly_manifest.input):,}")
     console.print(summary)
-    metrics.update(score1=score1, score2=score2, assembly_base=base)
+    metrics.update(score1=score1["accuracy"], score2=score2["accuracy"], assembly_base=base)
     return metrics

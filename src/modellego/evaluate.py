@@ -10,6 +10,7 @@ from torch.utils.data import DataLoader, Dataset
 from torch.utils.flop_counter import FlopCounterMode
 
 from modellego.data.spec import InputSpec
+from modellego.errors import ModellegoError
 from modellego.progress import track
 
 
@@ -59,14 +60,16 @@ def count_params(model: nn.Module) -> int:
 
 
 @torch.no_grad()
-def count_flops(model: nn.Module, spec: InputSpec) -> int:
-    """FLOPs of one forward pass on one image, by torch.utils.flop_counter (a multiply-add counts as 2)."""
+def count_flops(model: nn.Module, spec: InputSpec | tuple[int, ...]) -> int:
+    """FLOPs of one forward pass on one image of `spec` (an InputSpec or a shape C, H, W), by
+    torch.utils.flop_counter (a multiply-add counts as 2)."""
     device = next(model.parameters()).device
+    shape = (spec.channels, *spec.size) if isinstance(spec, InputSpec) else tuple(spec)
     was_training = model.training
     model.eval()
     counter = FlopCounterMode(display=False)
     with counter:
-        model(torch.zeros(1, spec.channels, *spec.size, device=device))
+        model(torch.zeros(1, *shape, device=device))
     model.train(was_training)
     return int(counter.get_total_flops())
 
@@ -78,32 +81,10 @@ def report(model: nn.Module, spec: InputSpec, dataset: Dataset, batch_size: int 
             "params": count_params(model), "flops": count_flops(model, spec)}
 
 
-def evaluate_file(path, dataset: str | None = None, root=None, classes=None, batch_size: int = 256,
-                  progress: bool = False, max_per_class: int | None = None, image_size: int | None = None,
-                  verify: bool = True) -> dict:
-    """Evaluate a model file on the test split of its own task (or `dataset`, matched by class names)."""
-    from modellego.data.subsets import per_class_slice
-    from modellego.data.task import task_data
-    from modellego.modelfile import load
-
-    model, manifest = load(path)
-    test_data = task_data(manifest, "test", root=root, dataset=dataset, only=classes, image_size=image_size,
-                          verify=verify)
-    if max_per_class:
-        test_data = per_class_slice(test_data, max_per_class)
-    result = report(model, manifest.input, test_data, batch_size, progress)
-    result["data"] = test_data.name
-    if manifest.kind == "assembly":
-        result["base"] = assembly_base(manifest)
-    return result
-
-
 def source_baselines(source: nn.Module, source_manifest, classes: list, test_data: Dataset,
                      batch_size: int = 256, progress: bool = False) -> dict:
     """Base (the source, argmax over all its classes) and Restricted base (its logits restricted to `classes`)
     on `test_data` (labelled by position in `classes`), overall and per class."""
-    from modellego.errors import ModellegoError
-
     positions = []
     for ref in classes:
         if ref not in source_manifest.classes:
@@ -119,83 +100,3 @@ def source_baselines(source: nn.Module, source_manifest, classes: list, test_dat
     return {"base": base.accuracy, "base_per_class": base_per_class.per_class,
             "restricted_base": restricted.accuracy, "restricted_base_per_class": restricted.per_class,
             "test_samples_per_class": {name: int((labels == k).sum()) for k, name in enumerate(names)}}
-
-
-def compare(component_path, source_path, root=None, batch_size: int = 256, progress: bool = False,
-            max_per_class: int | None = None, image_size: int | None = None, verify: bool = True) -> dict:
-    """A component (or any model) against its source on the component's task test samples: Base (source,
-    argmax over all its classes), Restricted base (source logits restricted to the task), and the component."""
-    from modellego.data.subsets import per_class_slice
-    from modellego.data.task import task_data
-    from modellego.modelfile import load
-
-    component, manifest = load(component_path)
-    source, source_manifest = load(source_path)
-    test_data = task_data(manifest, "test", root=root, image_size=image_size, verify=verify)
-    if max_per_class:
-        test_data = per_class_slice(test_data, max_per_class)
-    baselines = source_baselines(source, source_manifest, manifest.classes, test_data, batch_size, progress)
-    own = evaluate(component, test_data, batch_size, progress)
-    return {**baselines, "accuracy": own.accuracy, "per_class": own.per_class,
-            "params": count_params(component), "flops": count_flops(component, manifest.input),
-            "source_params": count_params(source), "source_flops": count_flops(source, source_manifest.input),
-            "samples": own.samples, "classes": manifest.class_names, "data": test_data.name}
-
-
-def assembly_base(manifest) -> float | None:
-    """The mean Base of the source models on an assembly's classes, from what each component recorded when it
-    was disassembled (per class, weighted by test samples); None when a component did not record it."""
-    total, weight = 0.0, 0
-    for record in manifest.provenance.get("assembled", {}).get("components", []):
-        metrics = record.get("metrics", {})
-        per_class, counts = metrics.get("base_per_class"), metrics.get("test_samples_per_class")
-        if not per_class or not counts:
-            return None
-        for name, value in per_class.items():
-            total += value * counts[name]
-            weight += counts[name]
-    return total / weight if weight else None
-
-
-def component_metrics(component: nn.Module, manifest, source: nn.Module, source_manifest, root=None,
-                      batch_size: int = 256, image_size: int | None = None, verify: bool = True) -> dict:
-    """Test metrics recorded in a component's manifest: its accuracy and its source's Base / Restricted base
-    on the task (per class too), so that assemblies can report the mean Base of their sources later."""
-    from modellego.data.task import task_data
-
-    test_data = task_data(manifest, "test", root=root, image_size=image_size, verify=verify)
-    baselines = source_baselines(source, source_manifest, manifest.classes, test_data, batch_size)
-    own = evaluate(component, test_data, batch_size)
-    return {**baselines, "test_accuracy": own.accuracy, "params": count_params(component),
-            "flops": count_flops(component, manifest.input)}
-
-
-@dataclass
-class ProfileSampleCheck:
-    """A component and its source restricted to the task, on the task's profile images (training data)."""
-
-    component_accuracy: float
-    restricted_base: float
-    samples: int
-
-
-def profile_sample_accuracy(component: nn.Module, source: nn.Module, task_positions: list[int], train_data: Dataset,
-                            profile, batch_size: int = 256) -> ProfileSampleCheck:
-    """Accuracy of `component` (outputs = the task, in order) and of `source` restricted to `task_positions`
-    (its outputs of the task) on the profile's images of the task; `train_data` is the source's training
-    data the profile was computed on (positions = `profile.samples`). Cheap: at most the profile's N per class."""
-    from modellego.data.subsets import SampleSubset
-
-    task = torch.tensor(task_positions)
-    in_task = torch.full((len(profile.classes),), -1, dtype=torch.long)
-    in_task[task] = torch.arange(len(task))
-    labels = in_task[profile.sample_labels.long()]
-    chosen = labels >= 0
-    if not chosen.any():
-        return ProfileSampleCheck(float("nan"), float("nan"), 0)
-    subset = SampleSubset(train_data, profile.samples[chosen], labels[chosen])
-    source_logits, labels = predict(source, subset, batch_size)
-    component_logits, _ = predict(component, subset, batch_size)
-    restricted = (source_logits[:, task].argmax(1) == labels).float().mean().item()
-    own = (component_logits.argmax(1) == labels).float().mean().item()
-    return ProfileSampleCheck(own, restricted, len(labels))

@@ -11,7 +11,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from modellego.layers import CHANNELWISE, is_depthwise
+from modellego.layers import CHANNELWISE, example_batch, is_depthwise
 
 
 @dataclass(frozen=True)
@@ -23,10 +23,10 @@ class Feed:
     inputs: torch.Tensor
 
 
-def dependency_graph(model: nn.Module, input_shape: tuple[int, ...]) -> tp.DependencyGraph:
-    """Trace `model` on one zero input of `input_shape` (C, H, W) into a torch-pruning DependencyGraph."""
-    device = next(model.parameters()).device
-    example = torch.zeros(1, *input_shape, device=device)
+def dependency_graph(model: nn.Module, example_input: torch.Tensor | tuple[int, ...]) -> tp.DependencyGraph:
+    """Trace `model` on `example_input` (a batch, or a shape C, H, W for one zero input) into a torch-pruning
+    DependencyGraph."""
+    example = example_batch(model, example_input)
     with warnings.catch_warnings():
         # Per-channel parameters outside a module (ConvNeXt's layer_scale, C×1×1) are pruned on their channel
         # dimension, which is what torch-pruning does by default; its notice about them is not for the user.
@@ -45,9 +45,9 @@ class ChannelGraph:
     from (reached backwards without crossing another Conv2d/Linear) count as its producers.
     """
 
-    def __init__(self, model: nn.Module, input_shape: tuple[int, ...]) -> None:
+    def __init__(self, model: nn.Module, example_input: torch.Tensor | tuple[int, ...]) -> None:
         self.model = model
-        self.dependency = dependency_graph(model, input_shape)
+        self.dependency = dependency_graph(model, example_input)
         self._modules = {name: module for name, module in model.named_modules()
                          if isinstance(module, (nn.Conv2d, nn.Linear))}
         self._names = {module: name for name, module in self._modules.items()}

@@ -29,9 +29,23 @@ def is_grouped(module: nn.Module) -> bool:
     return isinstance(module, nn.Conv2d) and module.groups > 1 and not is_depthwise(module)
 
 
+def example_batch(model: nn.Module, example_input: torch.Tensor | tuple[int, ...] | None,
+                  fallback: tuple[int, ...] | None = None) -> torch.Tensor:
+    """One input batch to trace `model` with: `example_input` itself (a batch), or zeros of a shape (C, H, W),
+    or of `fallback` when none is given, on the model's device."""
+    device = next(model.parameters()).device
+    if isinstance(example_input, torch.Tensor):
+        return example_input.to(device)
+    shape = tuple(example_input) if example_input is not None else fallback
+    if not shape:
+        raise ModellegoError("tracing the model needs an example input: pass example_input (a batch, or its shape "
+                             "without the batch dimension)")
+    return torch.zeros(1, *shape, device=device)
+
+
 @torch.no_grad()
-def execution_order(model: nn.Module, input_shape: tuple[int, ...]) -> list[str]:
-    """Names of the Conv2d/Linear layers in the order they run on one input of `input_shape` (C, H, W)."""
+def execution_order(model: nn.Module, example_input: torch.Tensor | tuple[int, ...]) -> list[str]:
+    """Names of the Conv2d/Linear layers in the order they run on `example_input` (a batch, or a shape C, H, W)."""
     order: list[str] = []
     layers = parameter_layers(model)
     handles = [module.register_forward_pre_hook(lambda m, a, n=name: order.append(n) if n not in order else None)
@@ -39,9 +53,18 @@ def execution_order(model: nn.Module, input_shape: tuple[int, ...]) -> list[str]
     was_training = model.training
     try:
         model.eval()
-        model(torch.zeros(1, *input_shape, device=next(model.parameters()).device))
+        model(example_batch(model, example_input))
     finally:
         model.train(was_training)
         for handle in handles:
             handle.remove()
     return order
+
+
+def head(model: nn.Module, example_input: torch.Tensor | tuple[int, ...]) -> tuple[str, nn.Linear]:
+    """The classifier: the last Conv2d/Linear layer to run, which must be an nn.Linear."""
+    name = execution_order(model, example_input)[-1]
+    layer = parameter_layers(model)[name]
+    if not isinstance(layer, nn.Linear):
+        raise ModellegoError(f"the last layer to run, {name}, is not a Linear classifier")
+    return name, layer

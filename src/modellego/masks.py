@@ -3,17 +3,40 @@ the classifier back to the input through the real channel graph (DESIGN.md, "Com
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
 
+from modellego.artifacts import read_artifact, write_artifact
+from modellego.checks import Invalid, integer, mapping, parse_json, sequence, string
 from modellego.errors import ModellegoError
 from modellego.graph import ChannelGraph
 from modellego.layers import parameter_layers
 from modellego.profiles import Profile
 
-PAPER_DEFAULTS = {"alpha_conv": 0.3, "beta_conv": 0.2, "alpha_fc": 0.4, "beta_fc": 0.3}
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """α (relative-contribution threshold) and β (vote threshold) for conv and linear layers; the defaults are
+    the paper's, written here and nowhere else."""
+
+    alpha_conv: float = 0.3
+    beta_conv: float = 0.2
+    alpha_fc: float = 0.4
+    beta_fc: float = 0.3
+
+    def as_dict(self) -> dict[str, float]:
+        return {"alpha_conv": self.alpha_conv, "beta_conv": self.beta_conv, "alpha_fc": self.alpha_fc,
+                "beta_fc": self.beta_fc}
+
+
+PAPER = Thresholds()
+MASKS_FORMAT = "modellego-masks"
+PAPER_DEFAULTS = PAPER.as_dict()
 
 
 @dataclass
@@ -27,22 +50,58 @@ class ComponentMasks:
     classifier: str
     settings: dict[str, float] = field(default_factory=dict)
     profile_hash: str = ""
+    input_shape: tuple[int, ...] = ()
 
     def task_channels(self, layer: str, task: list[int]) -> torch.Tensor:
         """Output channels of `layer` kept for task `task` (class positions): the union over its classes."""
         return self.masks[layer][task].any(dim=0)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the masks and scores to one safetensors file (atomically), like models and profiles."""
+        tensors = {f"mask/{name}": mask.to(torch.uint8) for name, mask in self.masks.items()}
+        tensors |= {f"score/{name}": score.float() for name, score in self.scores.items()}
+        header = {"format": MASKS_FORMAT, "format_version": 1, "layers": list(self.masks), "classes": self.classes,
+                  "classifier": self.classifier, "settings": self.settings, "profile_hash": self.profile_hash,
+                  "input_shape": list(self.input_shape)}
+        return write_artifact(path, tensors, MASKS_FORMAT, header)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "ComponentMasks":
+        """Read masks written by `save`; anything else is refused with one line, never unpickled."""
+        header, raw = read_artifact(path, MASKS_FORMAT, "modellego masks", "pass a file written by ComponentMasks.save",
+                                    article="")
+        try:
+            meta = mapping(parse_json(header, "the header", 4 << 20, 8), "the header")
+            layers = [string(name, "layers[]", 1_000) for name in sequence(meta.get("layers"), "layers", 1, 10_000)]
+            classes = [string(name, "classes[]", 1_000, empty=True)
+                       for name in sequence(meta.get("classes"), "classes", 1, 100_000)]
+            expected = {f"{kind}/{name}" for kind in ("mask", "score") for name in layers}
+            if set(raw.entries) != expected:
+                raise Invalid("its tensors do not match its layers")
+            if any(len(shape) != 2 or shape[0] != len(classes) for _, shape in raw.entries.values()):
+                raise Invalid("every mask and score must be classes × channels")
+            settings = {str(key): float(value) for key, value in mapping(meta.get("settings", {}), "settings").items()}
+            shape = tuple(integer(side, "input_shape[]", 1, 4_096)
+                          for side in sequence(meta.get("input_shape", []), "input_shape", 0, 3))
+            classifier = string(meta.get("classifier"), "classifier", 1_000)
+        except (Invalid, TypeError, ValueError) as error:
+            raise ModellegoError(f"{path} holds damaged modellego masks ({error})") from None
+        tensors = raw.tensors("modellego masks")
+        return cls(masks={name: tensors[f"mask/{name}"].bool() for name in layers},
+                   scores={name: tensors[f"score/{name}"] for name in layers}, classes=classes, classifier=classifier,
+                   settings=settings, profile_hash=str(meta.get("profile_hash", "")), input_shape=shape)
 
     def kept_fraction(self, task: list[int]) -> dict[str, float]:
         """Per layer, the fraction of output channels the task keeps (before coupling)."""
         return {name: self.task_channels(name, task).float().mean().item() for name in self.masks}
 
 
-def check_thresholds(**values: float) -> None:
-    """α and β are fractions of a normalised range: each must lie in [0, 1]."""
+def check_thresholds(values: dict[str, float]) -> None:
+    """α and β are fractions of a normalised range: each must lie in [0, 1]. `values` maps the name to show
+    (a parameter or a command-line flag) to the value."""
     for name, value in values.items():
         if not 0.0 <= float(value) <= 1.0:
-            flag = "--" + name.replace("_", "-")
-            raise ModellegoError(f"{flag} must be between 0 and 1, got {value}")
+            raise ModellegoError(f"{name} must be between 0 and 1, got {value}")
 
 
 def minmax(values: torch.Tensor, dim: int) -> torch.Tensor:
@@ -61,13 +120,14 @@ def input_mask(relative: torch.Tensor, output_mask: torch.Tensor, alpha: float, 
     return normalised > beta, normalised
 
 
-def locate(model: nn.Module, profile: Profile, alpha_conv: float = 0.3, beta_conv: float = 0.2,
-           alpha_fc: float = 0.4, beta_fc: float = 0.3, input_shape: tuple[int, ...] | None = None,
+def locate(model: nn.Module, profile: Profile, alpha_conv: float = PAPER.alpha_conv,
+           beta_conv: float = PAPER.beta_conv, alpha_fc: float = PAPER.alpha_fc, beta_fc: float = PAPER.beta_fc,
+           example_input: torch.Tensor | tuple[int, ...] | None = None,
            graph: ChannelGraph | None = None) -> ComponentMasks:
     """Find every class's channels in every Conv2d/Linear layer of `model`, from `profile` (of this model).
 
     `graph` (a ChannelGraph of this model) can be passed to reuse its traced graph across calls."""
-    check_thresholds(alpha_conv=alpha_conv, beta_conv=beta_conv, alpha_fc=alpha_fc, beta_fc=beta_fc)
+    check_thresholds({"alpha_conv": alpha_conv, "beta_conv": beta_conv, "alpha_fc": alpha_fc, "beta_fc": beta_fc})
     profile.check_model(model)
     layers = parameter_layers(model)
     order = profile.layers
@@ -77,7 +137,7 @@ def locate(model: nn.Module, profile: Profile, alpha_conv: float = 0.3, beta_con
     if not isinstance(classifier, nn.Linear) or classifier.out_features != num_classes:
         raise ModellegoError(f"the last layer to run, {classifier_name}, is not a Linear classifier with "
                              f"{num_classes} outputs; modellego disassembles classifiers ending in nn.Linear")
-    graph = graph or ChannelGraph(model, input_shape or profile.input_shape)
+    graph = graph or ChannelGraph(model, example_input if example_input is not None else profile.input_shape)
     # Masks are kept as 0/1 floats during the walk so that scatter-max gives the OR over repeated channels.
     masks = {name: torch.zeros(num_classes, _outputs(layers[name])) for name in order}
     scores = {name: torch.zeros(num_classes, _outputs(layers[name])) for name in order}
@@ -95,7 +155,7 @@ def locate(model: nn.Module, profile: Profile, alpha_conv: float = 0.3, beta_con
     return ComponentMasks(masks={name: mask > 0 for name, mask in masks.items()}, scores=scores, classes=list(profile.classes), classifier=classifier_name,
                           settings={"alpha_conv": alpha_conv, "beta_conv": beta_conv,
                                     "alpha_fc": alpha_fc, "beta_fc": beta_fc},
-                          profile_hash=profile.digest())
+                          profile_hash=profile.digest(), input_shape=tuple(profile.input_shape))
 
 
 def _outputs(layer: nn.Module) -> int:

@@ -15,7 +15,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, NamedTuple
 
 import torch
 from safetensors.torch import load as load_tensors_from_bytes
@@ -25,6 +25,7 @@ from torch import nn
 from modellego.checks import Invalid, integer, mapping, number, parse_json, probe_folder, sequence, show, string
 from modellego.data.spec import InputSpec
 from modellego.errors import ModellegoError
+from modellego.models.classifier import MergeOutputs, Normalize, Parallel, classifier
 
 FORMAT_NAME = "modellego"
 FORMAT_VERSION = 1
@@ -167,6 +168,13 @@ def _layers(value: Any) -> dict[str, dict[str, Any]]:
         string(name, "a layers key", MAX_NAME)
         integer(mapping(facts, f"layers[{name!r}]").get("groups", 1), f"layers[{name!r}].groups", 1, MAX_GROUPS)
     return data
+
+
+class Brick(NamedTuple):
+    """A model and its manifest: what load, train, disassemble, assemble and finetune return (unpacks as a pair)."""
+
+    model: nn.Module
+    manifest: Manifest
 
 
 def file_hash(path: str | os.PathLike) -> str:
@@ -430,7 +438,6 @@ def rebuild(manifest: Manifest, shapes: dict[str, torch.Size], device: str | tor
 
 
 def _build(architecture: dict[str, Any], spec: InputSpec) -> nn.Module:
-    from modellego.models.classifier import MergeOutputs, Parallel, classifier
 
     builder = architecture.get("builder")
     if not isinstance(builder, str):
@@ -490,7 +497,6 @@ def _check_layout(model: nn.Module, raw: RawFile, manifest: Manifest) -> None:
 def _check_structure(model: nn.Module, manifest: Manifest, raw: RawFile) -> None:
     """After resizing, still on the meta device: layers fit together (one forward pass that allocates nothing)
     and the model answers exactly the manifest's classes."""
-    from modellego.models.classifier import MergeOutputs
 
     for name, module in model.named_modules():
         if isinstance(module, nn.Conv2d) and module.out_channels % module.groups:
@@ -523,7 +529,6 @@ def _check_structure(model: nn.Module, manifest: Manifest, raw: RawFile) -> None
 
 def _check_values(model: nn.Module, manifest: Manifest, raw: RawFile) -> None:
     """Buffers that are data, checked against the model they belong to."""
-    from modellego.models.classifier import MergeOutputs, Normalize
 
     for name, module in model.named_modules():
         if isinstance(module, MergeOutputs):
@@ -558,7 +563,7 @@ def _materialise(model: nn.Module, tensors: dict[str, torch.Tensor], raw: RawFil
     return model
 
 
-def load(path: str | os.PathLike) -> tuple[nn.Module, Manifest]:
+def load(path: str | os.PathLike) -> Brick:
     """Read a model file written by `save`; returns the model (in eval mode) and its manifest.
 
     The file is read once; the manifest is validated, the architecture built on the meta device and checked
@@ -576,7 +581,7 @@ def load(path: str | os.PathLike) -> tuple[nn.Module, Manifest]:
     _check_structure(model, manifest, raw)
     model = _materialise(model, raw.tensors("modellego model file"), raw, manifest)
     _check_values(model, manifest, raw)
-    return model.eval(), manifest
+    return Brick(model.eval(), manifest)
 
 
 def weights_hash(model: nn.Module) -> str:

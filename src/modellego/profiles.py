@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset
 
@@ -19,11 +18,13 @@ from modellego.contributions import contributions
 from modellego.errors import ModellegoError
 from modellego.checks import Invalid, integer, mapping, parse_json, sequence, show, string
 from modellego.layers import execution_order, parameter_layers  # noqa: F401  (re-exported)
-from modellego.modelfile import atomic_write, read_raw, weights_hash
+from modellego.artifacts import read_artifact, write_artifact
+from modellego.modelfile import weights_hash
 from modellego.progress import track
 from modellego.support import check_supported
 
 PROFILE_FORMAT = "modellego-profile"
+PROFILE_KEY = "modellego-profile"
 PROFILE_VERSION = 1
 
 
@@ -68,7 +69,20 @@ class Profile:
                 "classes": self.classes, "model_hash": self.model_hash, "dataset": self.dataset,
                 "input_shape": list(self.input_shape),
                 "samples_per_class": self.samples_per_class, "notes": self.notes}
-        return atomic_write(path, lambda temp: save_file(tensors, temp, metadata={"modellego-profile": json.dumps(meta)}))
+        return write_artifact(path, tensors, PROFILE_KEY, meta)
+
+    def merge(self, other: "Profile") -> "Profile":
+        """The profile of both shards' samples: sums add up (profiles are plain sums), samples are listed together.
+        Both must come from the same model and classes (e.g. two processes profiling halves of the data)."""
+        if (self.model_hash, self.layers, self.classes) != (other.model_hash, other.layers, other.classes):
+            raise ModellegoError("only profiles of the same model, layers and classes can be merged")
+        return Profile(contributions={name: self.contributions[name] + other.contributions[name]
+                                      for name in self.layers},
+                       layers=list(self.layers), classes=list(self.classes), counts=self.counts + other.counts,
+                       samples=torch.cat([self.samples, other.samples]),
+                       sample_labels=torch.cat([self.sample_labels, other.sample_labels]), model_hash=self.model_hash,
+                       input_shape=self.input_shape, dataset=self.dataset,
+                       samples_per_class=self.samples_per_class, notes=self.notes + other.notes)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Profile":
@@ -76,12 +90,10 @@ class Profile:
         validated (types, ranges, sizes) and every tensor's dtype and shape checked against it before the
         tensors are created; the sums must be finite, non-negative and not all zero."""
         source = Path(path)
-        raw = read_raw(source, "modellego profile")
-        if "modellego-profile" not in raw.metadata:
-            raise ModellegoError(f"{source} is a safetensors file but not a modellego profile; pass the file "
-                                 "that `modellego profile` wrote")
+        header, raw = read_artifact(source, PROFILE_KEY, "modellego profile",
+                                    "pass the file that `modellego profile` wrote")
         try:
-            meta = _validate_header(raw.metadata["modellego-profile"])
+            meta = _validate_header(header)
             _validate_index(meta, raw.entries)
         except Invalid as error:
             raise ModellegoError(f"{source} is not a modellego profile (missing or damaged profile header: {error})") from None

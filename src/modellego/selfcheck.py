@@ -4,6 +4,7 @@ step is checked against the source. `check_builder` gives one row of the README'
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 import time
 import warnings
@@ -13,15 +14,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from modellego.assembly import assemble
 from modellego.data.datasets import TensorImages
 from modellego.data.spec import InputSpec
-from modellego.disassembly import disassemble
 from modellego.errors import ModellegoError
 from modellego.layers import CHANNELWISE, execution_order, parameter_layers
 from modellego.masks import ComponentMasks, locate
-from modellego.modelfile import ClassRef, Manifest, load, save
+from modellego.modelfile import Brick, ClassRef, Manifest, load, save
 from modellego.models.classifier import classifier
+from modellego.pipeline import assembly, component
 from modellego.profiles import profile
 from modellego.support import smallest_input_size, unsupported_reason
 
@@ -74,9 +74,8 @@ def _balance_head(model: nn.Module, head: nn.Linear, images: torch.Tensor, per_c
 
 
 def _keep_all(masks: ComponentMasks) -> ComponentMasks:
-    return ComponentMasks({name: torch.ones_like(mask) for name, mask in masks.masks.items()} |
-                          {masks.classifier: masks.masks[masks.classifier]},
-                          masks.scores, masks.classes, masks.classifier, masks.settings, masks.profile_hash)
+    kept = {name: torch.ones_like(mask) for name, mask in masks.masks.items()}
+    return dataclasses.replace(masks, masks=kept | {masks.classifier: masks.masks[masks.classifier]})
 
 
 def _relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -122,15 +121,15 @@ def check_builder(builder: str, num_classes: int = 4, samples_per_class: int = 4
             stage = "locate"
             masks = locate(model, class_profile)
             stage = "disassemble (keep all)"
-            whole = disassemble(model, _keep_all(masks), list(range(num_classes)), manifest)
+            whole = component(Brick(model, manifest), _keep_all(masks), list(range(num_classes)))
             with torch.no_grad():
                 error = _relative_error(whole.model(probe_images), model(probe_images))
             if error > tolerance:
                 return result("failed", f"keeping every channel changes the logits (relative error {error:.2g})")
             stage = "disassemble"
             half = num_classes // 2
-            parts = [disassemble(model, masks, list(range(half)), manifest),
-                     disassemble(model, masks, list(range(half, num_classes)), manifest)]
+            parts = [component(Brick(model, manifest), masks, list(range(half))),
+                     component(Brick(model, manifest), masks, list(range(half, num_classes)))]
             members = []
             with tempfile.TemporaryDirectory() as folder:
                 for index, part in enumerate(parts):
@@ -143,10 +142,10 @@ def check_builder(builder: str, num_classes: int = 4, samples_per_class: int = 4
                             return result("failed", "a saved component loads with other outputs")
                     members.append((reloaded, reloaded_manifest))
                 stage = "assemble parallel"
-                parallel, _ = assemble(members, "parallel", scale_logits=False)
+                parallel, _ = assembly(members, "parallel", scale_logits=False)
                 stage = "assemble padded"
                 try:
-                    padded, padded_manifest = assemble(members, "padded", scale_logits=False)
+                    padded, padded_manifest = assembly(members, "padded", scale_logits=False)
                 except ModellegoError as refusal:
                     return result("parallel only", str(refusal))
                 with torch.no_grad():

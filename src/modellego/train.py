@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import random
 import warnings
@@ -11,7 +12,11 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from modellego.data.task import task_data
 from modellego.errors import ModellegoError
+from modellego.evaluate import predict
+from modellego.modelfile import Brick, ClassRef, Manifest
+from modellego.models.classifier import classifier
 from modellego.progress import track
 from modellego.reconstruct import reestimate_batchnorm
 from modellego.support import check_supported
@@ -71,7 +76,6 @@ def training_accuracy(model: nn.Module, dataset: Dataset, samples: int = TRAININ
                       seed: int = 0) -> tuple[float, float, int]:
     """Eval-mode accuracy of `model` on up to `samples` images of `dataset` (drawn with `seed`), the chance level
     on them (the share of their most frequent class) and how many images were used."""
-    from modellego.evaluate import predict
 
     count = min(samples, len(dataset))
     positions = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:count].sort().values
@@ -102,12 +106,9 @@ def _settle(model: nn.Module, dataset: Dataset, batch_size: int, seed: int, prog
 
 
 def train_model(builder: str, dataset: Dataset, epochs: int, width: float = 1.0, lr: float = 1e-3,
-                batch_size: int = 128, seed: int = 0, progress: bool = True) -> tuple[nn.Module, "Manifest"]:
+                batch_size: int = 128, seed: int = 0, progress: bool = True) -> Brick:
     """Build `builder` for `dataset`'s input spec and classes, train it, re-estimate its BatchNorm statistics
     and describe it in a manifest (warning when it stayed at chance level on its training data)."""
-    from modellego.modelfile import ClassRef, Manifest
-    from modellego.models.classifier import classifier
-
     seed_everything(seed)
     model = classifier(builder, dataset.spec, len(dataset.classes), width)
     check_supported(model, (dataset.spec.channels, *dataset.spec.size), builder)
@@ -123,19 +124,15 @@ def train_model(builder: str, dataset: Dataset, epochs: int, width: float = 1.0,
                                 "batch_size": batch_size, "seed": seed, "final_loss": losses[-1],
                                 "data_root": str(root) if root is not None else None, **settled}},
     )
-    return model, manifest
+    return Brick(model, manifest)
 
 
 def finetune(model: nn.Module, manifest: "Manifest", dataset: Dataset | None = None, epochs: int = 2,
              lr: float = 1e-3, batch_size: int = 128, seed: int = 0, root=None, image_size: int | None = None,
-             verify: bool = True, progress: bool = True) -> tuple[nn.Module, "Manifest"]:
+             verify: bool = True, progress: bool = True) -> Brick:
     """Train `model` (typically an assembly, whose zero blocks become trainable) on the training data of
     all its classes (or `dataset`, labelled by its outputs), then re-estimate its BatchNorm statistics;
     the manifest keeps its lineage."""
-    import copy
-
-    from modellego.data.task import task_data
-
     data = dataset if dataset is not None else task_data(manifest, "train", root=root, image_size=image_size,
                                                          verify=verify)
     losses = train(model, data, epochs, lr=lr, batch_size=batch_size, seed=seed, progress=progress)
@@ -145,4 +142,4 @@ def finetune(model: nn.Module, manifest: "Manifest", dataset: Dataset | None = N
     history.append({"epochs": epochs, "lr": lr, "batch_size": batch_size, "seed": seed,
                     "samples": len(data), "final_loss": losses[-1], **settled})
     manifest.metrics = {}
-    return model, manifest
+    return Brick(model, manifest)

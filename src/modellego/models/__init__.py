@@ -15,10 +15,10 @@ from modellego.errors import ModellegoError
 from modellego.models.googlenet import googlenet
 from modellego.models.lenet import lenet5
 from modellego.models.resnet import resnet18, resnet50
-from modellego.models.tv import build_torchvision
+from modellego.models.tv import build_torchvision, torchvision_classifiers
 from modellego.models.vgg import vgg11, vgg16
 
-__all__ = ["ZOO", "TORCHVISION_PREFIX", "build", "model_names"]
+__all__ = ["ZOO", "TORCHVISION_PREFIX", "build", "list_models", "model_names"]
 
 TORCHVISION_PREFIX = "torchvision:"
 
@@ -35,6 +35,11 @@ ZOO: dict[str, Callable[..., nn.Module]] = {
 def model_names() -> list[str]:
     """The zoo's model names (``torchvision:<builder>`` names are accepted by ``build`` too)."""
     return list(ZOO)
+
+
+def list_models() -> list[str]:
+    """Every name `build` accepts: the zoo's, then `torchvision:<builder>` for torchvision's classifiers."""
+    return model_names() + [f"{TORCHVISION_PREFIX}{name}" for name in torchvision_classifiers()]
 
 
 def build(name: str, in_channels: int = 3, num_classes: int = 10, width: float = 1.0) -> nn.Module:

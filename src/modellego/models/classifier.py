@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from modellego.data.spec import InputSpec
+from modellego.models import build
 
 
 class Normalize(nn.Module):
@@ -57,7 +58,5 @@ class Parallel(nn.Module):
 
 def classifier(builder: str, spec: InputSpec, num_classes: int, width: float = 1.0) -> nn.Sequential:
     """Build `builder` (a zoo name or `torchvision:<name>`) for inputs of `spec`, normalisation included."""
-    from modellego.models import build
-
     network = build(builder, in_channels=spec.channels, num_classes=num_classes, width=width)
     return nn.Sequential(OrderedDict(normalize=Normalize(spec.mean, spec.std), net=network))

@@ -1,0 +1,342 @@
+"""The pipeline: files, manifests, provenance, datasets by name and evaluation tables around the method's core.
+Each `modellego` command (and each demo step) is one function here; the CLI only parses and prints."""
+
+from __future__ import annotations
+
+import copy
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from modellego import data as datasets
+from modellego.assembly import MODES, assemble as assemble_models, scale as scale_model
+from modellego.data.subsets import SampleSubset, per_class_slice, resolve_classes
+from modellego.data.task import task_data
+from modellego.disassembly import disassemble as disassemble_model
+from modellego.errors import ModellegoError
+from modellego.evaluate import count_flops, count_params, evaluate, predict, report, source_baselines
+from modellego.masks import PAPER, ComponentMasks, Thresholds, locate
+from modellego.modelfile import Brick, ClassRef, Manifest, check_output_path, load, read_manifest, save, weights_hash
+from modellego.profiles import Profile, profile as profile_model
+from modellego.search import SearchResult, search_thresholds, validation_data
+from modellego.train import finetune as finetune_model, train_model
+
+AGREEMENT_GAP = 0.10  # a component this far below its restricted source on the profile's images gets a warning
+Path_ = str | os.PathLike
+
+
+@dataclass
+class DataOptions:
+    """Where a command reads a model's data: the folder (`root`), an image size for resizable datasets, and
+    whether CIFAR checksums are verified. The defaults are those recorded in the model file."""
+
+    root: Path_ | None = None
+    image_size: int | None = None
+    verify: bool = True
+
+    def of(self, manifest: Manifest | Sequence[ClassRef], split: str, **extra) -> Dataset:
+        return task_data(manifest, split, root=self.root, image_size=self.image_size, verify=self.verify, **extra)
+
+
+# --- in-memory steps on (model, manifest) pairs ---------------------------------------------------------------
+
+def component(source: Brick, masks: ComponentMasks, classes: str | Sequence[str | int]) -> Brick:
+    """The component of `source` for `classes` (core `disassemble`), with a manifest recording its lineage:
+    the source's hash and provenance, the task, α/β and the profile's hash."""
+    if [ref.name for ref in source.manifest.classes] != masks.classes:
+        raise ModellegoError("the masks were located for a model with other classes than this manifest describes")
+    task = resolve_classes(masks.classes, classes, "the model's classes")
+    spec = source.manifest.input
+    model = disassemble_model(source.model, masks, task, (spec.channels, *spec.size))
+    architecture = dict(source.manifest.architecture, num_classes=len(task))
+    provenance = {"disassembled": {
+        "source_hash": weights_hash(source.model), "source_provenance": source.manifest.provenance,
+        "task": [source.manifest.classes[k].name for k in task], "task_positions": task,
+        "profile_hash": masks.profile_hash, **masks.settings}}
+    return Brick(model, Manifest(architecture=architecture, classes=[source.manifest.classes[k] for k in task],
+                                 input=spec, kind="component", provenance=provenance))
+
+
+def scaled(member: Brick, data: Dataset, progress: bool = False) -> Brick:
+    """Parameter scaling (core `scale`) on the member's own task data; the factors go into its provenance."""
+    spec = member.manifest.input
+    model, factors = scale_model(member.model, data, (spec.channels, *spec.size), progress)
+    manifest = copy.deepcopy(member.manifest)
+    manifest.provenance["scaled"] = {"factors": factors, "samples": len(data)}
+    return Brick(model, manifest)
+
+
+def assembly(members: Sequence[Brick], mode: str = "padded", scale_logits: bool = True,
+             data: DataOptions | None = None, progress: bool = False) -> Brick:
+    """One model answering the union of the members' classes (in order; a class shared by two members from the
+    same dataset gets one output, the max of their logits). With `scale_logits`, each member not scaled yet is
+    first scaled on its own task's training data."""
+    if mode not in MODES:
+        raise ModellegoError(f"unknown assembly mode {mode!r}; choose 'padded' or 'parallel'")
+    members = [Brick(*member) for member in members]
+    if len(members) < 2:
+        raise ModellegoError("assembling needs at least two components")
+    first = members[0].manifest.input
+    for _, manifest in members[1:]:
+        spec = manifest.input
+        if (spec.channels, spec.size) != (first.channels, first.size):
+            raise ModellegoError(f"components take different inputs ({first.describe()} and {spec.describe()}); "
+                                 "assemble components of the same input size and channels")
+    if scale_logits:
+        data = data or DataOptions()
+        members = [member if "scaled" in member.manifest.provenance
+                   else scaled(member, data.of(member.manifest, "train"), progress) for member in members]
+    classes, targets = _union([manifest for _, manifest in members])
+    model = assemble_models([model for model, _ in members], (first.channels, *first.size), mode, targets)
+    if mode == "parallel":
+        architecture = {"builder": "parallel", "num_classes": len(classes),
+                        "members": [dict(m.architecture, input=m.input.to_dict()) for _, m in members]}
+    else:
+        architecture = dict(members[0].manifest.architecture, num_classes=len(classes), merge_outputs=True)
+    provenance = {"assembled": {"mode": mode, "scaled": scale_logits,
+                                "components": [{"hash": weights_hash(m), "classes": mf.class_names,
+                                                "provenance": mf.provenance, "metrics": mf.metrics}
+                                               for m, mf in members]}}
+    return Brick(model, Manifest(architecture=architecture, classes=classes, input=first, kind="assembly",
+                                 provenance=provenance))
+
+
+def _union(manifests: list[Manifest]) -> tuple[list[ClassRef], list[int]]:
+    classes: list[ClassRef] = []
+    targets: list[int] = []
+    for manifest in manifests:
+        for ref in manifest.classes:
+            if ref not in classes:
+                classes.append(ref)
+            targets.append(classes.index(ref))
+    return classes, targets
+
+
+# --- evaluation -------------------------------------------------------------------------------------------------
+
+def assembly_base(manifest: Manifest) -> float | None:
+    """The mean Base of the source models on an assembly's classes, from what each component recorded when it
+    was disassembled (per class, weighted by test samples); None when a component did not record it."""
+    total, weight = 0.0, 0
+    for record in manifest.provenance.get("assembled", {}).get("components", []):
+        metrics = record.get("metrics", {})
+        per_class, counts = metrics.get("base_per_class"), metrics.get("test_samples_per_class")
+        if not per_class or not counts:
+            return None
+        for name, value in per_class.items():
+            total += value * counts[name]
+            weight += counts[name]
+    return total / weight if weight else None
+
+
+def component_metrics(part: Brick, source: Brick, data: DataOptions | None = None, batch_size: int = 256) -> dict:
+    """Test metrics recorded in a component's manifest: its accuracy and its source's Base / Restricted base
+    on the task (per class too), so that assemblies can report the mean Base of their sources later."""
+    test_data = (data or DataOptions()).of(part.manifest, "test")
+    baselines = source_baselines(source.model, source.manifest, part.manifest.classes, test_data, batch_size)
+    own = evaluate(part.model, test_data, batch_size)
+    return {**baselines, "test_accuracy": own.accuracy, "params": count_params(part.model),
+            "flops": count_flops(part.model, part.manifest.input)}
+
+
+@dataclass
+class ProfileSampleCheck:
+    """A component and its source restricted to the task, on the task's profile images (training data)."""
+
+    component_accuracy: float
+    restricted_base: float
+    samples: int
+
+
+def profile_sample_accuracy(component_model: nn.Module, source: nn.Module, task_positions: list[int],
+                            train_data: Dataset, class_profile: Profile, batch_size: int = 256) -> ProfileSampleCheck:
+    """Accuracy of a component (outputs = the task, in order) and of `source` restricted to `task_positions` on
+    the profile's images of the task; `train_data` is the training data the profile was computed on
+    (positions = `profile.samples`). Cheap: at most the profile's N per class."""
+    task = torch.tensor(task_positions)
+    in_task = torch.full((len(class_profile.classes),), -1, dtype=torch.long)
+    in_task[task] = torch.arange(len(task))
+    labels = in_task[class_profile.sample_labels.long()]
+    chosen = labels >= 0
+    if not chosen.any():
+        return ProfileSampleCheck(float("nan"), float("nan"), 0)
+    subset = SampleSubset(train_data, class_profile.samples[chosen], labels[chosen])
+    source_logits, labels = predict(source, subset, batch_size)
+    component_logits, _ = predict(component_model, subset, batch_size)
+    restricted = (source_logits[:, task].argmax(1) == labels).float().mean().item()
+    own = (component_logits.argmax(1) == labels).float().mean().item()
+    return ProfileSampleCheck(own, restricted, len(labels))
+
+
+# --- one function per command -----------------------------------------------------------------------------------
+
+@dataclass
+class Trained:
+    """`train`'s result: the model and manifest written, its test metrics, the number of training samples."""
+
+    brick: Brick
+    metrics: dict
+    samples: int
+
+
+def train(builder: str, dataset: str, out: Path_, epochs: int = 3, classes: str | None = None, width: float = 1.0,
+          lr: float = 1e-3, batch_size: int = 128, max_per_class: int | None = None, data: DataOptions | None = None,
+          seed: int = 0, progress: bool = True) -> Trained:
+    """Train `builder` on `dataset` (or some of its classes), evaluate it on the test split, save it to `out`."""
+    data = data or DataOptions()
+    check_output_path(out)
+    train_data = datasets.load(dataset, "train", data.root, image_size=data.image_size, verify=data.verify)
+    test_data = datasets.load(dataset, "test", data.root, image_size=data.image_size, verify=data.verify)
+    if classes is not None:
+        train_data = datasets.select_classes(train_data, classes)
+        test_data = datasets.select_classes(test_data, classes)
+    if max_per_class is not None:
+        train_data = datasets.per_class_slice(train_data, max_per_class, seed)
+    model, manifest = train_model(builder, train_data, epochs, width=width, lr=lr, batch_size=batch_size, seed=seed,
+                                  progress=progress)
+    metrics = report(model, manifest.input, test_data, progress=progress)
+    manifest.metrics = {"test_accuracy": metrics["accuracy"], "params": metrics["params"], "flops": metrics["flops"]}
+    save(model, out, manifest)
+    return Trained(Brick(model, manifest), metrics, len(train_data))
+
+
+def evaluate_file(path: Path_, dataset: str | None = None, classes: str | None = None,
+                  data: DataOptions | None = None, batch_size: int = 256, max_per_class: int | None = None,
+                  progress: bool = False) -> dict:
+    """Evaluate a model file on the test split of its own task (or `dataset`, matched by class names)."""
+    model, manifest = load(path)
+    test_data = (data or DataOptions()).of(manifest, "test", dataset=dataset, only=classes)
+    if max_per_class:
+        test_data = per_class_slice(test_data, max_per_class)
+    result = report(model, manifest.input, test_data, batch_size, progress)
+    result["data"] = test_data.name
+    if manifest.kind == "assembly":
+        result["base"] = assembly_base(manifest)
+    return result
+
+
+def compare(component_path: Path_, source_path: Path_, data: DataOptions | None = None, batch_size: int = 256,
+            max_per_class: int | None = None, progress: bool = False) -> dict:
+    """A component (or any model) against its source on the component's task test samples: Base (source,
+    argmax over all its classes), Restricted base (source logits restricted to the task), and the component."""
+    part, manifest = load(component_path)
+    source, source_manifest = load(source_path)
+    test_data = (data or DataOptions()).of(manifest, "test")
+    if max_per_class:
+        test_data = per_class_slice(test_data, max_per_class)
+    baselines = source_baselines(source, source_manifest, manifest.classes, test_data, batch_size, progress)
+    own = evaluate(part, test_data, batch_size, progress)
+    return {**baselines, "accuracy": own.accuracy, "per_class": own.per_class,
+            "params": count_params(part), "flops": count_flops(part, manifest.input),
+            "source_params": count_params(source), "source_flops": count_flops(source, source_manifest.input),
+            "samples": own.samples, "classes": manifest.class_names, "data": test_data.name}
+
+
+def profile(model_path: Path_, out: Path_, samples_per_class: int = 50, dataset: str | None = None,
+            data: DataOptions | None = None, batch_size: int = 64, progress: bool = True) -> Profile:
+    """Profile a model file on its training data (or `dataset`'s, matched by class names) and save the profile."""
+    check_output_path(out, inputs=[model_path])
+    model, manifest = load(model_path)
+    train_data = (data or DataOptions()).of(manifest, "train", dataset=dataset)
+    result = profile_model(model, train_data, samples_per_class=samples_per_class, batch_size=batch_size,
+                           progress=progress)
+    result.save(out)
+    return result
+
+
+@dataclass
+class Disassembled:
+    """`disassemble`'s result: the component written, the α/β search when one ran, the agreement check on the
+    profile's images, and test metrics when asked for (`evaluate=True`)."""
+
+    brick: Brick
+    source: Brick
+    search: SearchResult | None = None
+    check: ProfileSampleCheck | None = None
+    metrics: dict = field(default_factory=dict)
+
+
+def disassemble(model_path: Path_, profile_path: Path_, classes: str | Sequence[str | int], out: Path_,
+                thresholds: Thresholds = PAPER, auto: bool = False, max_drop: float = 1.0, evaluate: bool = False,
+                data: DataOptions | None = None, seed: int = 0, progress: bool = True) -> Disassembled:
+    """Cut the component for `classes` out of a model file with its profile and save it: the paper's α/β (or
+    `thresholds`), or with `auto` the smallest component within `max_drop` points of the restricted base on
+    held-out training images. Warns when the component is far below its source on the profile's images.
+    With `evaluate`, the test-split metrics (Base, Restricted base, accuracy) are measured and recorded."""
+    data = data or DataOptions()
+    check_output_path(out, inputs=[model_path, profile_path])
+    source = load(model_path)
+    class_profile = Profile.load(profile_path)
+    class_profile.check_model(source.model)
+    task = resolve_classes(class_profile.classes, classes, "the model's classes")
+    train_data = data.of(source.manifest, "train")
+    search = None
+    if auto:
+        validation = validation_data(train_data, task, class_profile.samples, 0.1, seed)
+        search = search_thresholds(source.model, class_profile, task, validation, max_drop, progress=progress)
+        thresholds = search.thresholds
+    masks = locate(source.model, class_profile, **thresholds.as_dict())
+    part = component(source, masks, task)
+    if search is not None:
+        part.manifest.provenance["disassembled"]["auto"] = {
+            "max_drop": max_drop, "validation_samples": search.validation_samples,
+            "validation_accuracy": search.accuracy, "validation_restricted_base": search.restricted_base,
+            "met_target": search.met_target, "pareto": pareto_front(search.candidates)}
+    check = None
+    if class_profile.dataset == train_data.name:  # positions index this data only when it was profiled on it
+        check = profile_sample_accuracy(part.model, source.model, task, train_data, class_profile)
+        if check.component_accuracy < check.restricted_base - AGREEMENT_GAP:
+            warnings.warn(f"the component gets {100 * check.component_accuracy:.2f}% of the task's {check.samples} "
+                          f"profile images right, {100 * (check.restricted_base - check.component_accuracy):.1f} "
+                          f"points below its source restricted to the task ({100 * check.restricted_base:.2f}%): "
+                          "these α/β cut channels the task needs; try --auto", stacklevel=2)
+    metrics = component_metrics(part, source, data) if evaluate else {
+        "params": count_params(part.model), "flops": count_flops(part.model, part.manifest.input)}
+    part.manifest.metrics = metrics
+    save(part.model, out, part.manifest)
+    return Disassembled(part, source, search, check, metrics)
+
+
+def pareto_front(candidates: list[dict]) -> list[dict]:
+    """The candidates no other beats on both validation accuracy and FLOPs, by increasing FLOPs."""
+    front = []
+    for candidate in sorted(candidates, key=lambda c: (c["flops"], -c["accuracy"])):
+        if not front or candidate["accuracy"] > front[-1]["accuracy"]:
+            front.append(candidate)
+    return front
+
+
+def assemble(paths: Sequence[Path_], out: Path_, mode: str = "padded", scale_logits: bool = True,
+             data: DataOptions | None = None, progress: bool = True) -> Brick:
+    """Assemble component files into one model answering the union of their classes, and save it."""
+    check_output_path(out, inputs=list(paths))
+    if len(paths) < 2:
+        raise ModellegoError(f"assembling needs at least two components, got {len(paths)}")
+    if mode not in MODES:
+        raise ModellegoError(f"unknown assembly mode {mode!r}; choose 'padded' or 'parallel'")
+    result = assembly([load(path) for path in paths], mode, scale_logits, data, progress)
+    save(result.model, out, result.manifest)
+    return result
+
+
+def finetune(path: Path_, out: Path_, epochs: int = 2, lr: float = 1e-3, batch_size: int = 128,
+             data: DataOptions | None = None, seed: int = 0, progress: bool = True) -> Brick:
+    """Train a model file (an assembly: its zero blocks too) on the training data of all its classes; save it."""
+    check_output_path(out, inputs=[path])
+    model, manifest = load(path)
+    train_data = (data or DataOptions()).of(manifest, "train")
+    result = finetune_model(model, manifest, train_data, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
+                            progress=progress)
+    save(result.model, out, result.manifest)
+    return result
+
+
+def info(path: Path_) -> Manifest:
+    """A model file's manifest, without loading its weights."""
+    return read_manifest(path)
