@@ -1,7 +1,7 @@
 """The support matrix: every torchvision classification builder and every zoo model through the whole chain
 (`modellego.selfcheck.check_builder`), each in its own process. Writes docs/support.md and the README's table.
 
-    python benchmarks/support_matrix.py [--jobs 2]       # all builders (about 30-60 min on a 2-core CPU)
+    python benchmarks/support_matrix.py [--jobs 2] [--cache rows.jsonl]   # all builders (about an hour on 2 cores)
     python benchmarks/support_matrix.py resnet18 vgg16   # some builders; prints only, writes nothing
 """
 
@@ -67,12 +67,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("builders", nargs="*")
     parser.add_argument("--jobs", type=int, default=1, help="builders checked at once (one process each)")
+    parser.add_argument("--cache", type=Path, help="JSON-lines file of rows already checked: reused, and new rows "
+                                                   "appended, so an interrupted run resumes")
     args = parser.parse_args()
     chosen = args.builders
     names = [name if name in builders() else f"torchvision:{name}" for name in chosen] if chosen else builders()
+    done = {}
+    if args.cache and args.cache.exists():
+        done = {row["builder"]: row for row in map(json.loads, args.cache.read_text().splitlines())}
     rows = []
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        for row in pool.map(run_one, names):
+        for row in pool.map(lambda name: done.get(name) or run_one(name), names):
+            if args.cache and row["builder"] not in done:
+                with args.cache.open("a") as cache:
+                    cache.write(json.dumps(row) + "\n")
             rows.append(row)
             print(f"{row['status']:>14}  {row['builder']:<36} {row['seconds']:6.1f} s  {row['detail'][:110]}",
                   flush=True)
