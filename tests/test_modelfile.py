@@ -127,3 +127,17 @@ def test_a_model_that_does_not_match_its_manifest_is_not_written(tmp_path):
     with pytest.raises(ModellegoError, match="does not match"):
         save(model, tmp_path / "m.safetensors", manifest)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_written_files_follow_the_umask_like_any_file(tmp_path):
+    """Temp files start owner-only (mkstemp); the file renamed into place gets the usual 0666 minus umask."""
+    import os
+
+    from modellego.modelfile import atomic_write
+
+    previous = os.umask(0o022)
+    try:
+        target = atomic_write(tmp_path / "f.bin", lambda temp: open(temp, "wb").write(b"x"))
+    finally:
+        os.umask(previous)
+    assert target.stat().st_mode & 0o777 == 0o644

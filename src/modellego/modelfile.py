@@ -286,6 +286,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     os.close(handle)
     try:
         write(temp)
+        os.chmod(temp, 0o666 & ~_umask())  # mkstemp makes owner-only files; a model file is as readable as any
         _fsync_path(temp)
         os.replace(temp, target)
         _fsync_path(target.parent, directory=True)
@@ -297,6 +298,12 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
         if os.path.exists(temp):
             os.unlink(temp)
     return target
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _write_error(target: Path, error: OSError) -> ModellegoError:
