@@ -223,3 +223,24 @@ def test_refuses_conv_inputs_too_small_for_the_kernel():
 def test_refuses_linear_inputs_of_the_wrong_shape(shape):
     with pytest.raises(ModellegoError, match="input of Linear"):
         contributions(nn.Linear(5, 3), torch.randn(*shape))
+
+
+@settings(max_examples=30, deadline=None)
+@given(batch=st.integers(1, 6), inputs=st.integers(1, 9), outputs=st.integers(1, 7), middle=st.integers(0, 3),
+       classes=st.integers(1, 4), seed=st.integers(0, 10_000))
+def test_linear_class_sums_equal_the_per_sample_definition(batch, inputs, outputs, middle, classes, seed):
+    """The Linear shortcut (W⁺·Σs⁺ + W⁻·Σs⁻, no [B, O, I] tensor) equals Σ_b max(W·s_b, 0) summed per class."""
+    from modellego.contributions import class_sums
+
+    generator = torch.Generator().manual_seed(seed)
+    layer = nn.Linear(inputs, outputs)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(outputs, inputs, generator=generator))
+    shape = (batch, *([middle] if middle else []), inputs)
+    x = torch.randn(*shape, generator=generator)
+    labels = torch.randint(0, classes, (batch,), generator=generator)
+    summed = x.reshape(batch, -1, inputs).sum(1).double() if middle else x.double()
+    expected = torch.zeros(classes, outputs, inputs, dtype=torch.float64)
+    for b in range(batch):
+        expected[labels[b]] += (layer.weight.double() * summed[b]).clamp(min=0)
+    torch.testing.assert_close(class_sums(layer, x, labels, classes), expected)

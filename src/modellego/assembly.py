@@ -5,6 +5,7 @@ weights; `parallel` runs the components side by side. Both give the same logits 
 from __future__ import annotations
 
 import copy
+from collections import OrderedDict
 import warnings
 from typing import Sequence
 
@@ -175,7 +176,9 @@ def _padded(models: list[nn.Module], targets: list[int], example: torch.Tensor) 
                 positions = torch.nonzero(owner == member).flatten()
                 weight[rows, positions] = state[key][:, index[positions]]
         values[key] = weight
-    merged.load_state_dict(values, strict=True)
+    state = OrderedDict(values)
+    state._metadata = getattr(states[0], "_metadata", None)  # module versions (torchvision's MNASNet checks them)
+    merged.load_state_dict(state, strict=True)
     merged.add_module("merge", MergeOutputs(targets))
     return merged
 

@@ -33,6 +33,28 @@ def contributions(layer: nn.Module, x: Tensor) -> Tensor:
     return _contributions(layer, x, positive=True)
 
 
+@torch.no_grad()
+def class_sums(layer: nn.Module, x: Tensor, labels: Tensor, num_classes: int) -> Tensor:
+    """Σ over the samples of each class of C⁺, shape [K, O, I] in float64: a profile's increment for one batch.
+
+    For nn.Linear no [B, O, I] tensor is built: max(w·s, 0) = max(w, 0)·max(s, 0) + min(w, 0)·min(s, 0) for
+    scalars, so the class sum is W⁺·Σ s⁺ + W⁻·Σ s⁻ (exact; a VGG head of 25088×4096 would need 26 GB per batch
+    of 64 otherwise)."""
+    if isinstance(layer, nn.Linear):
+        _linear_contributions(layer, x[:1], positive=True)  # the same input checks
+        summed = (x.reshape(x.shape[0], -1, x.shape[-1]).sum(dim=1) if x.dim() > 2 else x).double()
+        weight = layer.weight.detach().to(dtype=torch.float64, device=x.device)
+        positive = torch.zeros(num_classes, summed.shape[1], dtype=torch.float64, device=x.device)
+        negative = torch.zeros_like(positive)
+        positive.index_add_(0, labels.to(x.device), summed.clamp(min=0))
+        negative.index_add_(0, labels.to(x.device), summed.clamp(max=0))
+        return (weight.clamp(min=0).unsqueeze(0) * positive.unsqueeze(1)
+                + weight.clamp(max=0).unsqueeze(0) * negative.unsqueeze(1))
+    per_sample = contributions(layer, x).double()
+    out = torch.zeros(num_classes, *per_sample.shape[1:], dtype=torch.float64, device=x.device)
+    return out.index_add_(0, labels.to(x.device), per_sample)
+
+
 def window_sums(x: Tensor, conv: nn.Conv2d) -> Tensor:
     """Return S[b,i,u] = Σ_p xpad[b,i,s·p+d·u] of shape [B, I, kh, kw]: the input summed over each kernel offset's window.
 

@@ -13,6 +13,7 @@ import os
 import re
 import tempfile
 import time
+from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, NamedTuple
@@ -438,10 +439,22 @@ def _manifest(raw: RawFile) -> Manifest:
 def rebuild(manifest: Manifest, shapes: dict[str, torch.Size], device: str | torch.device = "cpu") -> nn.Module:
     """Build the manifest's architecture, then resize every layer to the stored tensor shapes. On the `meta`
     device nothing is allocated: that is how files are checked before their tensors are trusted."""
+    model = _build_on(manifest, device)
     with torch.device(device):
-        model = _build(manifest.architecture, manifest.input)
         _conform(model, shapes, manifest.layers)
     return model
+
+
+def _build_on(manifest: Manifest, device: str | torch.device) -> nn.Module:
+    """The manifest's architecture on `device`. A builder that computes its layout with tensors (torchvision's
+    RegNet) cannot run on `meta`: it is built on the CPU, at the size its validated arguments allow, then moved."""
+    try:
+        with torch.device(device):
+            return _build(manifest.architecture, manifest.input)
+    except NotImplementedError:
+        if torch.device(device).type != "meta":
+            raise
+        return _build(manifest.architecture, manifest.input).to("meta")
 
 
 def _build(architecture: dict[str, Any], spec: InputSpec) -> nn.Module:
@@ -561,11 +574,15 @@ def _materialise(model: nn.Module, tensors: dict[str, torch.Tensor], raw: RawFil
             if value.dtype.is_floating_point != want.is_floating_point or value.dtype == torch.bool:
                 raise _inconsistent(raw, manifest, f"{key} is stored as {value.dtype}, expected {want}")
             tensors[key] = value.to(want)
-    model.load_state_dict(tensors, strict=True, assign=True)
+    state = OrderedDict(tensors)
+    # The modules' state-dict versions of this modellego's builders (torchvision's MNASNet refuses a state
+    # without one): files hold tensors only, written by the same builders.
+    state._metadata = getattr(expected, "_metadata", None)
+    model.load_state_dict(state, strict=True, assign=True)
     if any(t.is_meta for t in [*model.parameters(), *model.buffers()]):
         # non-persistent buffers are not in the file: build for real, now that every shape is known to fit
         real = rebuild(manifest, raw.shapes())
-        real.load_state_dict(tensors, strict=True)
+        real.load_state_dict(state, strict=True)
         return real
     return model
 
@@ -578,8 +595,7 @@ def load(path: str | os.PathLike) -> Brick:
     raw = read_raw(path, "modellego model file")
     manifest = _manifest(raw)
     try:
-        with torch.device("meta"):
-            model = _build(manifest.architecture, manifest.input)
+        model = _build_on(manifest, "meta")
         _check_layout(model, raw, manifest)
         with torch.device("meta"):
             _conform(model, raw.shapes(), manifest.layers)

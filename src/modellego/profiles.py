@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset
 
-from modellego.contributions import contributions
+from modellego.contributions import class_sums
 from modellego.errors import ModellegoError
 from modellego.checks import Invalid, integer, mapping, parse_json, sequence, show, string
 from modellego.layers import execution_order, parameter_layers  # noqa: F401  (re-exported)
@@ -337,7 +337,7 @@ def profile(model: nn.Module, data: Dataset | DataLoader, *, num_classes: int | 
                 out_channels = module.out_channels if isinstance(module, nn.Conv2d) else module.out_features
                 in_channels = module.in_channels if isinstance(module, nn.Conv2d) else module.in_features
                 sums[name] = torch.zeros(num_classes, out_channels, in_channels, dtype=torch.float64)
-            sums[name].index_add_(0, current["labels"], contributions(module, inputs[0]).double())
+            sums[name] += class_sums(module, inputs[0], current["labels"], num_classes).cpu()
         return hook
 
     handles = [module.register_forward_pre_hook(accumulate(name)) for name, module in layers.items()]

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.utils.data import TensorDataset
 
 from modellego.data.datasets import TensorImages
 from modellego.data.spec import InputSpec
@@ -23,6 +24,7 @@ from modellego.modelfile import Brick, ClassRef, Manifest, load, save
 from modellego.models.classifier import classifier
 from modellego.pipeline import assembly, component
 from modellego.profiles import profile
+from modellego.reconstruct import reestimate_batchnorm
 from modellego.support import smallest_input_size, unsupported_reason
 
 STATUSES = ("supported", "parallel only", "refused", "failed")
@@ -39,37 +41,47 @@ class SupportResult:
     seconds: float
 
 
-def _randomise_norms(model: nn.Module, generator: torch.Generator) -> None:
-    """Distinct per-channel statistics, so that a channel put in the wrong place changes the outputs."""
+def _randomise_norms(model: nn.Module, images: torch.Tensor, generator: torch.Generator) -> None:
+    """Distinct per-channel affine parameters, and BatchNorm statistics measured on `images` (random statistics
+    saturate deep networks into constant outputs), so that a channel put in the wrong place changes the outputs."""
     with torch.no_grad():
         for module in model.modules():
-            if not isinstance(module, CHANNELWISE):
-                continue
-            if getattr(module, "running_mean", None) is not None:
-                module.running_mean.uniform_(-0.2, 0.2, generator=generator)
-                module.running_var.uniform_(0.5, 1.5, generator=generator)
-            if getattr(module, "weight", None) is not None:
+            if isinstance(module, CHANNELWISE) and getattr(module, "weight", None) is not None:
                 module.weight.uniform_(0.5, 1.5, generator=generator)
-            if getattr(module, "bias", None) is not None:
-                module.bias.uniform_(-0.2, 0.2, generator=generator)
+                if getattr(module, "bias", None) is not None:
+                    module.bias.uniform_(-0.2, 0.2, generator=generator)
+    reestimate_batchnorm(model, TensorDataset(images, torch.zeros(len(images), dtype=torch.long)),
+                         batch_size=len(images))
 
 
 @torch.no_grad()
 def _balance_head(model: nn.Module, head: nn.Linear, images: torch.Tensor, per_class: int) -> torch.Tensor:
-    """Re-scale the head so that every class is the prediction of at least `per_class` images; returns the
-    predictions, which become the labels (so every class has confident, correct samples without training)."""
-    logits = model(images)
-    mean, std = logits.mean(0), logits.std(0).clamp(min=1e-6)
-    head.weight.div_(std[:, None])
+    """Point the head at the principal directions of its input features (decorrelated, centred, scaled), then
+    nudge the biases until every class is the prediction of at least `per_class` images; returns the predictions,
+    which become the labels (so every class has confident, correct samples without training)."""
+    features: list[torch.Tensor] = []
+    handle = head.register_forward_pre_hook(lambda module, inputs: features.append(inputs[0].flatten(1)))
+    try:
+        model(images)
+    finally:
+        handle.remove()
+    inputs = features[0]
+    centre = inputs.mean(0)
+    directions = torch.linalg.svd(inputs - centre, full_matrices=False).Vh[:head.out_features]
+    scale = ((inputs - centre) @ directions.T).std(0).clamp(min=1e-12)
+    weight = torch.zeros_like(head.weight)
+    weight[:len(directions)] = directions / scale[:, None]
+    head.weight.copy_(weight)
     if head.bias is None:
         head.bias = nn.Parameter(torch.zeros(head.out_features))
-    head.bias.sub_(mean).div_(std)
-    for _ in range(100):
+    head.bias.zero_()
+    head.bias[:len(directions)] = -(centre @ directions.T) / scale
+    for _ in range(400):
         logits = model(images)
         counts = torch.bincount(logits.argmax(1), minlength=head.out_features)
         if counts.min() >= per_class:
             break
-        head.bias.sub_(0.2 * torch.log((counts.float() + 1) / (len(images) / head.out_features)))
+        head.bias.sub_(0.05 * torch.log((counts.float() + 1) / (len(images) / head.out_features)))
     return logits.argmax(1)
 
 
@@ -104,9 +116,9 @@ def check_builder(builder: str, num_classes: int = 4, samples_per_class: int = 4
     model = probe
     stage = "prepare"
     try:
-        _randomise_norms(model, generator)
         head = parameter_layers(model)[execution_order(model, shape)[-1]]
         images = (torch.rand(16 * num_classes, *shape, generator=generator) * 255).to(torch.uint8)
+        _randomise_norms(model, images.float() / 255, generator)
         labels = _balance_head(model, head, images.float() / 255, samples_per_class)
         data = TensorImages("random", "train", images, labels, [f"c{k}" for k in range(num_classes)],
                             spec.mean, spec.std)
