@@ -77,3 +77,18 @@ def test_train_refuses_an_unsupported_builder_before_training(tmp_path):
                     str(tmp_path / "m.safetensors"))
     assert_user_error(result, "squeezenet1_1 is not supported", "nn.Linear")
     assert not list(tmp_path.iterdir())
+
+
+def test_a_profile_too_big_for_the_machine_is_refused_before_any_work(monkeypatch):
+    from modellego import support
+
+    model = build("lenet5", 1, 10)
+    monkeypatch.setattr(support, "available_memory", lambda: 1000)
+    monkeypatch.setattr(profiles, "select_samples", lambda *a, **k: pytest.fail("profiled past the memory check"))
+    data = modellego.data.TensorImages("random", "train", torch.zeros(20, 1, 28, 28, dtype=torch.uint8),
+                                       torch.arange(20) % 10, [str(k) for k in range(10)], (0.5,), (0.25,))
+    with pytest.raises(ModellegoError, match=r"needs about .* GiB .* more than the .* available"):
+        modellego.profile(model, data, samples_per_class=1)
+    assert support.profile_bytes(model, 10) == 10 * 12 * sum(
+        layer.weight.shape[0] * layer.weight.shape[1] for layer in model.modules()
+        if isinstance(layer, (torch.nn.Conv2d, torch.nn.Linear)))

@@ -21,7 +21,7 @@ from modellego.layers import execution_order, parameter_layers  # noqa: F401  (r
 from modellego.artifacts import read_artifact, write_artifact
 from modellego.modelfile import weights_hash
 from modellego.progress import track
-from modellego.support import check_supported
+from modellego.support import check_profile_fits, check_supported
 
 PROFILE_FORMAT = "modellego-profile"
 PROFILE_KEY = "modellego-profile"
@@ -209,6 +209,11 @@ def _batches(data: Dataset | DataLoader, batch_size: int) -> DataLoader:
     return DataLoader(data, batch_size=batch_size, shuffle=False)
 
 
+@torch.no_grad()
+def _outputs_of(model: nn.Module, inputs: torch.Tensor) -> int:
+    return model(inputs[:1].to(next(model.parameters()).device)).shape[1]
+
+
 def _dataset(data: Dataset | DataLoader) -> Dataset:
     return data.dataset if isinstance(data, DataLoader) else data
 
@@ -321,6 +326,7 @@ def profile(model: nn.Module, data: Dataset | DataLoader, *, num_classes: int | 
     loader = _batches(data, batch_size)
     first_inputs, _ = next(iter(loader))
     check_supported(model, tuple(first_inputs.shape[1:]))
+    check_profile_fits(model, num_classes or _outputs_of(model, first_inputs))
     selection = select_samples(model, data, samples_per_class, progress=progress, num_classes=num_classes)
     for note in selection.notes:
         warnings.warn(note, stacklevel=2)

@@ -25,7 +25,7 @@ from modellego.models.classifier import classifier
 from modellego.pipeline import assembly, component
 from modellego.profiles import profile
 from modellego.reconstruct import reestimate_batchnorm
-from modellego.support import smallest_input_size, unsupported_reason
+from modellego.support import check_profile_fits, smallest_input_size, unsupported_reason
 
 STATUSES = ("supported", "parallel only", "refused", "failed")
 
@@ -113,6 +113,10 @@ def check_builder(builder: str, num_classes: int = 4, samples_per_class: int = 4
     reason = unsupported_reason(probe, shape)
     if reason:
         return result("refused", reason)
+    try:
+        check_profile_fits(probe, num_classes, builder)
+    except ModellegoError as refusal:
+        return result("refused", str(refusal))
     model = probe
     stage = "prepare"
     try:

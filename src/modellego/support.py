@@ -4,6 +4,8 @@ model cannot take)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
 
@@ -83,6 +85,41 @@ def unsupported_reason(model: nn.Module, input_shape: tuple[int, ...]) -> str | 
         return (f"torch-pruning cannot follow its channels ({_first_line(error)}); models that reorder channels, "
                 "such as ShuffleNet's channel shuffle, are not supported")
     return None
+
+
+def available_memory() -> int | None:
+    """Bytes this process may still allocate: MemAvailable, or the cgroup's limit minus its usage when lower."""
+    candidates = []
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                candidates.append(int(line.split()[1]) * 1024)
+    except OSError:
+        pass
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            candidates.append(int(limit) - int(Path("/sys/fs/cgroup/memory.current").read_text()))
+    except (OSError, ValueError):
+        pass
+    return min(candidates) if candidates else None
+
+
+def profile_bytes(model: nn.Module, num_classes: int) -> int:
+    """Memory a profile of `model` holds: per class, one float64 sum and one float32 copy per (output, input)
+    channel pair of every Conv2d/Linear layer."""
+    pairs = sum(layer.weight.shape[0] * (layer.in_channels if isinstance(layer, nn.Conv2d) else layer.in_features)
+                for layer in parameter_layers(model).values())
+    return num_classes * pairs * 12
+
+
+def check_profile_fits(model: nn.Module, num_classes: int, name: str = "the model") -> None:
+    """Refuse, before any work, a profile that cannot fit in the memory this machine has available."""
+    needed, available = profile_bytes(model, num_classes), available_memory()
+    if available is not None and needed > available:
+        raise ModellegoError(f"profiling {name} needs about {needed / 2**30:.1f} GiB ({num_classes} classes × every "
+                             f"channel pair of its layers), more than the {available / 2**30:.1f} GiB available; "
+                             "profile fewer classes or use a machine with more memory")
 
 
 def check_supported(model: nn.Module, input_shape: tuple[int, ...], name: str = "the model") -> None:
