@@ -24,7 +24,7 @@ def _first_line(error: BaseException) -> str:
 
 def _attention(model: nn.Module) -> str | None:
     for name, module in model.named_modules():
-        if isinstance(module, nn.MultiheadAttention) or type(module).__name__.endswith("Attention"):
+        if isinstance(module, nn.MultiheadAttention) or "Attention" in type(module).__name__:
             return (f"attention layers are not supported ({type(module).__name__} at {name}): modellego "
                     "disassembles convolutional classifiers")
     return None
