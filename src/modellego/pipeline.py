@@ -28,7 +28,7 @@ from modellego.search import SearchResult, search_thresholds, validation_data
 from modellego.train import finetune as finetune_model, train_model
 
 AGREEMENT_GAP = 0.10  # a component this far below its restricted source on the profile's images gets a warning
-Path_ = str | os.PathLike
+FilePath = str | os.PathLike
 
 
 @dataclass
@@ -36,7 +36,7 @@ class DataOptions:
     """Where a command reads a model's data: the folder (`root`), an image size for resizable datasets, and
     whether CIFAR checksums are verified. The defaults are those recorded in the model file."""
 
-    root: Path_ | None = None
+    root: FilePath | None = None
     image_size: int | None = None
     verify: bool = True
 
@@ -185,7 +185,7 @@ class Trained:
     samples: int
 
 
-def train(builder: str, dataset: str, out: Path_, epochs: int = 3, classes: str | None = None, width: float = 1.0,
+def train(builder: str, dataset: str, out: FilePath, epochs: int = 3, classes: str | None = None, width: float = 1.0,
           lr: float = 1e-3, batch_size: int = 128, max_per_class: int | None = None, data: DataOptions | None = None,
           seed: int = 0, progress: bool = True) -> Trained:
     """Train `builder` on `dataset` (or some of its classes), evaluate it on the test split, save it to `out`."""
@@ -206,7 +206,7 @@ def train(builder: str, dataset: str, out: Path_, epochs: int = 3, classes: str 
     return Trained(Brick(model, manifest), metrics, len(train_data))
 
 
-def evaluate_file(path: Path_, dataset: str | None = None, classes: str | None = None,
+def evaluate_file(path: FilePath, dataset: str | None = None, classes: str | None = None,
                   data: DataOptions | None = None, batch_size: int = 256, max_per_class: int | None = None,
                   progress: bool = False) -> dict:
     """Evaluate a model file on the test split of its own task (or `dataset`, matched by class names)."""
@@ -221,7 +221,7 @@ def evaluate_file(path: Path_, dataset: str | None = None, classes: str | None =
     return result
 
 
-def compare(component_path: Path_, source_path: Path_, data: DataOptions | None = None, batch_size: int = 256,
+def compare(component_path: FilePath, source_path: FilePath, data: DataOptions | None = None, batch_size: int = 256,
             max_per_class: int | None = None, progress: bool = False) -> dict:
     """A component (or any model) against its source on the component's task test samples: Base (source,
     argmax over all its classes), Restricted base (source logits restricted to the task), and the component."""
@@ -238,7 +238,7 @@ def compare(component_path: Path_, source_path: Path_, data: DataOptions | None 
             "samples": own.samples, "classes": manifest.class_names, "data": test_data.name}
 
 
-def profile(model_path: Path_, out: Path_, samples_per_class: int = 50, dataset: str | None = None,
+def profile(model_path: FilePath, out: FilePath, samples_per_class: int = 50, dataset: str | None = None,
             data: DataOptions | None = None, batch_size: int = 64, progress: bool = True) -> Profile:
     """Profile a model file on its training data (or `dataset`'s, matched by class names) and save the profile."""
     check_output_path(out, inputs=[model_path])
@@ -262,7 +262,7 @@ class Disassembled:
     metrics: dict = field(default_factory=dict)
 
 
-def disassemble(model_path: Path_, profile_path: Path_, classes: str | Sequence[str | int], out: Path_,
+def disassemble(model_path: FilePath, profile_path: FilePath, classes: str | Sequence[str | int], out: FilePath,
                 thresholds: Thresholds = PAPER, auto: bool = False, max_drop: float = 1.0, evaluate: bool = False,
                 data: DataOptions | None = None, seed: int = 0, progress: bool = True) -> Disassembled:
     """Cut the component for `classes` out of a model file with its profile and save it: the paper's α/β (or
@@ -312,7 +312,7 @@ def pareto_front(candidates: list[dict]) -> list[dict]:
     return front
 
 
-def assemble(paths: Sequence[Path_], out: Path_, mode: str = "padded", scale_logits: bool = True,
+def assemble(paths: Sequence[FilePath], out: FilePath, mode: str = "padded", scale_logits: bool = True,
              data: DataOptions | None = None, progress: bool = True) -> Brick:
     """Assemble component files into one model answering the union of their classes, and save it."""
     check_output_path(out, inputs=list(paths))
@@ -325,7 +325,7 @@ def assemble(paths: Sequence[Path_], out: Path_, mode: str = "padded", scale_log
     return result
 
 
-def finetune(path: Path_, out: Path_, epochs: int = 2, lr: float = 1e-3, batch_size: int = 128,
+def finetune(path: FilePath, out: FilePath, epochs: int = 2, lr: float = 1e-3, batch_size: int = 128,
              data: DataOptions | None = None, seed: int = 0, progress: bool = True) -> Brick:
     """Train a model file (an assembly: its zero blocks too) on the training data of all its classes; save it."""
     check_output_path(out, inputs=[path])
@@ -337,6 +337,6 @@ def finetune(path: Path_, out: Path_, epochs: int = 2, lr: float = 1e-3, batch_s
     return result
 
 
-def info(path: Path_) -> Manifest:
+def info(path: FilePath) -> Manifest:
     """A model file's manifest, without loading its weights."""
     return read_manifest(path)
