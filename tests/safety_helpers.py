@@ -11,7 +11,8 @@ from safetensors.torch import save_file
 from modellego.data.spec import InputSpec
 from modellego.modelfile import ClassRef, Manifest, save, weights_hash
 from modellego.models.classifier import classifier
-from modellego.profiles import Profile, parameter_layers
+from modellego.layers import parameter_layers
+from modellego.profiles import Profile
 
 SPEC = InputSpec(1, (28, 28), (0.286,), (0.353,))
 

@@ -36,7 +36,6 @@ class Thresholds:
 
 PAPER = Thresholds()
 MASKS_FORMAT = "modellego-masks"
-PAPER_DEFAULTS = PAPER.as_dict()
 
 
 @dataclass

@@ -7,7 +7,6 @@ import copy
 import os
 import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Sequence
 
 import torch

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset
 from modellego.contributions import class_sums
 from modellego.errors import ModellegoError
 from modellego.checks import Invalid, integer, mapping, parse_json, sequence, show, string
-from modellego.layers import execution_order, parameter_layers  # noqa: F401  (re-exported)
+from modellego.layers import parameter_layers
 from modellego.artifacts import read_artifact, write_artifact
 from modellego.modelfile import weights_hash
 from modellego.progress import track
