@@ -17,7 +17,7 @@ from torch.utils.data import Dataset
 from modellego.errors import ModellegoError
 from modellego.evaluate import predict
 from modellego.graph import ChannelGraph
-from modellego.layers import CHANNELWISE, example_batch, head, parameter_layers
+from modellego.layers import CHANNELWISE, example_batch, head, output_channels, parameter_layers
 from modellego.modelfile import _conform
 from modellego.models.classifier import MergeOutputs, Normalize, Parallel
 from modellego.profiles import class_names
@@ -66,7 +66,7 @@ def assemble(models: Sequence[nn.Module], example_input: torch.Tensor | tuple[in
     if len(models) < 2:
         raise ModellegoError("assembling needs at least two models")
     if targets is None:
-        widths = [_outputs(layer) for layer in (_last_layer(model) for model in models)]
+        widths = [output_channels(layer) for layer in (_last_layer(model) for model in models)]
         targets = list(range(sum(widths)))
     if mode == "parallel":
         return Parallel([copy.deepcopy(model) for model in models], targets).eval()
@@ -202,7 +202,7 @@ def _input_layout(layer: str, merged: ChannelGraph, graphs: list[ChannelGraph], 
     owner = torch.full((size,), -1, dtype=torch.long)
     index = torch.full((size,), -1, dtype=torch.long)
     for feed in merged.feeds(layer):
-        widths = [_outputs(m[feed.producer]) for m in modules]
+        widths = [output_channels(m[feed.producer]) for m in modules]
         offsets = torch.tensor([0, *widths]).cumsum(0)
         own = [{f.producer: f for f in graph.feeds(layer)}.get(feed.producer) for graph in graphs]
         for channel in feed.channels.unique().tolist():
@@ -220,7 +220,3 @@ def _input_layout(layer: str, merged: ChannelGraph, graphs: list[ChannelGraph], 
     if (owner < 0).any():
         raise ModellegoError(f"cannot trace every input channel of {layer} to a component; use --mode parallel")
     return owner, index
-
-
-def _outputs(layer: nn.Module) -> int:
-    return layer.out_channels if isinstance(layer, nn.Conv2d) else layer.out_features

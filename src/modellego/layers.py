@@ -19,6 +19,11 @@ def parameter_layers(model: nn.Module) -> dict[str, nn.Module]:
     return layers
 
 
+def output_channels(layer: nn.Module) -> int:
+    """A Conv2d's output channels or a Linear's output features."""
+    return layer.out_channels if isinstance(layer, nn.Conv2d) else layer.out_features
+
+
 def is_depthwise(module: nn.Module) -> bool:
     """A grouped conv with one input channel per group (depthwise, any channel multiplier)."""
     return isinstance(module, nn.Conv2d) and module.groups > 1 and module.groups == module.in_channels

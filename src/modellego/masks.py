@@ -14,7 +14,7 @@ from modellego.artifacts import read_artifact, write_artifact
 from modellego.checks import Invalid, integer, mapping, parse_json, sequence, string
 from modellego.errors import ModellegoError
 from modellego.graph import ChannelGraph
-from modellego.layers import parameter_layers
+from modellego.layers import output_channels, parameter_layers
 from modellego.profiles import Profile
 
 
@@ -138,8 +138,8 @@ def locate(model: nn.Module, profile: Profile, alpha_conv: float = PAPER.alpha_c
                              f"{num_classes} outputs; modellego disassembles classifiers ending in nn.Linear")
     graph = graph or ChannelGraph(model, example_input if example_input is not None else profile.input_shape)
     # Masks are kept as 0/1 floats during the walk so that scatter-max gives the OR over repeated channels.
-    masks = {name: torch.zeros(num_classes, _outputs(layers[name])) for name in order}
-    scores = {name: torch.zeros(num_classes, _outputs(layers[name])) for name in order}
+    masks = {name: torch.zeros(num_classes, output_channels(layers[name])) for name in order}
+    scores = {name: torch.zeros(num_classes, output_channels(layers[name])) for name in order}
     masks[classifier_name] = torch.eye(num_classes)
     scores[classifier_name] = torch.eye(num_classes)
     for name in reversed(order):
@@ -155,7 +155,3 @@ def locate(model: nn.Module, profile: Profile, alpha_conv: float = PAPER.alpha_c
                           settings={"alpha_conv": alpha_conv, "beta_conv": beta_conv,
                                     "alpha_fc": alpha_fc, "beta_fc": beta_fc},
                           profile_hash=profile.digest(), input_shape=tuple(profile.input_shape))
-
-
-def _outputs(layer: nn.Module) -> int:
-    return layer.out_channels if isinstance(layer, nn.Conv2d) else layer.out_features
