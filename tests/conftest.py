@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -62,3 +63,35 @@ def fashion_test():
     from modellego import data
 
     return data.load("fashion-mnist", "test")
+
+
+class TrainedFile(NamedTuple):
+    """A model file on disk and the training images it learnt from."""
+
+    path: Path
+    train: object
+
+
+@pytest.fixture(scope="session")
+def lenet(tmp_path_factory, fashion_train) -> TrainedFile:
+    """A LeNet-5 trained once per session (3 epochs on 400 Fashion-MNIST training images per class), saved to disk:
+    the source that the profile, locate, disassembly and CLI tests share instead of each training their own."""
+    from modellego import data
+    from modellego.modelfile import save
+    from modellego.train import train_model
+
+    train = data.per_class_slice(fashion_train, 400)
+    model, manifest = train_model("lenet5", train, epochs=3, lr=3e-3, progress=False)
+    path = tmp_path_factory.mktemp("lenet") / "lenet.safetensors"
+    save(model, path, manifest)
+    return TrainedFile(path, train)
+
+
+@pytest.fixture(scope="session")
+def lenet_profile(lenet):
+    """The session LeNet-5's profile: its 10 most confident correctly classified training images per class."""
+    from modellego.modelfile import load
+    from modellego.profiles import profile
+
+    model, _ = load(lenet.path)
+    return profile(model, lenet.train, samples_per_class=10)

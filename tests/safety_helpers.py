@@ -8,23 +8,16 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from modellego.data.spec import InputSpec
-from modellego.modelfile import ClassRef, Manifest, save, weights_hash
-from modellego.models.classifier import classifier
+from modellego.modelfile import save, weights_hash
+from helpers import random_classifier
 from modellego.layers import parameter_layers
 from modellego.profiles import Profile
 
-SPEC = InputSpec(1, (28, 28), (0.286,), (0.353,))
 
 
 def small_model(seed: int = 0, classes: int = 4):
     """A LeNet-5 with random weights and its manifest."""
-    torch.manual_seed(seed)
-    model = classifier("lenet5", SPEC, classes, 1.0).eval()
-    manifest = Manifest(architecture={"builder": "lenet5", "in_channels": 1, "num_classes": classes, "width": 1.0},
-                        classes=[ClassRef(f"c{i}", "fashion-mnist", i) for i in range(classes)], input=SPEC,
-                        metrics={"test_accuracy": 0.5})
-    return model, manifest
+    return random_classifier("lenet5", 1.0, classes, seed=seed, metrics={"test_accuracy": 0.5})
 
 
 def small_profile(model) -> Profile:

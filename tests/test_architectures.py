@@ -16,7 +16,7 @@ from modellego.errors import ModellegoError
 from modellego.graph import ChannelGraph
 from modellego.modelfile import Brick, ClassRef, Manifest, _conform
 from modellego.models.classifier import Normalize
-from test_disassembly import full_masks
+from helpers import random_masks
 
 SPEC = InputSpec(1, (12, 12), (0.5,), (0.25,))
 
@@ -76,7 +76,7 @@ def components(network_type, seeds=(1, 2), keep=0.6):
         model, manifest = wrapped(network_type(), seed)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            cut = pipeline.component(Brick(model, manifest), full_masks(model, 4, keep=keep, seed=seed), [0, 1] if seed == 1 else [2, 3])
+            cut = pipeline.component(Brick(model, manifest), random_masks(model, 4, keep=keep, seed=seed), [0, 1] if seed == 1 else [2, 3])
         result.append((cut.model, cut.manifest))
     return result
 
@@ -105,8 +105,8 @@ def test_grouped_convolutions_stay_whole_and_reproduce_the_source():
     images = torch.rand(3, 1, 12, 12)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        kept = pipeline.component(Brick(model, manifest), full_masks(model, 4), [2, 0])
-        cut = pipeline.component(Brick(model, manifest), full_masks(model, 4, keep=0.3, seed=3), [2, 0])
+        kept = pipeline.component(Brick(model, manifest), random_masks(model, 4), [2, 0])
+        cut = pipeline.component(Brick(model, manifest), random_masks(model, 4, keep=0.3, seed=3), [2, 0])
     with torch.no_grad():
         torch.testing.assert_close(kept.model(images), model(images)[:, [2, 0]])
     grouped = cut.model.net.grouped

@@ -12,28 +12,18 @@ import modellego
 from modellego import pipeline
 from modellego.data.spec import InputSpec
 from modellego.errors import ModellegoError
-from modellego.modelfile import Brick, ClassRef, Manifest
-from modellego.models.classifier import classifier
-from test_disassembly import full_masks
+from modellego.modelfile import Brick
+from helpers import DIGITS, FASHION, random_classifier, random_masks
 
-FASHION = InputSpec(1, (28, 28), (0.286,), (0.353,))
-DIGITS = InputSpec(1, (28, 28), (0.1557,), (0.2773,))
 ARCHITECTURES = [("lenet5", 1.0), ("vgg16", 0.125), ("resnet18", 0.125), ("resnet50", 0.0625),
                  ("googlenet", 0.125), ("torchvision:mobilenet_v2", 0.25)]
 
 
 def component(builder: str, width: float, spec: InputSpec, dataset: str, task: str, seed: int):
-    torch.manual_seed(seed)
-    model = classifier(builder, spec, 5, width).eval()
-    for module in model.modules():
-        if isinstance(module, nn.BatchNorm2d):
-            module.running_mean.uniform_(-0.2, 0.2)
-            module.running_var.uniform_(0.5, 1.5)
-    manifest = Manifest(architecture={"builder": builder, "in_channels": 1, "num_classes": 5, "width": width},
-                        classes=[ClassRef(f"c{k}", dataset, k) for k in range(5)], input=spec)
+    model, manifest = random_classifier(builder, width, 5, seed=seed, spec=spec, dataset=dataset)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        cut = pipeline.component(Brick(model, manifest), full_masks(model, 5, keep=0.5, seed=seed), task)
+        cut = pipeline.component(Brick(model, manifest), random_masks(model, 5, keep=0.5, seed=seed), task)
     return cut.model, cut.manifest
 
 

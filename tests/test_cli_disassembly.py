@@ -10,12 +10,9 @@ from conftest import assert_user_error, invoke, run_cli
 
 
 @pytest.fixture(scope="module")
-def pipeline(tmp_path_factory):
+def pipeline(tmp_path_factory, lenet):
     folder = tmp_path_factory.mktemp("pipeline")
-    source, profile, component = folder / "lenet.safetensors", folder / "p.safetensors", folder / "c.safetensors"
-    trained = invoke("train", "--model", "lenet5", "--data", "fashion-mnist", "--epochs", "3", "--lr", "0.003",
-                     "--max-per-class", "400", "--out", str(source))
-    assert trained.returncode == 0, trained.stderr
+    source, profile, component = lenet.path, folder / "p.safetensors", folder / "c.safetensors"
     profiled = run_cli("profile", str(source), "--samples-per-class", "20", "--out", str(profile))
     assert profiled.returncode == 0, profiled.stderr
     cut = run_cli("disassemble", str(source), "--profile", str(profile), "--classes", "Trouser,Bag",

@@ -11,43 +11,12 @@ from torch import nn
 
 from modellego.contributions import _contributions, contributions, window_sums
 from modellego.errors import ModellegoError
+from helpers import reference_contribution as reference, reference_padding, reference_signed
 
 # torch warns that 'same' with even kernels pads a copy of the input; that is what it is meant to do.
 pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same'")
 
 SETTINGS = settings(max_examples=50, deadline=None)
-
-
-def reference_padding(conv: nn.Conv2d) -> tuple[int, int, int, int]:
-    """(left, right, top, bottom) zeros as torch pads: 'same' puts total // 2 before and the rest after."""
-    if conv.padding == "valid":
-        return (0, 0, 0, 0)
-    if conv.padding == "same":
-        (th, tw) = (d * (k - 1) for k, d in zip(conv.kernel_size, conv.dilation))
-        return (tw // 2, tw - tw // 2, th // 2, th - th // 2)
-    ph, pw = conv.padding
-    return (pw, pw, ph, ph)
-
-
-def reference_signed(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """C[b,o,i] = Σ_p Σ_u W[o,i,u] · xpad[b,i,s·p+d·u], literally: every window, every (o, i) pair of a group."""
-    kh, kw = conv.kernel_size
-    cols = F.unfold(F.pad(x, reference_padding(conv)), (kh, kw), dilation=conv.dilation, stride=conv.stride)
-    b, n_in, n_out, g = x.shape[0], conv.in_channels, conv.out_channels, conv.groups
-    cols = cols.view(b, n_in, kh * kw, -1)  # [B, I, K, positions]
-    og, ig = n_out // g, n_in // g
-    weight = conv.weight.detach().to(x.dtype)
-    out = torch.zeros(b, n_out, n_in, dtype=x.dtype)
-    for o in range(n_out):
-        group = o // og
-        for i in range(group * ig, (group + 1) * ig):
-            w = weight[o, i - group * ig].reshape(1, kh * kw, 1)
-            out[:, o, i] = (w * cols[:, i]).sum(dim=(1, 2))
-    return out
-
-
-def reference(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    return reference_signed(conv, x).clamp(min=0)
 
 
 @st.composite

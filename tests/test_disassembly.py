@@ -6,52 +6,21 @@ import warnings
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import modellego
 from modellego import data
-from modellego.data.spec import InputSpec
 from modellego.errors import ModellegoError
 from modellego import pipeline
-from modellego.masks import ComponentMasks, locate
-from modellego.modelfile import Brick, ClassRef, Manifest, weights_hash
-from modellego.models.classifier import classifier
+from modellego.masks import locate
+from modellego.modelfile import Brick, weights_hash
 from modellego.profiles import Profile, profile
 
-SPEC = InputSpec(1, (28, 28), (0.286,), (0.353,))
+from helpers import FASHION, random_classifier, random_masks, reference_contribution, synthetic_profile
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A LeNet-5 trained briefly on a real Fashion-MNIST slice, saved to disk."""
-    train = data.per_class_slice(data.load("fashion-mnist", "train"), 300)
-    model, manifest = modellego.train_model("lenet5", train, epochs=3, lr=3e-3, progress=False)
-    path = tmp_path_factory.mktemp("source") / "lenet.safetensors"
-    modellego.save(model, path, manifest)
-    return path, train
-
-
-@pytest.fixture(scope="module")
-def lenet_profile(trained):
-    path, train = trained
-    model, _ = modellego.load(path)
-    return profile(model, train, samples_per_class=10)
-
-
-def reference_contribution(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """C⁺[b,o,i] by the definition, literally (unfold the padded input, multiply, sum)."""
-    if isinstance(layer, nn.Linear):
-        return (layer.weight[None] * x[:, None, :]).clamp(min=0)
-    patches = F.unfold(x, layer.kernel_size, dilation=layer.dilation, padding=layer.padding, stride=layer.stride)
-    batch, out_channels = x.shape[0], layer.out_channels
-    patches = patches.view(batch, layer.in_channels, -1, patches.shape[-1])  # B, I, kh*kw, P
-    weight = layer.weight.view(out_channels, layer.in_channels, -1)  # O, I, kh*kw (groups == 1 here)
-    return torch.einsum("oiu,biup->boi", weight, patches).clamp(min=0)
-
-
-def test_profile_equals_the_definition(trained, lenet_profile):
-    path, train = trained
+def test_profile_equals_the_definition(lenet, lenet_profile):
+    path, train = lenet
     model, _ = modellego.load(path)
     chosen = data.SampleSubset(train, lenet_profile.samples)
     images = torch.stack([chosen[i][0] for i in range(len(chosen))])
@@ -92,8 +61,8 @@ def test_profile_file_round_trip_and_refusals(lenet_profile, tmp_path):
         Profile.load(tmp_path / "junk.safetensors")
 
 
-def test_profiles_over_shards_add_up(trained):
-    path, train = trained
+def test_profiles_over_shards_add_up(lenet):
+    path, train = lenet
     model, _ = modellego.load(path)
     whole = profile(model, train, samples_per_class=6)  # 60 samples; each half holds 3 per class
     positions = whole.samples
@@ -104,20 +73,20 @@ def test_profiles_over_shards_add_up(trained):
                                    whole.contributions[name], rtol=1e-5, atol=1e-4)
 
 
-def test_a_class_with_too_few_or_no_correct_samples(trained):
-    path, train = trained
+def test_a_class_with_too_few_or_no_correct_samples(lenet):
+    path, train = lenet
     model, _ = modellego.load(path)
-    with pytest.warns(UserWarning, match="correctly classified samples \\(asked for 299\\)"):
-        result = profile(model, train, samples_per_class=299)
-    assert result.counts.min() < 299 and result.notes
+    with pytest.warns(UserWarning, match="correctly classified samples \\(asked for 399\\)"):
+        result = profile(model, train, samples_per_class=399)
+    assert result.counts.min() < 399 and result.notes
     with torch.no_grad():
         model.net.classifier[-1].bias[4] = -1e4  # nothing is ever classified as Coat any more
     with pytest.raises(ModellegoError, match="'Coat' has no correctly classified"):
         profile(model, train, samples_per_class=5)
 
 
-def test_layers_without_conv_or_linear_are_refused(trained):
-    _, train = trained
+def test_layers_without_conv_or_linear_are_refused(lenet):
+    _, train = lenet
     with pytest.raises(ModellegoError, match="no Conv2d or Linear"):
         profile(nn.Sequential(nn.Flatten(), nn.Identity()), train, samples_per_class=1)
 
@@ -150,26 +119,6 @@ def reference_locate(relative: dict, order: list[str], producers: dict, kinds: d
                 if channel is not None:
                     masks[producer][:, channel] |= kept[:, i]
     return masks
-
-
-def synthetic_profile(model: nn.Module, shape: tuple[int, ...], num_classes: int, seed: int) -> Profile:
-    generator = torch.Generator().manual_seed(seed)
-    order, sizes = [], {}
-    hooks = [module.register_forward_pre_hook(lambda m, a, n=name: order.append(n))
-             for name, module in model.named_modules() if isinstance(module, (nn.Conv2d, nn.Linear))]
-    with torch.no_grad():
-        model(torch.zeros(1, *shape))
-    for hook in hooks:
-        hook.remove()
-    modules = dict(model.named_modules())
-    for name in order:
-        weight = modules[name].weight
-        out_count = weight.shape[0]
-        in_count = modules[name].in_channels if isinstance(modules[name], nn.Conv2d) else weight.shape[1]
-        sizes[name] = torch.rand(num_classes, out_count, in_count, generator=generator) ** 2
-    return Profile(contributions=sizes, layers=order, classes=[f"c{k}" for k in range(num_classes)],
-                   counts=torch.ones(num_classes, dtype=torch.long), samples=torch.arange(num_classes),
-                   sample_labels=torch.arange(num_classes), model_hash=weights_hash(model), input_shape=shape)
 
 
 class FlattenNet(nn.Module):
@@ -248,35 +197,10 @@ ARCHITECTURES = [("lenet5", 1.0), ("vgg16", 0.125), ("resnet18", 0.125), ("googl
                  ("torchvision:mobilenet_v2", 0.25)]
 
 
-def random_source(builder: str, width: float, classes: int = 5):
-    torch.manual_seed(0)
-    model = classifier(builder, SPEC, classes, width).eval()
-    for module in model.modules():
-        if isinstance(module, nn.BatchNorm2d):
-            module.running_mean.uniform_(-0.2, 0.2)
-            module.running_var.uniform_(0.5, 1.5)
-    manifest = Manifest(architecture={"builder": builder, "in_channels": 1, "num_classes": classes, "width": width},
-                        classes=[ClassRef(f"c{k}", "fashion-mnist", k) for k in range(classes)], input=SPEC)
-    return model, manifest
-
-
-def full_masks(model: nn.Module, classes: int, keep: float = 1.0, seed: int = 0) -> ComponentMasks:
-    generator = torch.Generator().manual_seed(seed)
-    layers = [(name, module) for name, module in model.named_modules() if isinstance(module, (nn.Conv2d, nn.Linear))]
-    masks, scores = {}, {}
-    for name, module in layers:
-        width = module.weight.shape[0]
-        masks[name] = torch.rand(classes, width, generator=generator) < keep
-        scores[name] = torch.rand(classes, width, generator=generator)
-    classifier_name = layers[-1][0]
-    masks[classifier_name] = torch.eye(classes, dtype=torch.bool)
-    return ComponentMasks(masks, scores, [f"c{k}" for k in range(classes)], classifier_name)
-
-
 @pytest.mark.parametrize("builder, width", ARCHITECTURES)
 def test_keeping_every_channel_reproduces_the_task_logits(builder, width, tmp_path):
-    model, manifest = random_source(builder, width)
-    component = pipeline.component(Brick(model, manifest), full_masks(model, 5), "c3,c0")
+    model, manifest = random_classifier(builder, width, 5)
+    component = pipeline.component(Brick(model, manifest), random_masks(model, 5), "c3,c0")
     images = torch.rand(4, 1, 28, 28)
     with torch.no_grad():
         expected = model(images)[:, [3, 0]]
@@ -290,10 +214,10 @@ def test_keeping_every_channel_reproduces_the_task_logits(builder, width, tmp_pa
 
 @pytest.mark.parametrize("builder, width", ARCHITECTURES)
 def test_partial_masks_give_smaller_standalone_components(builder, width, tmp_path):
-    model, manifest = random_source(builder, width)
+    model, manifest = random_classifier(builder, width, 5)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        component = pipeline.component(Brick(model, manifest), full_masks(model, 5, keep=0.4, seed=1), "c1,c4")
+        component = pipeline.component(Brick(model, manifest), random_masks(model, 5, keep=0.4, seed=1), "c1,c4")
     assert modellego.count_params(component.model) < modellego.count_params(model)
     convs = [m for m in component.model.modules() if isinstance(m, nn.Conv2d)]
     assert convs[0].in_channels == 1 and all(m.out_channels > 0 for m in convs)
@@ -306,8 +230,8 @@ def test_partial_masks_give_smaller_standalone_components(builder, width, tmp_pa
 
 
 def test_an_empty_layer_keeps_its_most_relevant_channel():
-    model, manifest = random_source("lenet5", 1.0)
-    masks = full_masks(model, 5)
+    model, manifest = random_classifier("lenet5", 1.0, 5)
+    masks = random_masks(model, 5)
     masks.masks["net.features.3"][:] = False
     masks.scores["net.features.3"][:] = 0
     masks.scores["net.features.3"][1, 7] = 0.9
@@ -318,8 +242,8 @@ def test_an_empty_layer_keeps_its_most_relevant_channel():
     torch.testing.assert_close(conv.weight[0], model.net.features[3].weight[7])
 
 
-def test_trained_component_keeps_its_task(trained, lenet_profile):
-    path, train = trained
+def test_trained_component_keeps_its_task(lenet, lenet_profile):
+    path, train = lenet
     model, manifest = modellego.load(path)
     masks = locate(model, lenet_profile)
     component = pipeline.component(Brick(model, manifest), masks, "Bag,Trouser")
@@ -329,11 +253,11 @@ def test_trained_component_keeps_its_task(trained, lenet_profile):
     assert [ref.index for ref in component.manifest.classes] == [8, 1]
     test = data.task_data(component.manifest.classes, "test")
     assert modellego.evaluate.evaluate(component.model, test).accuracy > 0.9
-    assert modellego.count_flops(component.model, SPEC) < modellego.count_flops(model, SPEC)
+    assert modellego.count_flops(component.model, FASHION) < modellego.count_flops(model, FASHION)
 
 
-def test_bad_thresholds_classes_and_profiles(trained, lenet_profile):
-    path, _ = trained
+def test_bad_thresholds_classes_and_profiles(lenet, lenet_profile):
+    path, _ = lenet
     model, manifest = modellego.load(path)
     with pytest.raises(ModellegoError, match="alpha_conv must be between 0 and 1"):
         locate(model, lenet_profile, alpha_conv=1.5)
@@ -344,14 +268,14 @@ def test_bad_thresholds_classes_and_profiles(trained, lenet_profile):
         pipeline.component(Brick(model, manifest), masks, "Sofa")
     with pytest.raises(ModellegoError, match="no classes"):
         pipeline.component(Brick(model, manifest), masks, "")
-    other, _ = random_source("lenet5", 1.0, classes=10)
+    other, _ = random_classifier("lenet5", 1.0, classes=10)
     with pytest.raises(ModellegoError, match="different model"):
         locate(other, lenet_profile)
 
 
-def test_profile_takes_plain_datasets_and_data_loaders(trained):
+def test_profile_takes_plain_datasets_and_data_loaders(lenet):
     """Any (input, label) data: a TensorDataset or a DataLoader gives the same samples and sums as the named dataset."""
-    path, train = trained
+    path, train = lenet
     model, _ = modellego.load(path)
     named = profile(model, train, samples_per_class=5)
     images = torch.stack([train[i][0] for i in range(len(train))])
@@ -366,16 +290,16 @@ def test_profile_takes_plain_datasets_and_data_loaders(trained):
         profile(model, torch.utils.data.DataLoader(plain, shuffle=True), samples_per_class=5)
 
 
-def test_auto_search_chooses_the_fewest_flops_meeting_the_target(trained, lenet_profile):
+def test_auto_search_chooses_the_fewest_flops_meeting_the_target(lenet, lenet_profile):
     from modellego.search import search_thresholds, validation_data
 
-    path, train = trained
+    path, train = lenet
     model, _ = modellego.load(path)
     validation = validation_data(train, "Trouser,Bag", lenet_profile.samples, 0.1, seed=0)
     result = search_thresholds(model, lenet_profile, "Trouser,Bag", validation, max_drop=1.0,
                                alphas=(0.0, 0.3, 0.6), betas=(0.0, 0.3))
     meeting = [c for c in result.candidates if c["accuracy"] >= result.target]
     assert meeting and result.met_target
-    assert modellego.count_flops(result.component, SPEC) == min(c["flops"] for c in meeting)
+    assert modellego.count_flops(result.component, FASHION) == min(c["flops"] for c in meeting)
     assert result.thresholds.as_dict() == {key: value for key, value in min(meeting, key=lambda c: c["flops"]).items()
                                            if key.startswith(("alpha", "beta"))}

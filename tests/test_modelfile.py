@@ -11,26 +11,16 @@ import torch_pruning as tp
 from safetensors.torch import save_file
 
 import modellego
-from modellego.data.spec import InputSpec
 from modellego.errors import ModellegoError
-from modellego.modelfile import ClassRef, Manifest, load, read_manifest, save
-from modellego.models.classifier import classifier
+from modellego.modelfile import Manifest, load, read_manifest, save
+from helpers import random_classifier
 
-SPEC = InputSpec(1, (28, 28), (0.286,), (0.353,))
 ARCHITECTURES = [("lenet5", 1.0), ("vgg11", 0.25), ("vgg16", 0.25), ("resnet18", 0.25), ("resnet50", 0.125),
                  ("googlenet", 0.25), ("torchvision:resnet18", 1.0), ("torchvision:mobilenet_v2", 0.5)]
 
 
 def make(builder: str, width: float, classes: int = 4) -> tuple[torch.nn.Module, Manifest]:
-    torch.manual_seed(0)
-    model = classifier(builder, SPEC, classes, width).eval()
-    for module in model.modules():  # non-trivial BN statistics, so that buffers matter
-        if isinstance(module, torch.nn.BatchNorm2d):
-            module.running_mean.uniform_(-0.5, 0.5)
-            module.running_var.uniform_(0.5, 2.0)
-    manifest = Manifest(architecture={"builder": builder, "in_channels": 1, "num_classes": classes, "width": width},
-                        classes=[ClassRef(f"c{i}", "fashion-mnist", i) for i in range(classes)], input=SPEC)
-    return model, manifest
+    return random_classifier(builder, width, classes, spread=0.5)
 
 
 def assert_round_trip(model, manifest, path):

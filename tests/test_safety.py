@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 from conftest import assert_user_error, invoke
 from modellego.errors import ModellegoError
-from modellego.modelfile import atomic_write, load, read_manifest, save
+from modellego.modelfile import atomic_write, load, save
 from modellego.profiles import Profile
 from safety_helpers import (bombs, measure_in_subprocess, model_parts, profile_parts, read_with, small_model,
                             small_profile, write_model, write_raw)
