@@ -145,7 +145,7 @@ def route_figure(routes: Routes, title: str = "") -> Figure:
     if len(routes.classes) > len(CLASS_COLOURS):
         raise ModellegoError(f"a route figure shows at most {len(CLASS_COLOURS)} classes, got {len(routes.classes)}")
     columns = {name: position for position, name in enumerate(routes.layers)}
-    figure = Figure(figsize=(min(30.0, max(7.0, 1.0 + 0.95 * len(routes.layers))), 6.5), layout="constrained")
+    figure = Figure(figsize=(min(30.0, max(10.0, 1.0 + 0.95 * len(routes.layers))), 7.5), layout="constrained")
     axes = figure.add_subplot()
     for link in sorted(routes.links, key=lambda link: link.strength):
         producer_channels = routes.kept[link.producer].shape[1]
@@ -174,7 +174,7 @@ def route_figure(routes: Routes, title: str = "") -> Figure:
                     [f"{name}\n{routes.kinds[name]}, {routes.kept[name].shape[1]} ch" for name in routes.layers],
                     rotation=45, ha="right", fontsize=8)
     axes.set_yticks([0.0, 1.0], ["last channel", "channel 0"], fontsize=8)
-    axes.set_xlim(-0.5, len(routes.layers) - 0.2)
+    axes.set_xlim(-0.5, len(routes.layers) - 0.1)
     axes.set_ylim(-0.03, 1.03)
     axes.set_xlabel("layer (execution order); channels spread over the column's height")
     for side in ("top", "right"):
@@ -184,6 +184,6 @@ def route_figure(routes: Routes, title: str = "") -> Figure:
         handles.append(Patch(color=SHARED_COLOUR, label="kept by several classes"))
     handles += [Patch(color=UNUSED_COLOUR, label="kept by none"),
                 Line2D([], [], color="#555555", label="strongest contributions (opacity = strength)")]
-    axes.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8, frameon=False)
-    axes.set_title(title or f"Decision routes of {', '.join(routes.classes)}", fontsize=10)
+    figure.legend(handles=handles, loc="outside lower center", ncol=min(3, len(handles)), fontsize=8, frameon=False)
+    axes.set_title(title or f"Decision routes of {', '.join(routes.classes)}", fontsize=9)
     return figure
