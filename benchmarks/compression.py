@@ -18,7 +18,7 @@ import argparse
 import copy
 import warnings
 
-from paper_common import (PAPER, Profile, Thresholds, elapsed, human, load, log, make_component, measure, pct,
+from paper_common import (command_line, PAPER, Profile, Thresholds, elapsed, human, load, log, make_component, measure, pct,
                           save_json, source_model, source_profile, test_slice, train_slice, write_block)
 from modellego.graph import ChannelGraph
 from modellego.prune import METHODS, matched
@@ -107,7 +107,7 @@ def main() -> None:
                f"being a filter criterion, leaves hidden Linear layers whole. Accuracy on {args.test_per_class} "
                f"test images per class (seed 0). Fine-tuning, the same for all: {args.finetune_epochs} epoch(s) "
                f"over {args.finetune_per_class} training images per class (Adam, one-cycle lr 1e-3, batch 64), "
-               f"then BatchNorm statistics re-estimated on them. Made by `python benchmarks/compression.py` "
+               f"then BatchNorm statistics re-estimated on them. Made by `{command_line()}` "
                f"in {elapsed() / 60:.1f} min.")
     text = "\n".join(["### Compression against FPGM, L1 and HRank", "", caption, "", *parts])
     if not args.no_doc:

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from matplotlib.figure import Figure
 from torch.utils.data import DataLoader
 
-from paper_common import (Profile, elapsed, figure_path, human, load, log, make_component, measure, pct, save_json,
+from paper_common import (command_line, Profile, elapsed, figure_path, human, load, log, make_component, measure, pct, save_json,
                           source_model, source_profile, test_slice, train_slice, write_block)
 from compression import STRONG
 from modellego.evaluate import evaluate
@@ -138,7 +138,7 @@ def main() -> None:
                f"(torch-pruning) to the component's FLOPs. Each distilled for {args.epochs} epochs over the same "
                f"{args.train_per_class} training images per class (loss ½ CE + ½ T²·KL, T = 4, Adam lr 1e-3, "
                f"batch 64, seed 0; BatchNorm statistics re-estimated after each epoch), accuracy on "
-               f"{args.test_per_class} test images per class. Made by `python benchmarks/distillation.py` in "
+               f"{args.test_per_class} test images per class. Made by `{command_line()}` in "
                f"{elapsed() / 60:.1f} min.")
     text = "\n".join(["### Knowledge distillation", "", caption, "", *parts])
     if not args.no_doc:

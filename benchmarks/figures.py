@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 
-from paper_common import elapsed, figure_path, log, pipeline, source_model, source_profile, write_block
+from paper_common import command_line, elapsed, figure_path, log, pipeline, source_model, source_profile, write_block
 
 ROUTES = {"lenet5": "Trouser,Bag", "lenet5-digits": "3,8", "vgg16-w0.25": "Trouser,Bag"}
 
@@ -43,7 +43,7 @@ def main() -> None:
         heat_lines += [f"**{name}** ({dataset}), layer `{drawn.layer}` ({drawn.values.shape[1]} input channels)", "",
                        f"![heat map of {drawn.layer} in {name}](figures/{out.name})", ""]
         log(f"{name}: heat map of {drawn.layer}")
-    command = "python benchmarks/figures.py"
+    command = command_line()
     text = "\n".join([
         "### Decision routes", "",
         "`modellego route MODEL --profile PROFILE --classes ... --out route.png` (paper α/β). One column per "

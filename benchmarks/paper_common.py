@@ -152,6 +152,11 @@ def figure_path(name: str) -> Path:
     return FIGURES / name
 
 
+def command_line() -> str:
+    """The command that ran this benchmark, as typed (for captions)."""
+    return " ".join(["python", os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]]).replace(" --no-doc", "")
+
+
 def elapsed() -> float:
     return time.monotonic() - START
 

@@ -15,7 +15,7 @@ import warnings
 
 from matplotlib.figure import Figure
 
-from paper_common import (PAPER, Profile, Thresholds, elapsed, figure_path, load, log, make_component, measure, pct,
+from paper_common import (command_line, PAPER, Profile, Thresholds, elapsed, figure_path, load, log, make_component, measure, pct,
                           save_json, source_model, source_profile, test_slice, write_block)
 from modellego.graph import ChannelGraph
 
@@ -118,7 +118,7 @@ def main() -> None:
                f"(α_conv 0.3, β_conv 0.2, α_fc 0.4, β_fc 0.3). Accuracy on {args.test_per_class} test images per "
                f"class (fixed seed 0); FLOPs for one image as a share of the source's. Profile: 50 most confident "
                f"correct images per class, chosen from 1,000 training images per class. "
-               f"Made by `python benchmarks/sweeps.py` in {elapsed() / 60:.1f} min.")
+               f"Made by `{command_line()}` in {elapsed() / 60:.1f} min.")
     text = "\n".join(["### α/β sweeps", "", caption, "", *parts])
     if not args.no_doc:
         write_block("sweeps", text)
