@@ -52,7 +52,7 @@ def test_hrank_needs_its_ranks():
         matched(SmallConv(), (2, 6, 6), "hrank", 100)
 
 
-@pytest.mark.parametrize("method, share", zip(METHODS, (0.6, 0.35, 0.5)))
+@pytest.mark.parametrize("method, share", list(zip(METHODS, (0.6, 0.35, 0.5))))
 def test_matched_flops_lands_within_five_percent(method, share):
     torch.manual_seed(1)
     spec = InputSpec(1, (28, 28), (0.5,), (0.5,))
