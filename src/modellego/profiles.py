@@ -44,6 +44,7 @@ class Profile:
     dataset: str = ""
     samples_per_class: int = 50
     notes: list[str] = field(default_factory=list)
+    kinds: dict[str, str] = field(default_factory=dict)  # layer -> "conv" | "linear" (empty in older files)
 
     def relative(self, layer: str) -> torch.Tensor:
         """Soft relative contribution R = (A − min_i A) / (max_i A − min_i A + 1e-5), per layer."""
@@ -69,6 +70,8 @@ class Profile:
                 "classes": self.classes, "model_hash": self.model_hash, "dataset": self.dataset,
                 "input_shape": list(self.input_shape),
                 "samples_per_class": self.samples_per_class, "notes": self.notes}
+        if self.kinds:
+            meta["layer_kinds"] = self.kinds
         return write_artifact(path, tensors, PROFILE_KEY, meta)
 
     def merge(self, other: "Profile") -> "Profile":
@@ -82,7 +85,8 @@ class Profile:
                        samples=torch.cat([self.samples, other.samples]),
                        sample_labels=torch.cat([self.sample_labels, other.sample_labels]), model_hash=self.model_hash,
                        input_shape=self.input_shape, dataset=self.dataset,
-                       samples_per_class=self.samples_per_class, notes=self.notes + other.notes)
+                       samples_per_class=self.samples_per_class, notes=self.notes + other.notes,
+                       kinds=dict(self.kinds))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Profile":
@@ -107,7 +111,8 @@ class Profile:
                    classes=meta["classes"], counts=tensors["counts"], samples=tensors["samples"],
                    sample_labels=tensors["sample_labels"], model_hash=meta["model_hash"],
                    input_shape=tuple(meta["input_shape"]), dataset=meta.get("dataset", ""),
-                   samples_per_class=meta["samples_per_class"], notes=meta.get("notes", []))
+                   samples_per_class=meta["samples_per_class"], notes=meta.get("notes", []),
+                   kinds=meta["layer_kinds"])
 
     def check_model(self, model: nn.Module) -> None:
         """Refuse a model other than the one this profile was computed on, and a profile whose layers or sums'
@@ -132,6 +137,7 @@ class Profile:
 
 
 MAX_PROFILE_HEADER = 4 << 20
+LAYER_KINDS = ("conv", "linear")
 MAX_LAYERS = 10_000
 
 
@@ -155,7 +161,13 @@ def _validate_header(text: str) -> dict:
         raise Invalid(f"input_shape[0] (channels) must be at most 1,024, got {shape[0]:,}")
     notes = [string(note, f"notes[{i}]", 10_000, empty=True)
              for i, note in enumerate(sequence(meta.get("notes", []), "notes", 0, 100_000))]
+    kinds = mapping(meta.get("layer_kinds", {}), "layer_kinds")
+    if kinds and set(kinds) != set(layers):
+        raise Invalid("layer_kinds does not name the same layers as layers")
+    if any(kind not in LAYER_KINDS for kind in kinds.values()):
+        raise Invalid(f"layer_kinds must map each layer to one of {', '.join(LAYER_KINDS)}")
     return {"layers": layers, "classes": classes, "model_hash": model_hash, "input_shape": shape, "notes": notes,
+            "layer_kinds": dict(kinds),
             "dataset": string(meta.get("dataset", ""), "dataset", 1_000, empty=True),
             "samples_per_class": integer(meta.get("samples_per_class"), "samples_per_class", 1, 10**7)}
 
@@ -364,4 +376,5 @@ def profile(model: nn.Module, data: Dataset | DataLoader, *, num_classes: int | 
                    samples=positions, sample_labels=labels, model_hash=weights_hash(model),
                    input_shape=current["shape"],
                    dataset=str(getattr(_dataset(data), "name", "")), samples_per_class=samples_per_class,
-                   notes=selection.notes)
+                   notes=selection.notes,
+                   kinds={name: "conv" if isinstance(layers[name], nn.Conv2d) else "linear" for name in order})

@@ -1,0 +1,166 @@
+"""Shared steps of the paper-application benchmarks (sweeps, compression, distillation, figures): the source
+models, cached profiles, the one function that makes a component, evaluation on test slices, and writing a
+Markdown block into docs/results.md between a benchmark's own markers.
+
+Sizes are chosen for a shared 2-core CPU: profiles select their 50 images per class from a fixed slice of
+the training split, accuracies are measured on fixed per-class slices of the test split, and every caption
+says which."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from modellego import data as datasets, pipeline  # noqa: E402
+from modellego.data.subsets import per_class_slice  # noqa: E402
+from modellego.evaluate import count_flops, count_params, evaluate  # noqa: E402
+from modellego.masks import PAPER, Thresholds, locate  # noqa: E402
+from modellego.modelfile import Brick, load, save  # noqa: E402
+from modellego.profiles import Profile, profile as profile_model  # noqa: E402
+
+SHARED_MODELS = Path(os.environ.get("MODELLEGO_SHARED_MODELS", "/work/models"))
+OUT_DIR = ROOT / "runs" / "paper"
+DOCS = ROOT / "docs"
+FIGURES = DOCS / "figures"
+RESULTS = DOCS / "results.md"
+SEED = 0
+SAMPLES_PER_CLASS = 50
+PROFILE_SLICE = 1000  # training images per class the profile's 50 most confident are chosen from
+SOURCES = {  # name -> (file name, how it was trained: the command that makes it)
+    "lenet5": ("lenet5.safetensors", "modellego train --model lenet5 --data fashion-mnist --epochs 8 --width 1.0 "
+                                     "--lr 0.002 --seed 0"),
+    "vgg16-w0.25": ("vgg16-w0.25.safetensors", "modellego train --model vgg16 --data fashion-mnist --epochs 5 "
+                                               "--width 0.25 --lr 0.002 --seed 0"),
+    "resnet18-w0.25": ("resnet18-w0.25.safetensors", "modellego train --model resnet18 --data fashion-mnist "
+                                                     "--epochs 5 --width 0.25 --lr 0.002 --seed 0"),
+}
+DIGITS = {  # digits models are tiny and cheap: trained here (name -> builder, width, epochs, lr)
+    "lenet5-digits": ("lenet5", 1.0, 8, 0.005),
+    "vgg16-w0.25-digits": ("vgg16", 0.25, 8, 0.003),
+    "resnet18-w0.25-digits": ("resnet18", 0.25, 8, 0.003),
+}
+START = time.monotonic()
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+
+
+def log(message: str) -> None:
+    print(f"[{time.monotonic() - START:7.1f}s] {message}", flush=True)
+
+
+def source_model(name: str, out_dir: Path = OUT_DIR) -> Path:
+    """The shared trained source model `name`, copied into `out_dir` (never trained here; a digits model is)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if name in DIGITS:
+        target = out_dir / f"{name}.safetensors"
+        if not target.exists():
+            builder, width, epochs, lr = DIGITS[name]
+            log(f"training {name} ({builder} ×{width}, digits, {epochs} epochs)")
+            pipeline.train(builder, "digits", target, epochs=epochs, width=width, lr=lr, seed=SEED, progress=False)
+        return target
+    file_name, command = SOURCES[name]
+    target = out_dir / file_name
+    if not target.exists():
+        shared = SHARED_MODELS / file_name
+        if not shared.exists():
+            sys.exit(f"{shared} is missing: train it first with `{command} --out {shared}`")
+        shutil.copy(shared, target)
+    return target
+
+
+def source_profile(name: str, out_dir: Path = OUT_DIR) -> Path:
+    """The model's profile (50 most confident correct images per class, chosen from PROFILE_SLICE training
+    images per class), computed once and cached next to the model."""
+    model_path = source_model(name, out_dir)
+    target = out_dir / f"{name}.profile.safetensors"
+    if not target.exists():
+        log(f"profiling {name}")
+        model, manifest = load(model_path)
+        train = pipeline.DataOptions().of(manifest, "train")
+        result = profile_model(model, per_class_slice(train, PROFILE_SLICE, SEED), samples_per_class=SAMPLES_PER_CLASS)
+        result.dataset = train.name
+        result.save(target)
+    return target
+
+
+def make_component(source: Brick, profile: Profile, classes, thresholds: Thresholds = PAPER,
+                   variant: str = "pure", graph=None) -> Brick:
+    """THE component-making step of every paper benchmark: locate with `thresholds`, then disassemble.
+    `variant` "pure" is the paper's method; once closed-form reconstruction (issue 10) is merged, add its
+    call here under "reconstructed" and pass --variants pure,reconstructed to the benchmarks."""
+    masks = locate(source.model, profile, **thresholds.as_dict(), graph=graph)
+    part = pipeline.component(source, masks, classes)
+    if variant == "pure":
+        return part
+    raise SystemExit(f"component variant {variant!r} is not available in this checkout (only 'pure')")
+
+
+def test_slice(manifest, per_class: int):
+    """The task's test split, `per_class` images per class (fixed seed)."""
+    return per_class_slice(pipeline.DataOptions().of(manifest, "test"), per_class, SEED)
+
+
+def train_slice(manifest, per_class: int):
+    return per_class_slice(pipeline.DataOptions().of(manifest, "train"), per_class, SEED)
+
+
+def measure(model, manifest, test_data) -> dict:
+    """Accuracy on `test_data`, params, FLOPs (one image)."""
+    return {"accuracy": evaluate(model, test_data).accuracy, "params": count_params(model),
+            "flops": count_flops(model, manifest.input)}
+
+
+def pct(value: float) -> str:
+    return f"{100 * value:.2f}%"
+
+
+def human(count: float) -> str:
+    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if count >= size:
+            return f"{count / size:.2f} {unit}"
+    return f"{count:.0f}"
+
+
+def write_block(name: str, text: str, path: Path = RESULTS) -> None:
+    """Put `text` between `<!-- NAME:begin -->` and `<!-- NAME:end -->` in docs/results.md (appended at the end
+    of the page when the markers are not there yet); the rest of the page is kept."""
+    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+    page = path.read_text() if path.exists() else "# Results\n"
+    block = f"{begin}\n{text.rstrip()}\n{end}"
+    if begin in page and end in page:
+        page = page[:page.index(begin)] + block + page[page.index(end) + len(end):]
+    else:
+        page = page.rstrip() + "\n\n" + block + "\n"
+    path.write_text(page)
+
+
+def save_json(name: str, payload: dict, out_dir: Path = OUT_DIR) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"{name}.json").write_text(json.dumps(payload, indent=2))
+
+
+def figure_path(name: str) -> Path:
+    FIGURES.mkdir(parents=True, exist_ok=True)
+    return FIGURES / name
+
+
+def command_line() -> str:
+    """The command that ran this benchmark, as typed (for captions)."""
+    return " ".join(["python", os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]]).replace(" --no-doc", "")
+
+
+def elapsed() -> float:
+    return time.monotonic() - START
+
+
+__all__ = ["Brick", "DOCS", "OUT_DIR", "PAPER", "Profile", "Thresholds", "count_flops", "count_params", "datasets",
+           "evaluate", "figure_path", "human", "load", "log", "make_component", "measure", "pct", "pipeline",
+           "save", "save_json", "source_model", "source_profile", "test_slice", "train_slice", "write_block"]
