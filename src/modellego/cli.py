@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from modellego import pipeline
+from modellego import distributed, pipeline
 from modellego.checks import option_float, option_int, option_seed, option_text, output_folder
 from modellego.data.datasets import check_image_size
 from modellego.demo import run_demo
@@ -436,7 +436,7 @@ def _show_warning_once(shown: set[str]):
     """A `warnings.showwarning` that prints each distinct message once as `warning: ...` on stderr."""
     def show(message, category, filename, lineno, file=None, line=None) -> None:
         text = str(message)
-        if text not in shown:
+        if text not in shown and distributed.is_main():
             shown.add(text)
             err.print(f"warning: {text}", highlight=False, markup=False, soft_wrap=True)
     return show
@@ -456,9 +456,12 @@ def main() -> None:
 
 def _run() -> None:
     try:
+        distributed.setup()
+        out.quiet = not distributed.is_main()  # under torchrun, the first process speaks for all
         app(args=sys.argv[1:] or ["--help"], standalone_mode=False)
     except ModellegoError as error:
-        err.print(f"error: {error}", highlight=False, markup=False, soft_wrap=True)
+        if distributed.is_main():
+            err.print(f"error: {error}", highlight=False, markup=False, soft_wrap=True)
         sys.exit(2)
     except typer.Abort:
         err.print("aborted", highlight=False)
@@ -479,3 +482,5 @@ def _run() -> None:
             err.print(f"error: {type(error).__name__}: {message} (please report this at the project's issue "
                       "tracker; rerun with --debug for the traceback)", highlight=False, markup=False, soft_wrap=True)
         sys.exit(1)
+    finally:
+        distributed.teardown()

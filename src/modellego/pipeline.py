@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from modellego import data as datasets
+from modellego import data as datasets, distributed
 from modellego.assembly import MODES, assemble as assemble_models, scale as scale_model
 from modellego.data.subsets import SampleSubset, per_class_slice, resolve_classes
 from modellego.data.task import task_data
@@ -49,6 +49,12 @@ class DataOptions:
 
 
 # --- in-memory steps on (model, manifest) pairs ---------------------------------------------------------------
+
+def _write(model: nn.Module, out: FilePath, manifest: Manifest) -> None:
+    """Save a model file; under torchrun only the first process writes (all hold the same model)."""
+    if distributed.is_main():
+        save(model, out, manifest)
+
 
 def component(source: Brick, masks: ComponentMasks, classes: str | Sequence[str | int]) -> Brick:
     """The component of `source` for `classes` (core `disassemble`), with a manifest recording its lineage:
@@ -206,7 +212,7 @@ def train(builder: str, dataset: str, out: FilePath, epochs: int = 3, classes: s
                                   progress=progress)
     metrics = report(model, manifest.input, test_data, progress=progress)
     manifest.metrics = {"test_accuracy": metrics["accuracy"], "params": metrics["params"], "flops": metrics["flops"]}
-    save(model, out, manifest)
+    _write(model, out, manifest)
     return Trained(Brick(model, manifest), metrics, len(train_data))
 
 
@@ -250,7 +256,8 @@ def profile(model_path: FilePath, out: FilePath, samples_per_class: int = 50, da
     train_data = (data or DataOptions()).of(manifest, "train", dataset=dataset)
     result = profile_model(model, train_data, samples_per_class=samples_per_class, batch_size=batch_size,
                            progress=progress)
-    result.save(out)
+    if distributed.is_main():
+        result.save(out)
     return result
 
 
@@ -303,7 +310,7 @@ def disassemble(model_path: FilePath, profile_path: FilePath, classes: str | Seq
     metrics = component_metrics(part, source, data) if evaluate else {
         "params": count_params(part.model), "flops": count_flops(part.model, part.manifest.input)}
     part.manifest.metrics = metrics
-    save(part.model, out, part.manifest)
+    _write(part.model, out, part.manifest)
     return Disassembled(part, source, search, check, metrics)
 
 
@@ -325,7 +332,7 @@ def assemble(paths: Sequence[FilePath], out: FilePath, mode: str = "padded", sca
     if mode not in MODES:
         raise ModellegoError(f"unknown assembly mode {mode!r}; choose 'padded' or 'parallel'")
     result = assembly([load(path) for path in paths], mode, scale_logits, data, progress)
-    save(result.model, out, result.manifest)
+    _write(result.model, out, result.manifest)
     return result
 
 
@@ -337,7 +344,7 @@ def finetune(path: FilePath, out: FilePath, epochs: int = 2, lr: float = 1e-3, b
     train_data = (data or DataOptions()).of(manifest, "train")
     result = finetune_model(model, manifest, train_data, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
                             progress=progress)
-    save(result.model, out, result.manifest)
+    _write(result.model, out, result.manifest)
     return result
 
 

@@ -9,15 +9,18 @@ import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler, Subset
+
+from modellego import distributed
 
 from modellego.contributions import class_sums
 from modellego.errors import ModellegoError
 from modellego.checks import Invalid, integer, mapping, parse_json, sequence, show, string
-from modellego.layers import parameter_layers
+from modellego.layers import execution_order, parameter_layers
 from modellego.artifacts import read_artifact, write_artifact
 from modellego.modelfile import weights_hash
 from modellego.progress import track
@@ -45,6 +48,7 @@ class Profile:
     samples_per_class: int = 50
     notes: list[str] = field(default_factory=list)
     kinds: dict[str, str] = field(default_factory=dict)  # layer -> "conv" | "linear" (empty in older files)
+    world_size: int = 1
 
     def relative(self, layer: str) -> torch.Tensor:
         """Soft relative contribution R = (A − min_i A) / (max_i A − min_i A + 1e-5), per layer."""
@@ -69,7 +73,7 @@ class Profile:
         meta = {"format": PROFILE_FORMAT, "format_version": PROFILE_VERSION, "layers": self.layers,
                 "classes": self.classes, "model_hash": self.model_hash, "dataset": self.dataset,
                 "input_shape": list(self.input_shape),
-                "samples_per_class": self.samples_per_class, "notes": self.notes}
+                "samples_per_class": self.samples_per_class, "notes": self.notes, "world_size": self.world_size}
         if self.kinds:
             meta["layer_kinds"] = self.kinds
         return write_artifact(path, tensors, PROFILE_KEY, meta)
@@ -86,7 +90,7 @@ class Profile:
                        sample_labels=torch.cat([self.sample_labels, other.sample_labels]), model_hash=self.model_hash,
                        input_shape=self.input_shape, dataset=self.dataset,
                        samples_per_class=self.samples_per_class, notes=self.notes + other.notes,
-                       kinds=dict(self.kinds))
+                       kinds=dict(self.kinds), world_size=max(self.world_size, other.world_size))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Profile":
@@ -112,7 +116,7 @@ class Profile:
                    sample_labels=tensors["sample_labels"], model_hash=meta["model_hash"],
                    input_shape=tuple(meta["input_shape"]), dataset=meta.get("dataset", ""),
                    samples_per_class=meta["samples_per_class"], notes=meta.get("notes", []),
-                   kinds=meta["layer_kinds"])
+                   kinds=meta["layer_kinds"], world_size=meta["world_size"])
 
     def check_model(self, model: nn.Module) -> None:
         """Refuse a model other than the one this profile was computed on, and a profile whose layers or sums'
@@ -169,7 +173,8 @@ def _validate_header(text: str) -> dict:
     return {"layers": layers, "classes": classes, "model_hash": model_hash, "input_shape": shape, "notes": notes,
             "layer_kinds": dict(kinds),
             "dataset": string(meta.get("dataset", ""), "dataset", 1_000, empty=True),
-            "samples_per_class": integer(meta.get("samples_per_class"), "samples_per_class", 1, 10**7)}
+            "samples_per_class": integer(meta.get("samples_per_class"), "samples_per_class", 1, 10**7),
+            "world_size": integer(meta.get("world_size", 1), "world_size", 1, 10**6)}
 
 
 def _validate_index(meta: dict, entries: dict[str, tuple[str, tuple[int, ...]]]) -> None:
@@ -262,36 +267,75 @@ class Selection:
     notes: list[str]
 
 
+def _numbered_batches(data: Dataset | DataLoader, batch_size: int) -> tuple[Iterator, int]:
+    """This process's batches of `data` in a fixed order, each as (position of its first sample, inputs, labels),
+    and how many there are: a DataLoader as it is (it must not shuffle), a dataset in order. With several
+    processes, every world_size-th batch: batch boundaries stay those of one process."""
+    if isinstance(data, DataLoader):
+        loader = _batches(data, batch_size)
+        share = len(range(distributed.rank(), len(loader), distributed.world_size()))
+
+        def from_loader() -> Iterator:
+            seen = 0
+            for number, (inputs, labels) in enumerate(loader):
+                if number % distributed.world_size() == distributed.rank():
+                    yield seen, inputs, labels
+                seen += len(labels)
+        return from_loader(), share
+    mine = distributed.own(list(BatchSampler(SequentialSampler(range(len(data))), batch_size, drop_last=False)))
+    batches = zip(mine, DataLoader(data, batch_sampler=mine))
+    return ((batch[0], inputs, labels) for batch, (inputs, labels) in batches), len(mine)
+
+
+def _merge_candidates(parts: list[dict[int, tuple[torch.Tensor, torch.Tensor]]],
+                      limit: int) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """Every process's kept candidates as one: per class the `limit` most confident overall, ties to the earlier
+    position, which is what one process streaming over all the data keeps."""
+    merged: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    empty = (torch.empty(0, dtype=torch.long), torch.empty(0))
+    for part in parts:
+        for label, (positions, confidence) in part.items():
+            merged[label] = _keep_most_confident(merged.get(label, empty), positions, confidence, limit)
+    return merged
+
+
 @torch.no_grad()
 def select_samples(model: nn.Module, data: Dataset | DataLoader, samples_per_class: int, batch_size: int = 256,
                    progress: bool = False, num_classes: int | None = None) -> Selection:
     """Per class, the `samples_per_class` correctly classified samples with the highest softmax confidence on
-    their class, streamed over `data` (memory does not grow with the number of samples)."""
+    their class, streamed over `data` (memory does not grow with the number of samples). Under torchrun each
+    process reads its share of the batches and the candidates are gathered: the same samples as one process."""
     if samples_per_class < 1:
         raise ModellegoError(f"samples per class must be at least 1, got {samples_per_class}")
     model.eval()
     device = next(model.parameters()).device
-    loader = _batches(data, batch_size)
+    batches, count = _numbered_batches(data, batch_size)
     kept: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-    seen = 0
-    for inputs, labels in track(loader, "selecting samples", len(loader), progress):
-        logits = model(inputs.to(device)).float().cpu()
-        labels = torch.as_tensor(labels).long().cpu()
-        num_classes = num_classes or logits.shape[1]
-        if logits.shape[1] != num_classes:
-            raise ModellegoError(f"the data has {num_classes} classes but the model has {logits.shape[1]} outputs")
-        if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
-            raise ModellegoError(f"labels must be the model's output positions 0..{num_classes - 1}, "
-                                 f"got {int(labels.min())}..{int(labels.max())}")
-        confidence = logits.softmax(1).gather(1, labels[:, None]).squeeze(1)
-        correct = logits.argmax(1) == labels
-        positions = torch.arange(seen, seen + len(labels))
-        seen += len(labels)
-        for label in labels[correct].unique().tolist():
-            chosen = correct & (labels == label)
-            empty = (torch.empty(0, dtype=torch.long), torch.empty(0))
-            kept[label] = _keep_most_confident(kept.get(label, empty), positions[chosen], confidence[chosen],
-                                               samples_per_class)
+    failure = None
+    try:
+        for start, inputs, labels in track(batches, "selecting samples", count, progress):
+            logits = model(inputs.to(device)).float().cpu()
+            labels = torch.as_tensor(labels).long().cpu()
+            num_classes = num_classes or logits.shape[1]
+            if logits.shape[1] != num_classes:
+                raise ModellegoError(f"the data has {num_classes} classes but the model has {logits.shape[1]} outputs")
+            if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
+                raise ModellegoError(f"labels must be the model's output positions 0..{num_classes - 1}, "
+                                     f"got {int(labels.min())}..{int(labels.max())}")
+            confidence = logits.softmax(1).gather(1, labels[:, None]).squeeze(1)
+            correct = logits.argmax(1) == labels
+            positions = torch.arange(start, start + len(labels))
+            for label in labels[correct].unique().tolist():
+                chosen = correct & (labels == label)
+                empty = (torch.empty(0, dtype=torch.long), torch.empty(0))
+                kept[label] = _keep_most_confident(kept.get(label, empty), positions[chosen], confidence[chosen],
+                                                   samples_per_class)
+    except ModellegoError as error:
+        failure = error
+    distributed.agree(failure)
+    if distributed.active():
+        kept = _merge_candidates(distributed.gather(kept), samples_per_class)
+        num_classes = next((n for n in distributed.gather(num_classes) if n is not None), None)
     if num_classes is None:
         raise ModellegoError("the data is empty, so there is nothing to profile")
     names = class_names(data, num_classes)
@@ -310,22 +354,30 @@ def select_samples(model: nn.Module, data: Dataset | DataLoader, samples_per_cla
     return Selection(torch.cat(chosen), torch.cat(chosen_labels), names, notes)
 
 
-def _chosen_batches(data: Dataset | DataLoader, positions: torch.Tensor, labels: torch.Tensor, batch_size: int):
-    """The chosen samples as (inputs, labels) batches: read by position from a dataset, filtered from a loader."""
+def _channels(layer: nn.Module) -> tuple[int, int]:
+    """(outputs, inputs) of a Conv2d or Linear layer."""
+    if isinstance(layer, nn.Conv2d):
+        return layer.out_channels, layer.in_channels
+    return layer.out_features, layer.in_features
+
+
+def _chosen_batches(data: Dataset | DataLoader, positions: torch.Tensor, labels: torch.Tensor,
+                    batch_size: int) -> tuple[Iterator, int]:
+    """This process's share of the chosen samples as (inputs, labels) batches, and how many batches: read by
+    position from a dataset, filtered from a loader."""
     if not isinstance(data, DataLoader):
-        chosen = DataLoader(Subset(data, positions.tolist()), batch_size=batch_size, shuffle=False)
-        start = 0
-        for inputs, _ in chosen:
-            yield inputs, labels[start:start + len(inputs)]
-            start += len(inputs)
-        return
+        mine = distributed.own(list(BatchSampler(SequentialSampler(range(len(positions))), batch_size, False)))
+        chosen = DataLoader(Subset(data, positions.tolist()), batch_sampler=mine)
+        return ((inputs, labels[batch]) for batch, (inputs, _) in zip(mine, chosen)), len(mine)
     label_of = dict(zip(positions.tolist(), labels.tolist()))
-    seen = 0
-    for inputs, batch_labels in data:
-        rows = [row for row in range(len(batch_labels)) if seen + row in label_of]
-        if rows:
-            yield inputs[rows], torch.tensor([label_of[seen + row] for row in rows])
-        seen += len(batch_labels)
+    batches, count = _numbered_batches(data, batch_size)
+
+    def filtered() -> Iterator:
+        for seen, inputs, batch_labels in batches:
+            rows = [row for row in range(len(batch_labels)) if seen + row in label_of]
+            if rows:
+                yield inputs[rows], torch.tensor([label_of[seen + row] for row in rows])
+    return filtered(), count
 
 
 @torch.no_grad()
@@ -344,37 +396,33 @@ def profile(model: nn.Module, data: Dataset | DataLoader, *, num_classes: int | 
         warnings.warn(note, stacklevel=2)
     positions, labels, names = selection.positions, selection.labels, selection.classes
     num_classes = len(names)
-    sums: dict[str, torch.Tensor] = {}
-    order: list[str] = []
+    order = execution_order(model, first_inputs[:1])
+    unused = [name for name in layers if name not in order]
+    if unused:
+        raise ModellegoError(f"layers {unused[:3]} never ran in the forward pass, so they cannot be profiled")
+    sums = {name: torch.zeros(num_classes, *_channels(layers[name]), dtype=torch.float64) for name in order}
     current: dict[str, torch.Tensor] = {}
 
     def accumulate(name: str):
         def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
-            if name not in sums:
-                order.append(name)
-                out_channels = module.out_channels if isinstance(module, nn.Conv2d) else module.out_features
-                in_channels = module.in_channels if isinstance(module, nn.Conv2d) else module.in_features
-                sums[name] = torch.zeros(num_classes, out_channels, in_channels, dtype=torch.float64)
             sums[name] += class_sums(module, inputs[0], current["labels"], num_classes).cpu()
         return hook
 
     handles = [module.register_forward_pre_hook(accumulate(name)) for name, module in layers.items()]
     try:
-        batches = _chosen_batches(data, positions, labels, batch_size)
-        for images, batch_labels in track(batches, "profiling", -(-len(positions) // batch_size), progress):
+        batches, count = _chosen_batches(data, positions, labels, batch_size)
+        for images, batch_labels in track(batches, "profiling", count, progress):
             current["labels"] = batch_labels
-            current["shape"] = tuple(images.shape[1:])
             model(images.to(next(model.parameters()).device))
     finally:
         for handle in handles:
             handle.remove()
-    unused = [name for name in layers if name not in sums]
-    if unused:
-        raise ModellegoError(f"layers {unused[:3]} never ran in the forward pass, so they cannot be profiled")
+    for name in order:  # the same order in every process
+        distributed.sum_(sums[name])
     return Profile(contributions={name: sums[name].float() for name in order}, layers=order,
                    classes=names, counts=torch.bincount(labels, minlength=num_classes),
                    samples=positions, sample_labels=labels, model_hash=weights_hash(model),
-                   input_shape=current["shape"],
+                   input_shape=tuple(first_inputs.shape[1:]),
                    dataset=str(getattr(_dataset(data), "name", "")), samples_per_class=samples_per_class,
-                   notes=selection.notes,
+                   notes=selection.notes, world_size=distributed.world_size(),
                    kinds={name: "conv" if isinstance(layers[name], nn.Conv2d) else "linear" for name in order})

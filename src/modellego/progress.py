@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Iterable, Iterator, TypeVar
 
@@ -11,8 +12,9 @@ Item = TypeVar("Item")
 
 
 def track(items: Iterable[Item], description: str, total: int | None = None, enabled: bool = True) -> Iterator[Item]:
-    """Yield from `items`, drawing a progress bar on stderr when `enabled`."""
-    if not enabled:
+    """Yield from `items`, drawing a progress bar on stderr when `enabled` (and only in the first of several
+    processes)."""
+    if not enabled or int(os.environ.get("RANK", "0")) != 0:
         yield from items
         return
     from rich.console import Console

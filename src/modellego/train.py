@@ -10,7 +10,10 @@ import warnings
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, Subset
+
+from modellego import distributed
 
 from modellego.data.task import task_data
 from modellego.errors import ModellegoError
@@ -46,11 +49,18 @@ def train(model: nn.Module, dataset: Dataset, epochs: int, lr: float = 1e-3, bat
     if len(dataset) == 0:
         raise ModellegoError("the training data is empty")
     generator = seed_everything(seed)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=generator)
+    device = next(model.parameters()).device
+    if distributed.active():
+        # the generator also seeds the loader, as in one process: both draw the same permutations
+        loader = DataLoader(dataset, batch_sampler=GlobalBatchShards(dataset, batch_size, generator),
+                            generator=generator)
+        network: nn.Module = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    else:
+        loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=generator)
+        network = model
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=epochs * len(loader))
     loss_fn = nn.CrossEntropyLoss()
-    device = next(model.parameters()).device
     losses = []
     model.train()
     for epoch in range(epochs):
@@ -58,18 +68,54 @@ def train(model: nn.Module, dataset: Dataset, epochs: int, lr: float = 1e-3, bat
         for images, labels in track(loader, f"epoch {epoch + 1}/{epochs}", len(loader), progress):
             images, labels = images.to(device), labels.to(device)
             optimizer.zero_grad(set_to_none=True)
-            loss = loss_fn(model(images), labels)
+            loss, batch = _global_mean_loss(loss_fn, network(images), labels)
             loss.backward()
             optimizer.step()
             schedule.step()
-            if not math.isfinite(loss.item()):
-                raise ModellegoError(f"training diverged (the loss became {loss.item()}) in epoch {epoch + 1}; "
+            batch_loss = loss.item()
+            if distributed.active():  # the global batch's mean loss, the same in every process
+                batch_loss = distributed.sum_(loss.detach().reshape(1) * batch / distributed.world_size()).item() / batch
+            if not math.isfinite(batch_loss):
+                raise ModellegoError(f"training diverged (the loss became {batch_loss}) in epoch {epoch + 1}; "
                                      "lower the learning rate (--lr)")
-            total += loss.item() * len(labels)
-            count += len(labels)
+            total += batch_loss * batch
+            count += batch
         losses.append(total / count)
     model.eval()
     return losses
+
+
+def _global_mean_loss(loss_fn: nn.CrossEntropyLoss, logits: torch.Tensor,
+                      labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """The loss to back-propagate and the global batch size. In one process, the batch's mean loss. Under
+    torchrun, this process's summed loss over the global batch times the number of processes: DDP averages the
+    gradients over the processes, which gives the one-process gradient of the global batch's mean loss."""
+    if not distributed.active():
+        return loss_fn(logits, labels), len(labels)
+    batch = int(distributed.sum_(torch.tensor([len(labels)], device=labels.device)).item())
+    summed = nn.functional.cross_entropy(logits, labels, reduction="sum")
+    return summed * distributed.world_size() / batch, batch
+
+
+class GlobalBatchShards(BatchSampler):
+    """Under torchrun: the batches one process would draw with the same generator (the same permutation, the
+    same boundaries), each cut into world_size contiguous shares, this process's share yielded. A last batch
+    smaller than the number of processes is dropped, so that no process steps on nothing."""
+
+    def __init__(self, dataset: Dataset, batch_size: int, generator: torch.Generator) -> None:
+        super().__init__(RandomSampler(dataset, generator=generator), batch_size, drop_last=False)
+
+    def __iter__(self):
+        world, rank = distributed.world_size(), distributed.rank()
+        for batch in super().__iter__():
+            if len(batch) < world:
+                continue
+            share = [part.tolist() for part in torch.tensor(batch).tensor_split(world)][rank]
+            yield share
+
+    def __len__(self) -> int:
+        full, rest = divmod(len(self.sampler), self.batch_size)
+        return full + (1 if rest >= distributed.world_size() else 0)
 
 
 def training_accuracy(model: nn.Module, dataset: Dataset, samples: int = TRAINING_CHECK_SAMPLES,
@@ -105,6 +151,11 @@ def _settle(model: nn.Module, dataset: Dataset, batch_size: int, seed: int, prog
     return {"batchnorm_reestimated_images": images, "train_accuracy": accuracy, "train_accuracy_images": samples}
 
 
+def _processes() -> dict:
+    """For provenance: how many processes trained (only recorded when several did)."""
+    return {"world_size": distributed.world_size()} if distributed.active() else {}
+
+
 def train_model(builder: str, dataset: Dataset, epochs: int, width: float = 1.0, lr: float = 1e-3,
                 batch_size: int = 128, seed: int = 0, progress: bool = True) -> Brick:
     """Build `builder` for `dataset`'s input spec and classes, train it, re-estimate its BatchNorm statistics
@@ -122,7 +173,8 @@ def train_model(builder: str, dataset: Dataset, epochs: int, width: float = 1.0,
         input=dataset.spec,
         provenance={"trained": {"dataset": dataset.name, "samples": len(dataset), "epochs": epochs, "lr": lr,
                                 "batch_size": batch_size, "seed": seed, "final_loss": losses[-1],
-                                "data_root": str(root) if root is not None else None, **settled}},
+                                "data_root": str(root) if root is not None else None, **settled,
+                                **_processes()}},
     )
     return Brick(model, manifest)
 
@@ -140,6 +192,6 @@ def finetune(model: nn.Module, manifest: "Manifest", dataset: Dataset | None = N
     manifest = copy.deepcopy(manifest)
     history = manifest.provenance.setdefault("finetuned", [])
     history.append({"epochs": epochs, "lr": lr, "batch_size": batch_size, "seed": seed,
-                    "samples": len(data), "final_loss": losses[-1], **settled})
+                    "samples": len(data), "final_loss": losses[-1], **settled, **_processes()})
     manifest.metrics = {}
     return Brick(model, manifest)
