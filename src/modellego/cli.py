@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 import sys
@@ -36,6 +37,8 @@ LrOption = typer.Option(1e-3, "--lr", help="Peak learning rate (Adam, one-cycle 
 BatchSizeOption = typer.Option(128, "--batch-size", help="Images per training step.")
 ImageSizeOption = typer.Option(None, "--image-size", help="Resize imagefolder / tiny-imagenet images to N×N "
                                "(default: 224 / 64 for train, then the size the model was trained at).")
+AutoBatchOption = typer.Option(False, "--auto-batch", help="When --batch-size would not fit in memory, train with "
+                               "the largest batch size that does (instead of refusing).")
 NoVerifyOption = typer.Option(False, "--no-verify", help="Read a CIFAR folder that fails torchvision's checksums "
                               "(a subset or copy of your own).")
 
@@ -46,9 +49,33 @@ _options = {"debug": False}
 @app.callback()
 def _global_options(
     debug: bool = typer.Option(False, "--debug", help="On an unexpected error, print the full traceback."),
+    verbose: bool = typer.Option(False, "--verbose", help="Also print what each loop is estimated to need in "
+                                 "memory (before the command or after it: `modellego train ... --verbose`)."),
 ) -> None:
     """Make new CNN classifiers without training: disassemble trained models, assemble components."""
     _options["debug"] = debug
+    if verbose:
+        _show_memory_estimates()
+
+
+class _ErrLines(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        err.print(record.getMessage(), highlight=False, markup=False, soft_wrap=True)
+
+
+def _show_memory_estimates() -> None:
+    """Print modellego.memory's estimates (one `memory: ...` line each) on stderr."""
+    logger = logging.getLogger("modellego.memory")
+    if not any(isinstance(handler, _ErrLines) for handler in logger.handlers):
+        logger.addHandler(_ErrLines())
+    logger.setLevel(logging.INFO)
+
+
+def _verbose_first(args: list[str]) -> list[str]:
+    """`--verbose` is a global option; accept it after the command too, where users type it."""
+    if "--verbose" in args[1:] and "--" not in args:
+        return ["--verbose", *[arg for arg in args if arg != "--verbose"]]
+    return args
 
 
 MAX_EPOCHS = 10_000
@@ -130,6 +157,7 @@ def train(
     image_size: Optional[int] = ImageSizeOption,
     no_verify: bool = NoVerifyOption,
     seed: int = SeedOption,
+    auto_batch: bool = AutoBatchOption,
 ) -> None:
     """Train a model from the zoo on a dataset (or some of its classes) and save it."""
     _check_training(epochs, lr, batch_size, seed)
@@ -139,7 +167,7 @@ def train(
         option_int("--max-per-class", max_per_class, 1, 10**7)
     _check_image_size(image_size)
     result = pipeline.train(model, data, out_path, epochs, classes, width, lr, batch_size, max_per_class,
-                            _data(data_root, image_size, no_verify), seed)
+                            _data(data_root, image_size, no_verify), seed, auto_batch=auto_batch)
     out.print(f"trained {model} on {data} ({result.samples} samples, {epochs} epochs): "
               f"test accuracy {_percent(result.metrics['accuracy'])}, {result.metrics['params']:,} params -> {out_path}")
 
@@ -298,11 +326,13 @@ def finetune(
     image_size: Optional[int] = ImageSizeOption,
     no_verify: bool = NoVerifyOption,
     seed: int = SeedOption,
+    auto_batch: bool = AutoBatchOption,
 ) -> None:
     """Train a model (an assembly: its zero blocks too) on the training data of all its classes."""
     _check_training(epochs, lr, batch_size, seed)
     _check_image_size(image_size)
-    pipeline.finetune(file, out_path, epochs, lr, batch_size, _data(data_root, image_size, no_verify), seed)
+    pipeline.finetune(file, out_path, epochs, lr, batch_size, _data(data_root, image_size, no_verify), seed,
+                      auto_batch=auto_batch)
     out.print(_safe(f"fine-tuned {file.name} for {epochs} epochs -> {out_path}"))
 
 
@@ -446,6 +476,7 @@ def main() -> None:
     """Entry point: user mistakes print one line on stderr and exit with code 2, unexpected errors one line
     asking for a report (exit 1, the traceback with --debug), warnings one `warning:` line each."""
     _options["debug"] = False
+    logging.getLogger("modellego.memory").setLevel(logging.WARNING)  # --verbose turns the estimates on
     with warnings.catch_warnings():
         if not sys.warnoptions:  # -W / PYTHONWARNINGS, when given, decide what is shown
             warnings.simplefilter("ignore")
@@ -458,7 +489,7 @@ def _run() -> None:
     try:
         distributed.setup()
         out.quiet = not distributed.is_main()  # under torchrun, the first process speaks for all
-        app(args=sys.argv[1:] or ["--help"], standalone_mode=False)
+        app(args=_verbose_first(sys.argv[1:]) or ["--help"], standalone_mode=False)
     except ModellegoError as error:
         if distributed.is_main():
             err.print(f"error: {error}", highlight=False, markup=False, soft_wrap=True)

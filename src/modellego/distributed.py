@@ -88,6 +88,12 @@ def gather(value: Any) -> list[Any]:
     return values
 
 
+def smallest(value: int) -> int:
+    """The smallest of every process's `value`: a batch size each process sized to its own memory becomes one
+    that fits all of them, so that the batches stay those of one process."""
+    return min(gather(value)) if active() else value
+
+
 def agree(error: Exception | None) -> None:
     """Raise on every process when any of them failed, so that none waits forever in a collective call."""
     if not active():

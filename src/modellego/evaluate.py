@@ -11,6 +11,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from modellego.data.spec import InputSpec
 from modellego.errors import ModellegoError
+from modellego.memory import fit_inference, sample_shape_of
 from modellego.progress import track
 
 
@@ -25,9 +26,13 @@ class Accuracy:
 
 @torch.no_grad()
 def predict(model: nn.Module, dataset: Dataset, batch_size: int = 256, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """All logits of `model` on `dataset` and the labels, in dataset order."""
+    """All logits of `model` on `dataset` and the labels, in dataset order. A `batch_size` whose estimated peak
+    memory does not fit is lowered to one that does, with a warning."""
     model.eval()
     device = next(model.parameters()).device
+    shape = sample_shape_of(dataset)
+    if shape is not None:
+        batch_size = fit_inference(model, shape, batch_size, "evaluating", samples=len(dataset))
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
     logits, labels = [], []
     for images, targets in track(loader, "evaluating", len(loader), progress):

@@ -197,8 +197,9 @@ class Trained:
 
 def train(builder: str, dataset: str, out: FilePath, epochs: int = 3, classes: str | None = None, width: float = 1.0,
           lr: float = 1e-3, batch_size: int = 128, max_per_class: int | None = None, data: DataOptions | None = None,
-          seed: int = 0, progress: bool = True) -> Trained:
-    """Train `builder` on `dataset` (or some of its classes), evaluate it on the test split, save it to `out`."""
+          seed: int = 0, progress: bool = True, auto_batch: bool = False) -> Trained:
+    """Train `builder` on `dataset` (or some of its classes), evaluate it on the test split, save it to `out`.
+    A batch size too large for the memory available is refused before training, or lowered with `auto_batch`."""
     data = data or DataOptions()
     check_output_path(out)
     train_data = datasets.load(dataset, "train", data.root, image_size=data.image_size, verify=data.verify)
@@ -209,7 +210,7 @@ def train(builder: str, dataset: str, out: FilePath, epochs: int = 3, classes: s
     if max_per_class is not None:
         train_data = datasets.per_class_slice(train_data, max_per_class, seed)
     model, manifest = train_model(builder, train_data, epochs, width=width, lr=lr, batch_size=batch_size, seed=seed,
-                                  progress=progress)
+                                  progress=progress, auto_batch=auto_batch)
     metrics = report(model, manifest.input, test_data, progress=progress)
     manifest.metrics = {"test_accuracy": metrics["accuracy"], "params": metrics["params"], "flops": metrics["flops"]}
     _write(model, out, manifest)
@@ -337,13 +338,14 @@ def assemble(paths: Sequence[FilePath], out: FilePath, mode: str = "padded", sca
 
 
 def finetune(path: FilePath, out: FilePath, epochs: int = 2, lr: float = 1e-3, batch_size: int = 128,
-             data: DataOptions | None = None, seed: int = 0, progress: bool = True) -> Brick:
-    """Train a model file (an assembly: its zero blocks too) on the training data of all its classes; save it."""
+             data: DataOptions | None = None, seed: int = 0, progress: bool = True, auto_batch: bool = False) -> Brick:
+    """Train a model file (an assembly: its zero blocks too) on the training data of all its classes; save it.
+    A batch size too large for the memory available is refused before training, or lowered with `auto_batch`."""
     check_output_path(out, inputs=[path])
     model, manifest = load(path)
     train_data = (data or DataOptions()).of(manifest, "train")
     result = finetune_model(model, manifest, train_data, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
-                            progress=progress)
+                            progress=progress, auto_batch=auto_batch)
     _write(result.model, out, result.manifest)
     return result
 

@@ -24,7 +24,8 @@ from modellego.layers import execution_order, parameter_layers
 from modellego.artifacts import read_artifact, write_artifact
 from modellego.modelfile import weights_hash
 from modellego.progress import track
-from modellego.support import check_profile_fits, check_supported
+from modellego.memory import fit_inference
+from modellego.support import check_profile_fits, check_supported, profile_bytes
 
 PROFILE_FORMAT = "modellego-profile"
 PROFILE_KEY = "modellego-profile"
@@ -380,6 +381,17 @@ def _chosen_batches(data: Dataset | DataLoader, positions: torch.Tensor, labels:
     return filtered(), count
 
 
+def _contribution_bytes(layers: dict[str, nn.Module], num_classes: int):
+    """Bytes of the largest layer's per-batch contributions (float32 [B, O, I] and its float64 copy) plus its class
+    sums, as a function of the batch size: what profiling holds besides the forward pass."""
+    pairs = max((layer.weight.shape[0] * (layer.in_channels if isinstance(layer, nn.Conv2d) else layer.in_features)
+                 for layer in layers.values()), default=0)
+
+    def extra(batch_size: int) -> int:
+        return pairs * (12 * batch_size + 16 * num_classes)
+    return extra
+
+
 @torch.no_grad()
 def profile(model: nn.Module, data: Dataset | DataLoader, *, num_classes: int | None = None,
             samples_per_class: int = 50, batch_size: int = 64, progress: bool = False) -> Profile:
@@ -390,8 +402,19 @@ def profile(model: nn.Module, data: Dataset | DataLoader, *, num_classes: int | 
     loader = _batches(data, batch_size)
     first_inputs, _ = next(iter(loader))
     check_supported(model, tuple(first_inputs.shape[1:]))
-    check_profile_fits(model, num_classes or _outputs_of(model, first_inputs))
-    selection = select_samples(model, data, samples_per_class, progress=progress, num_classes=num_classes)
+    classes_counted = num_classes or _outputs_of(model, first_inputs)
+    check_profile_fits(model, classes_counted)
+    selection_batch = 256
+    if not isinstance(data, DataLoader):  # a DataLoader's batches are the caller's to size
+        shape = tuple(first_inputs.shape[1:])
+        selection_batch = fit_inference(model, shape, selection_batch, "selecting profile samples",
+                                        samples=len(data))
+        batch_size = fit_inference(model, shape, batch_size, "profiling",
+                                   state_bytes=profile_bytes(model, classes_counted),
+                                   extra=_contribution_bytes(layers, classes_counted), samples=len(data))
+    selection_batch, batch_size = distributed.smallest(selection_batch), distributed.smallest(batch_size)
+    selection = select_samples(model, data, samples_per_class, batch_size=selection_batch, progress=progress,
+                               num_classes=num_classes)
     for note in selection.notes:
         warnings.warn(note, stacklevel=2)
     positions, labels, names = selection.positions, selection.labels, selection.classes

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from modellego.memory import fit_inference, sample_shape_of
 from modellego.progress import track
 
 
@@ -29,6 +30,9 @@ def reestimate_batchnorm(model: nn.Module, dataset: Dataset, samples: int = 4096
     if not layers or len(dataset) == 0:
         return 0
     count = min(samples, len(dataset))
+    shape = sample_shape_of(dataset)
+    if shape is not None:  # a no-grad forward: sized like inference
+        batch_size = fit_inference(model, shape, batch_size, "re-estimating BatchNorm statistics", samples=count)
     if count % batch_size == 1 and count > 1:
         count -= 1  # a batch of one image has no batch statistics
     if count < 2:

@@ -30,6 +30,16 @@ def _attention(model: nn.Module) -> str | None:
     return None
 
 
+def out_of_memory(error: BaseException) -> bool:
+    """Whether `error` is an allocation that failed (MemoryError, or torch's "can't allocate memory")."""
+    return isinstance(error, MemoryError) or "can't allocate memory" in str(error) or "out of memory" in str(error)
+
+
+def _memory_error(what: str, input_shape: tuple[int, ...], error: BaseException) -> ModellegoError:
+    return ModellegoError(f"there is not enough memory to {what} on one {'×'.join(map(str, input_shape))} input "
+                          f"({_first_line(error)}); use smaller images (--image-size) or free some memory")
+
+
 @torch.no_grad()
 def runs_at(model: nn.Module, input_shape: tuple[int, ...]) -> bool:
     """Whether `model` runs a forward pass on one input of `input_shape` (C, H, W)."""
@@ -38,7 +48,9 @@ def runs_at(model: nn.Module, input_shape: tuple[int, ...]) -> bool:
         model.eval()
         model(torch.zeros(1, *input_shape, device=next(model.parameters()).device))
         return True
-    except Exception:  # any failure means "not at this size"; the caller reports which size works
+    except Exception as error:  # any failure means "not at this size"; the caller reports which size works
+        if out_of_memory(error):
+            raise _memory_error("run it", input_shape, error) from None
         return False
     finally:
         model.train(was_training)
@@ -82,27 +94,82 @@ def unsupported_reason(model: nn.Module, input_shape: tuple[int, ...]) -> str | 
         with torch.enable_grad():
             ChannelGraph(model, input_shape)
     except Exception as error:  # torch-pruning's tracer raises many types on graphs it cannot follow
+        if out_of_memory(error):
+            raise _memory_error("trace its channels", input_shape, error) from None
         return (f"torch-pruning cannot follow its channels ({_first_line(error)}); models that reorder channels, "
                 "such as ShuffleNet's channel shuffle, are not supported")
     return None
 
 
-def available_memory() -> int | None:
-    """Bytes this process may still allocate: MemAvailable, or the cgroup's limit minus its usage when lower."""
-    candidates = []
+def _read_int(path: Path) -> int | None:
+    try:
+        text = path.read_text().strip()
+        return None if text == "max" else int(text)
+    except (OSError, ValueError):
+        return None
+
+
+def _own_cgroup_dirs(root: Path, hierarchy: str) -> list[Path]:
+    """This process's cgroup folder and its ancestors under `root`, from /proc/self/cgroup ("0::/path" for v2,
+    "N:memory:/path" for v1's memory controller)."""
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        lines = []
+    for line in lines:
+        _, controllers, path = (line.split(":", 2) + ["", ""])[:3]
+        if (hierarchy == "v2" and controllers == "") or (hierarchy == "v1" and "memory" in controllers.split(",")):
+            folder = root / path.strip("/")
+            return [folder, *[parent for parent in folder.parents if parent.is_relative_to(root)]]
+    return [root]
+
+
+def _process_bytes(field: str) -> int | None:
+    """A `Vm...` line of /proc/self/status in bytes (VmSize: the address space this process has mapped)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(f"{field}:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def memory_limits(cgroup_root: Path = Path("/sys/fs/cgroup")) -> dict[str, int]:
+    """Bytes this process may still allocate under each limit that applies, by name: `MemAvailable` (the
+    kernel's estimate for the whole machine), the cgroup's limit minus its usage (v2 `memory.max`, at this
+    process's cgroup and every ancestor; v1 `memory.limit_in_bytes`), and `ulimit -v` (`RLIMIT_AS` minus the
+    address space already mapped) / `ulimit -d` (`RLIMIT_DATA`)."""
+    import resource
+
+    limits: dict[str, int] = {}
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
             if line.startswith("MemAvailable:"):
-                candidates.append(int(line.split()[1]) * 1024)
-    except OSError:
+                limits["MemAvailable"] = int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
         pass
-    try:
-        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
-        if limit != "max":
-            candidates.append(int(limit) - int(Path("/sys/fs/cgroup/memory.current").read_text()))
-    except (OSError, ValueError):
-        pass
-    return min(candidates) if candidates else None
+    for folder in _own_cgroup_dirs(cgroup_root, "v2"):
+        limit, used = _read_int(folder / "memory.max"), _read_int(folder / "memory.current")
+        if limit is not None and used is not None:
+            limits["cgroup memory.max"] = min(limits.get("cgroup memory.max", limit - used), limit - used)
+    for folder in _own_cgroup_dirs(cgroup_root / "memory", "v1"):
+        limit, used = _read_int(folder / "memory.limit_in_bytes"), _read_int(folder / "memory.usage_in_bytes")
+        if limit is not None and used is not None and limit < 2**60:  # v1 writes "no limit" as a huge number
+            limits["cgroup memory.limit_in_bytes"] = limit - used
+    for name, which, field in (("ulimit -v", resource.RLIMIT_AS, "VmSize"),
+                               ("ulimit -d", resource.RLIMIT_DATA, "VmData")):
+        soft, _ = resource.getrlimit(which)
+        mapped = _process_bytes(field)
+        if soft != resource.RLIM_INFINITY and mapped is not None:
+            limits[name] = soft - mapped
+    return {name: max(0, value) for name, value in limits.items()}
+
+
+def available_memory() -> int | None:
+    """Bytes this process may still allocate: the smallest of `memory_limits()`, or None when none is known."""
+    limits = memory_limits()
+    return min(limits.values()) if limits else None
 
 
 def profile_bytes(model: nn.Module, num_classes: int) -> int:

@@ -7,6 +7,7 @@ bare network (normalisation is added elsewhere). Channel counts are ``max(1, rou
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 
 from torch import nn
@@ -18,7 +19,7 @@ from modellego.models.resnet import resnet18, resnet50
 from modellego.models.tv import build_torchvision, torchvision_classifiers
 from modellego.models.vgg import vgg11, vgg16
 
-__all__ = ["ZOO", "TORCHVISION_PREFIX", "build", "list_models", "model_names"]
+__all__ = ["ZOO", "TORCHVISION_PREFIX", "build", "list_models", "model_names", "warn_if_oversized"]
 
 TORCHVISION_PREFIX = "torchvision:"
 
@@ -58,3 +59,28 @@ def build(name: str, in_channels: int = 3, num_classes: int = 10, width: float =
             f"or {TORCHVISION_PREFIX}<builder> (e.g. {TORCHVISION_PREFIX}resnet18)"
         )
     return ZOO[name](in_channels=in_channels, num_classes=num_classes, width=float(width))
+
+
+# The zoo's networks are CIFAR-style: no early downsampling, so their feature maps (and memory, and time) grow with
+# the square of the input size. They were designed for 28-32 px; above this size a warning says so.
+ZOO_LARGEST_SIZE = 64
+ZOO_DESIGNED_SIZE = 32
+# The torchvision builder that downsamples early (ImageNet-style) for each zoo network that has one.
+TORCHVISION_COUNTERPART = {"vgg11": "vgg11_bn", "vgg16": "vgg16_bn", "resnet18": "resnet18", "resnet50": "resnet50",
+                           "googlenet": "googlenet"}
+
+
+def warn_if_oversized(name: str, size: tuple[int, int]) -> bool:
+    """Warn when zoo model `name` is about to be built for inputs larger than ZOO_LARGEST_SIZE: its feature maps
+    would be (size / 32)² times as large as designed. Names `--image-size` and, where there is one, the
+    torchvision builder that downsamples early. Returns whether it warned."""
+    if name not in ZOO or max(size) <= ZOO_LARGEST_SIZE:
+        return False
+    growth = size[0] * size[1] / ZOO_DESIGNED_SIZE**2
+    counterpart = TORCHVISION_COUNTERPART.get(name)
+    instead = f" or --model {TORCHVISION_PREFIX}{counterpart}, which downsamples early" if counterpart else ""
+    warnings.warn(f"{name} is a CIFAR-style network designed for {ZOO_DESIGNED_SIZE}×{ZOO_DESIGNED_SIZE} inputs (it "
+                  f"does not downsample early): at {size[0]}×{size[1]} its feature maps are {growth:.0f} times as "
+                  f"large, and so are its memory and time; use --image-size {ZOO_DESIGNED_SIZE} (up to "
+                  f"{ZOO_LARGEST_SIZE}){instead}", stacklevel=3)
+    return True
