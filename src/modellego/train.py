@@ -53,6 +53,9 @@ def train(model: nn.Module, dataset: Dataset, epochs: int, lr: float = 1e-3, bat
     generator = seed_everything(seed)
     device = next(model.parameters()).device
     if distributed.active():
+        if batch_size < distributed.world_size():
+            raise ModellegoError(f"the batch size ({batch_size}) is smaller than the number of processes "
+                                 f"({distributed.world_size()}); each process needs at least one image per step")
         # the generator also seeds the loader, as in one process: both draw the same permutations
         loader = DataLoader(dataset, batch_sampler=GlobalBatchShards(dataset, batch_size, generator),
                             generator=generator)
@@ -76,7 +79,8 @@ def train(model: nn.Module, dataset: Dataset, epochs: int, lr: float = 1e-3, bat
             schedule.step()
             batch_loss = loss.item()
             if distributed.active():  # the global batch's mean loss, the same in every process
-                batch_loss = distributed.sum_(loss.detach().reshape(1) * batch / distributed.world_size()).item() / batch
+                share = loss.detach().reshape(1) * batch / distributed.world_size()
+                batch_loss = distributed.sum_(share).item() / batch
             if not math.isfinite(batch_loss):
                 raise ModellegoError(f"training diverged (the loss became {batch_loss}) in epoch {epoch + 1}; "
                                      "lower the learning rate (--lr)")
@@ -117,7 +121,8 @@ class GlobalBatchShards(BatchSampler):
 
     def __len__(self) -> int:
         full, rest = divmod(len(self.sampler), self.batch_size)
-        return full + (1 if rest >= distributed.world_size() else 0)
+        world = distributed.world_size()
+        return (full if self.batch_size >= world else 0) + (1 if rest >= world else 0)
 
 
 def training_accuracy(model: nn.Module, dataset: Dataset, samples: int = TRAINING_CHECK_SAMPLES,
