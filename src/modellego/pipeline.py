@@ -325,7 +325,7 @@ def pareto_front(candidates: list[dict]) -> list[dict]:
 def assemble(paths: Sequence[FilePath], out: FilePath, mode: str = "padded", scale_logits: bool = True,
              data: DataOptions | None = None, progress: bool = True) -> Brick:
     """Assemble component files into one model answering the union of their classes, and save it."""
-    if paths and _graph_file(paths[0]):
+    if any(_graph_file(path) for path in paths):
         return _graphs().assemble(paths, out, mode, scale_logits, data)
     check_output_path(out, inputs=list(paths))
     if len(paths) < 2:

@@ -128,8 +128,10 @@ def train(builder: str, dataset: str, out: FilePath, epochs: int = 200, classes:
           seed: int = 0) -> Trained:
     """Train a GCN on a graph's training nodes (full batch), evaluate it on the test nodes, save it to `out`."""
     if builder != GCN_BUILDER:
-        raise ModellegoError(f"{dataset!r} is a graph; train --model {GCN_BUILDER} on it" if dataset in GRAPH_DATASETS
-                             else f"--model {builder} trains on graphs ({', '.join(GRAPH_DATASETS)}), not {dataset!r}")
+        raise ModellegoError(f"{dataset!r} is a graph; train --model {GCN_BUILDER} on it" if builder != GCN_PARALLEL
+                             else f"{GCN_PARALLEL} models are made by `modellego assemble`; train --model {GCN_BUILDER}")
+    if dataset not in GRAPH_DATASETS:
+        raise ModellegoError(f"--model {builder} trains on graphs ({', '.join(GRAPH_DATASETS)}), not {dataset!r}")
     check_output_path(out)
     graph = load_graph(dataset, data.root if data is not None else None)
     positions = list(range(len(graph.classes))) if classes is None else resolve_classes(graph.classes, classes,
