@@ -272,6 +272,12 @@ def test_a_graph_file_that_is_not_ours_is_one_line(karate_files, tmp_path):
     damaged = tmp_path / "damaged.safetensors"
     save_file(tensors, str(damaged), metadata={"modellego": manifest.to_json()})
     assert_user_error(invoke("eval", str(damaged)), "in_features")
+    # tensors that do not fit the manifest's GCN
+    model, manifest = load(source)
+    tensors = {key: value.contiguous() for key, value in model.state_dict().items()}
+    tensors["convs.0.lin.weight"] = torch.zeros(tensors["convs.0.lin.weight"].shape[0], 10)
+    save_file(tensors, str(damaged), metadata={"modellego": manifest.to_json()})
+    assert_user_error(invoke("eval", str(damaged)), "inconsistent", "convs.0 takes 10 features")
     # a profile of another model
     other = tmp_path / "other.safetensors"
     invoke("train", "--model", "gcn", "--data", "karate", "--epochs", "3", "--seed", "1", "--out", str(other))

@@ -27,6 +27,7 @@ class GCN(nn.Module):
         sizes = [in_features, *hidden, num_classes]
         self.convs = nn.ModuleList(GCNConv(a, b) for a, b in zip(sizes[:-1], sizes[1:]))
         self.dropout = dropout
+        self.in_features = in_features
 
     def forward(self, x: Tensor, edge_index: Tensor) -> Tensor:
         for position, conv in enumerate(self.convs):
@@ -45,11 +46,12 @@ class GCN(nn.Module):
 
     def structure_error(self, num_classes: int) -> str | None:
         """Why the layers do not chain into `num_classes` outputs, or None (checked on the meta device)."""
-        previous = None
+        previous = self.in_features
         for position, conv in enumerate(self.convs):
             out_size, in_size = conv.lin.weight.shape
-            if previous is not None and in_size != previous:
-                return f"convs.{position} takes {in_size} features but convs.{position - 1} gives {previous}"
+            if in_size != previous:
+                given = f"convs.{position - 1} gives" if position else "the input has"
+                return f"convs.{position} takes {in_size} features but {given} {previous}"
             if conv.bias is not None and conv.bias.shape[0] != out_size:
                 return f"convs.{position}.bias has {conv.bias.shape[0]} entries for {out_size} outputs"
             previous = out_size
