@@ -119,10 +119,10 @@ def main() -> None:
     body = "\n\n".join(sections) + f"\n\nMade by `{command}` in {time.time() - started:.0f} s."
     if args.doc is not None:
         text = args.doc.read_text()
-        pattern = re.compile(r"(<!-- graphs-table:begin -->\n).*?(\n<!-- graphs-table:end -->)", re.S)
+        pattern = re.compile(r"(<!-- graphs-table:begin -->\n).*?(<!-- graphs-table:end -->)", re.S)
         if not pattern.search(text):
             raise SystemExit(f"{args.doc} has no <!-- graphs-table:begin/end --> markers")
-        args.doc.write_text(pattern.sub(lambda m: m.group(1) + body + m.group(2), text))
+        args.doc.write_text(pattern.sub(lambda m: m.group(1) + body + "\n" + m.group(2), text))
 
 
 if __name__ == "__main__":

@@ -18,8 +18,7 @@ from safetensors.torch import save_file
 
 from conftest import assert_user_error, invoke
 
-pytest.importorskip("torch_geometric")  # `make test` installs it (the `graph` extra)
-
+# torch_geometric is the `graph` extra, which `make test` installs: these tests fail (not skip) without it.
 from modellego import load, save  # noqa: E402
 from modellego.graphs import data as graph_data, method  # noqa: E402
 from modellego.graphs.model import GCN  # noqa: E402
@@ -225,7 +224,7 @@ def karate_files(tmp_path_factory):
 
 
 def test_the_command_line_chain_on_karate(karate_files):
-    folder, source, _ = karate_files
+    folder, source, profile = karate_files
     compared = invoke("eval", str(folder / "c12.safetensors"), "--against", str(source), "--json")
     assert compared.returncode == 0, compared.stderr
     report = json.loads(compared.stdout)
@@ -241,6 +240,13 @@ def test_the_command_line_chain_on_karate(karate_files):
     assert manifest.kind == "assembly" and manifest.class_names == ["0", "1", "2"]
     evaluated = invoke("eval", str(folder / "a.safetensors"), "--json")
     assert evaluated.returncode == 0 and json.loads(evaluated.stdout)["base"] is not None
+    # --auto judges α/β on the task's validation nodes, never the test nodes
+    auto = invoke("disassemble", str(source), "--profile", str(profile), "--classes", "1,2", "--auto",
+                  "--out", str(folder / "auto.safetensors"))
+    assert auto.returncode == 0, auto.stderr
+    assert "validation nodes" in auto.stdout
+    record = load(folder / "auto.safetensors").manifest.provenance["disassembled"]["auto"]
+    assert record["validation_nodes"] == 3  # karate's validation nodes of classes 1 and 2
 
 
 @pytest.mark.parametrize("classes, fragment", [("7", "out of range"), ("nope", "not in")])

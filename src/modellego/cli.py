@@ -258,7 +258,9 @@ def disassemble(
                                   _data(data_root, image_size, no_verify), seed)
     if result.search is not None:
         search, chosen = result.search, result.search.thresholds
-        out.print(f"--auto: restricted base on {search.validation_samples} held-out training samples "
+        held_out = ("validation nodes" if "validation_nodes" in result.brick.manifest.provenance["disassembled"]["auto"]
+                    else "held-out training samples")
+        out.print(f"--auto: restricted base on {search.validation_samples} {held_out} "
                   f"{_percent(search.restricted_base)}; chose α_conv={chosen.alpha_conv} β_conv={chosen.beta_conv} "
                   f"α_fc={chosen.alpha_fc} β_fc={chosen.beta_fc} (validation {_percent(search.accuracy)}, "
                   f"{len(search.candidates)} candidates)")
