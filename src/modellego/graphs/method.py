@@ -26,7 +26,7 @@ from modellego.evaluate import Accuracy, accuracy_of
 from modellego.graphs import require, single_threaded
 from modellego.graphs.model import GCN, GraphParallel
 from modellego.graphs.spec import GraphSpec
-from modellego.masks import PAPER, ComponentMasks, Thresholds, check_thresholds, input_mask
+from modellego.masks import PAPER, ComponentMasks, check_thresholds, input_mask
 from modellego.modelfile import weights_hash
 from modellego.profiles import Profile
 

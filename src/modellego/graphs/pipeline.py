@@ -17,13 +17,13 @@ from torch import Tensor, nn
 from modellego.data.subsets import resolve_classes
 from modellego.data.task import data_root_hints
 from modellego.errors import ModellegoError
-from modellego.evaluate import count_params
+from modellego.evaluate import accuracy_of, count_params
 from modellego.graphs import method, single_threaded
 from modellego.graphs.data import Graph, load_graph
 from modellego.graphs.model import DEFAULT_HIDDEN, GCN
 from modellego.graphs.spec import GCN as GCN_BUILDER, GCN_PARALLEL, GRAPH_DATASETS
 from modellego.masks import PAPER, Thresholds
-from modellego.modelfile import Brick, ClassRef, Manifest, check_output_path, load, read_manifest, save, weights_hash
+from modellego.modelfile import Brick, ClassRef, Manifest, check_output_path, load, save, weights_hash
 from modellego.models.common import scaled as scaled_width
 from modellego.pipeline import AGREEMENT_GAP, DataOptions, Disassembled, FilePath, ProfileSampleCheck, Trained, \
     _union, pareto_front
@@ -210,8 +210,6 @@ def baselines(source: Brick, part_manifest: Manifest, task: TaskGraph, split: st
     nodes = task.nodes(split)
     logits, labels = logits_of(source.model, task)[nodes], task.labels[nodes]
     names = task.classes
-    from modellego.evaluate import accuracy_of
-
     base = accuracy_of(logits.argmax(1), index[labels], [])
     base_per_class = accuracy_of(torch.where(logits.argmax(1) == index[labels], labels, -1), labels, names)
     restricted = accuracy_of(logits[:, index].argmax(1), labels, names)
