@@ -1,7 +1,7 @@
 """Peak memory of `modellego profile` as the data grows: a full-width CIFAR-style VGG-16 profiled on a generated
 ImageFolder of 1×, 4× and 16× the images, each run in a fresh process (peak RSS from the kernel's accounting).
 
-    python benchmarks/profile_memory.py [--base 320] [--factors 1,4,16] [--out-dir runs/profile-memory]
+    python benchmarks/profile_memory.py [--base 160] [--factors 1,4,16] [--out-dir runs/profile-memory]
                                         [--doc docs/scaling.md]
 
 Selection and profiling stream the data (a forward pass over every image, only the most confident candidates
@@ -19,33 +19,72 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 from PIL import Image
 
 CLASSES = 10
 SIZE = 32
 
 
-def generate(folder: Path, per_class: int, split: str, seed: int) -> None:
-    """`per_class` 32×32 RGB PNGs per class: a class colour and a class stripe direction, under noise."""
-    rng = np.random.default_rng(seed)
-    palette = np.random.default_rng(0).uniform(40, 215, size=(CLASSES, 3))
+def source_model(path: Path) -> None:
+    """A full-width CIFAR-style VGG-16 with random weights whose head is standardised on random images, so that
+    its predictions spread over all ten classes. Memory does not depend on what the weights learnt, and the
+    images are labelled by this model's own predictions, so every class has correctly classified samples."""
+    import torch
+
+    from modellego.data.datasets import IMAGENET_MEAN, IMAGENET_STD
+    from modellego.data.spec import InputSpec
+    from modellego.modelfile import ClassRef, Manifest, save
+    from modellego.models.classifier import classifier
+
+    torch.manual_seed(0)
+    spec = InputSpec(3, (SIZE, SIZE), IMAGENET_MEAN, IMAGENET_STD)
+    model = classifier("vgg16", spec, CLASSES, 1.0).eval()
+    head = [module for module in model.modules() if isinstance(module, torch.nn.Linear)][-1]
+    with torch.no_grad():
+        logits = model(torch.rand(256, 3, SIZE, SIZE))
+        mean, std = logits.mean(0), logits.std(0)
+        head.weight.div_(std[:, None])
+        head.bias.sub_(mean).div_(std)
+    manifest = Manifest(architecture={"builder": "vgg16", "in_channels": 3, "num_classes": CLASSES, "width": 1.0},
+                        classes=[ClassRef(f"class{k}", "imagefolder", k) for k in range(CLASSES)], input=spec)
+    save(model, path, manifest)
+
+
+def generate(model_path: Path, folder: Path, count: int, seed: int) -> None:
+    """`count` 32×32 RGB PNGs of smooth random patterns, each filed under the class the model predicts for it."""
+    import torch
+    import torch.nn.functional as F
+
+    from modellego.modelfile import load
+
+    model, _ = load(model_path)
+    generator = torch.Generator().manual_seed(seed)
     for label in range(CLASSES):
-        target = folder / split / f"class{label}"
-        target.mkdir(parents=True, exist_ok=True)
-        stripes = np.indices((SIZE, SIZE))[label % 2] // (2 + label // 2) % 2
-        for index in range(per_class):
-            noise = rng.normal(0, 40, size=(SIZE, SIZE, 3))
-            image = palette[label] + 30 * stripes[..., None] + noise
-            Image.fromarray(image.clip(0, 255).astype(np.uint8)).save(target / f"{index:05d}.png")
+        (folder / "train" / f"class{label}").mkdir(parents=True, exist_ok=True)
+    written = 0
+    while written < count:
+        batch = min(256, count - written)
+        coarse = torch.rand(batch, 3, 8, 8, generator=generator)
+        fine = torch.rand(batch, 3, SIZE, SIZE, generator=generator)
+        pixels = (0.7 * F.interpolate(coarse, size=SIZE, mode="bilinear") + 0.3 * fine).mul(255).round().byte()
+        with torch.no_grad():
+            labels = model(pixels.float() / 255).argmax(1)
+        for image, label in zip(pixels, labels.tolist()):
+            Image.fromarray(image.permute(1, 2, 0).numpy()).save(
+                folder / "train" / f"class{label}" / f"{written:06d}.png")
+            written += 1
+    for label in range(CLASSES):  # ImageFolder refuses a class folder without images
+        target = folder / "train" / f"class{label}"
+        if not any(target.iterdir()):
+            raise SystemExit(f"no generated image was predicted as class {label}; use a larger --base")
+    (folder / "test").mkdir(exist_ok=True)
 
 
-def dataset(root: Path, per_class: int, seed: int) -> Path:
-    """A generated ImageFolder (train/ and test/), reused when it is already there."""
+def dataset(model_path: Path, root: Path, count: int, seed: int) -> Path:
+    """A generated ImageFolder, reused when it is already there."""
     done = root / "complete"
     if not done.exists():
-        generate(root, per_class, "train", seed)
-        generate(root, max(4, per_class // 8), "test", seed + 1)
+        generate(model_path, root, count, seed)
         done.write_text("ok\n")
     return root
 
@@ -69,31 +108,25 @@ def modellego(*args: str) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--base", type=int, default=320, help="training images at 1× (a multiple of 10)")
+    parser.add_argument("--base", type=int, default=160, help="training images at 1×")
     parser.add_argument("--factors", default="1,4,16")
-    parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--samples-per-class", type=int, default=10)
     parser.add_argument("--out-dir", type=Path, default=Path("runs/profile-memory"))
     parser.add_argument("--doc", type=Path, default=Path("docs/scaling.md"))
     parser.add_argument("--no-doc", action="store_true")
     args = parser.parse_args()
     factors = [int(factor) for factor in args.factors.split(",")]
-    per_class = args.base // CLASSES
     args.out_dir.mkdir(parents=True, exist_ok=True)
 
-    roots = {factor: dataset(args.out_dir / f"images-{factor}x", per_class * factor, seed=factor) for factor in factors}
-    model = args.out_dir / "vgg16.safetensors"
+    model = args.out_dir / "vgg16-random.safetensors"
     if not model.exists():
-        print(f"training a full-width VGG-16 on the {factors[0]}× images ({args.epochs} epochs)", flush=True)
-        peak, seconds = measured(modellego("train", "--model", "vgg16", "--data", "imagefolder", "--data-root",
-                                           str(roots[factors[0]]), "--image-size", str(SIZE), "--epochs",
-                                           str(args.epochs), "--lr", "0.002", "--batch-size", "32",
-                                           "--out", str(model)))
-        print(f"  trained in {seconds:.0f} s, peak RSS {peak:.0f} MiB", flush=True)
+        source_model(model)
+    roots = {factor: dataset(model, args.out_dir / f"images-{factor}x", args.base * factor, seed=factor)
+             for factor in factors}
 
     rows = []
     for factor in factors:
-        images = per_class * factor * CLASSES
+        images = args.base * factor
         out = args.out_dir / f"profile-{factor}x.safetensors"
         peak, seconds = measured(modellego("profile", str(model), "--data", "imagefolder", "--data-root",
                                            str(roots[factor]), "--image-size", str(SIZE), "--samples-per-class",
@@ -116,9 +149,11 @@ def write_doc(path: Path, rows: list[tuple], args: argparse.Namespace, spread: f
           for factor, images, peak, seconds in rows],
         "",
         f"Largest peak / smallest: **{1 + spread:.3f}** ({100 * spread:.1f}% apart). Model: the zoo's CIFAR-style "
-        f"VGG-16 with BatchNorm at **full width** (64…512 channels), trained {args.epochs} epochs on the 1× images. "
-        f"Data: a generated ImageFolder of {SIZE}×{SIZE} RGB PNGs, {CLASSES} classes (class colour and stripes "
-        f"under noise), read from disk on demand. Command: `modellego profile MODEL --data imagefolder "
+        f"VGG-16 with BatchNorm at **full width** (64…512 channels, 15 M parameters) with random weights and a "
+        f"head standardised so that its predictions spread over the {CLASSES} classes (memory does not depend on "
+        f"what weights learnt; training a full-width VGG-16 here takes too long). Data: a generated ImageFolder "
+        f"of {SIZE}×{SIZE} RGB PNGs (smooth random patterns), each filed under the class the model predicts, read "
+        f"from disk on demand. Command: `modellego profile MODEL --data imagefolder "
         f"--data-root DIR --image-size {SIZE} --samples-per-class {args.samples_per_class}`, batch 64, one fresh "
         f"process per size; peak RSS is the kernel's `ru_maxrss` of that process. Machine: {platform.machine()}, "
         f"{os.cpu_count()} CPU cores, shared with other jobs.",

@@ -30,7 +30,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 out = Console()
 err = Console(stderr=True)
 
-DataOption = typer.Option(None, "--data", help="Dataset name: fashion-mnist, digits, mnist, cifar10, cifar100, imagefolder, tiny-imagenet.")
+DataOption = typer.Option(None, "--data", help="Dataset name: fashion-mnist, digits, mnist, cifar10, cifar100, imagefolder, tiny-imagenet; graphs: sbm, karate, cora, citeseer, pubmed.")
 DataRootOption = typer.Option(None, "--data-root", help="Folder holding the dataset's files (default: where the dataset usually lives).")
 SeedOption = typer.Option(0, "--seed", help="Seed for every random choice; the same seed gives the same files.")
 LrOption = typer.Option(1e-3, "--lr", help="Peak learning rate (Adam, one-cycle schedule).")
@@ -144,13 +144,13 @@ def _check_training(epochs: int, lr: float, batch_size: int, seed: int) -> None:
 
 @app.command()
 def train(
-    model: str = typer.Option(..., "--model", help="Zoo name (lenet5, vgg11, vgg16, resnet18, resnet50, googlenet) or torchvision:<builder>."),
+    model: str = typer.Option(..., "--model", help="Zoo name (lenet5, vgg11, vgg16, resnet18, resnet50, googlenet), torchvision:<builder>, or gcn (graph data)."),
     data: str = typer.Option(..., "--data", help="Dataset to train on."),
     out_path: Path = typer.Option(..., "--out", help="Model file to write (.safetensors)."),
-    epochs: int = typer.Option(3, "--epochs", help="Passes over the training data."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="Passes over the training data (default 3; 200 full-graph steps for a GCN)."),
     classes: Optional[str] = typer.Option(None, "--classes", help="Train on these classes only: names or indices, comma-separated."),
     width: float = typer.Option(1.0, "--width", help="Channel-width multiplier."),
-    lr: float = LrOption,
+    lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate (Adam, one-cycle schedule; default 1e-3). A GCN: Adam's rate, default 0.01."),
     batch_size: int = BatchSizeOption,
     max_per_class: Optional[int] = typer.Option(None, "--max-per-class", help="Use at most this many training samples per class."),
     data_root: Optional[Path] = DataRootOption,
@@ -160,6 +160,9 @@ def train(
     auto_batch: bool = AutoBatchOption,
 ) -> None:
     """Train a model from the zoo on a dataset (or some of its classes) and save it."""
+    graph = pipeline._graph_request(model, data)
+    epochs = epochs if epochs is not None else (200 if graph else 3)
+    lr = lr if lr is not None else (0.01 if graph else 1e-3)
     _check_training(epochs, lr, batch_size, seed)
     _check_width(width)
     option_text("--classes", classes)
@@ -168,7 +171,7 @@ def train(
     _check_image_size(image_size)
     result = pipeline.train(model, data, out_path, epochs, classes, width, lr, batch_size, max_per_class,
                             _data(data_root, image_size, no_verify), seed, auto_batch=auto_batch)
-    out.print(f"trained {model} on {data} ({result.samples} samples, {epochs} epochs): "
+    out.print(f"trained {model} on {data} ({result.samples} {result.metrics.get('unit', 'sample')}s, {epochs} epochs): "
               f"test accuracy {_percent(result.metrics['accuracy'])}, {result.metrics['params']:,} params -> {out_path}")
 
 
@@ -203,21 +206,23 @@ def eval_command(
     if as_json:
         _print_json(result)
         return
-    table = Table(title=_safe(f"{file.name} on {result['data']} (test split, {result['samples']} samples)"))
+    unit = result.get("unit", "sample")  # graph models count nodes
+    table = Table(title=_safe(f"{file.name} on {result['data']} (test split, {result['samples']} {unit}s)"))
     table.add_column("class")
     table.add_column("accuracy", justify="right")
     for name, value in result["per_class"].items():
         table.add_row(_safe(name), _percent(value))
     table.add_row("[bold]all[/bold]", f"[bold]{_percent(result['accuracy'])}[/bold]")
     out.print(table)
-    out.print(f"params {result['params']:,}   FLOPs {result['flops']:,} per image")
+    out.print(f"params {result['params']:,}   FLOPs {result['flops']:,} per {'node' if unit == 'node' else 'image'}")
     if result.get("base") is not None:
         out.print(f"assembly: accuracy {_percent(result['accuracy'])}; mean Base of the source models on the same "
                   f"classes {_percent(result['base'])}")
 
 
 def _print_comparison(file: Path, source: Path, result: dict) -> None:
-    table = Table(title=_safe(f"task {', '.join(result['classes'])}: test split, {result['samples']} samples"))
+    table = Table(title=_safe(f"task {', '.join(result['classes'])}: test split, {result['samples']} "
+                              f"{result.get('unit', 'sample')}s"))
     for column in ("model", "accuracy", "params", "FLOPs"):
         table.add_column(column, justify="left" if column == "model" else "right")
     table.add_row(_safe(f"Base ({source.name}, all classes)"), _percent(result["base"]),
@@ -256,8 +261,8 @@ def disassemble(
     profile_path: Path = typer.Option(..., "--profile", help="The source model's profile (modellego profile)."),
     classes: str = typer.Option(..., "--classes", help="The task: class names or indices, comma-separated, in output order."),
     out_path: Path = typer.Option(..., "--out", help="Component file to write (.safetensors)."),
-    alpha_conv: float = typer.Option(PAPER.alpha_conv, "--alpha-conv", help="Relative-contribution threshold α for conv layers."),
-    beta_conv: float = typer.Option(PAPER.beta_conv, "--beta-conv", help="Vote threshold β for conv layers."),
+    alpha_conv: float = typer.Option(PAPER.alpha_conv, "--alpha-conv", help="Relative-contribution threshold α for conv layers (and GCNConv)."),
+    beta_conv: float = typer.Option(PAPER.beta_conv, "--beta-conv", help="Vote threshold β for conv layers (and GCNConv)."),
     alpha_fc: float = typer.Option(PAPER.alpha_fc, "--alpha-fc", help="α for linear layers."),
     beta_fc: float = typer.Option(PAPER.beta_fc, "--beta-fc", help="β for linear layers."),
     auto: bool = typer.Option(False, "--auto", help="Search α/β for the smallest component within --max-drop."),
@@ -281,7 +286,9 @@ def disassemble(
                                   _data(data_root, image_size, no_verify), seed)
     if result.search is not None:
         search, chosen = result.search, result.search.thresholds
-        out.print(f"--auto: restricted base on {search.validation_samples} held-out training samples "
+        held_out = ("validation nodes" if "validation_nodes" in result.brick.manifest.provenance["disassembled"]["auto"]
+                    else "held-out training samples")
+        out.print(f"--auto: restricted base on {search.validation_samples} {held_out} "
                   f"{_percent(search.restricted_base)}; chose α_conv={chosen.alpha_conv} β_conv={chosen.beta_conv} "
                   f"α_fc={chosen.alpha_fc} β_fc={chosen.beta_fc} (validation {_percent(search.accuracy)}, "
                   f"{len(search.candidates)} candidates)")
@@ -300,7 +307,7 @@ def disassemble(
 def assemble(
     components: list[Path] = typer.Argument(..., help="Two or more component files (or any modellego models)."),
     out_path: Path = typer.Option(..., "--out", help="Assembled model file to write (.safetensors)."),
-    mode: str = typer.Option("padded", "--mode", help="padded: one dense network (alignment padding); parallel: side by side."),
+    mode: str = typer.Option("padded", "--mode", help="padded: one dense network (alignment padding); parallel: side by side (GCNs: parallel only)."),
     no_scale: bool = typer.Option(False, "--no-scale", help="Skip parameter scaling of the components' logits."),
     data_root: Optional[Path] = DataRootOption,
     image_size: Optional[int] = ImageSizeOption,
@@ -358,7 +365,8 @@ def _info_rows(manifest) -> list[tuple[str, str]]:
     """The manifest as (field, value) rows; long values are cut when printed, and at most MAX_ROWS
     provenance/metrics entries are listed."""
     rows = [("kind", manifest.kind), ("architecture", json.dumps(manifest.architecture)),
-            ("input", f"{manifest.input.describe()}, mean {list(manifest.input.mean)}, std {list(manifest.input.std)}"),
+            ("input", f"{manifest.input.describe()}, mean {list(manifest.input.mean)}, std {list(manifest.input.std)}"
+             if hasattr(manifest.input, "mean") else manifest.input.describe()),
             ("classes", ", ".join(f"{ref.name} ({ref.dataset}#{ref.index})"
                                   for ref in manifest.classes[:MAX_ROWS * 10])
              + (f", … ({len(manifest.classes):,} in all)" if len(manifest.classes) > MAX_ROWS * 10 else ""))]

@@ -11,6 +11,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from modellego.data.spec import InputSpec
 from modellego.errors import ModellegoError
+from modellego.graphs.spec import GraphSpec
 from modellego.memory import fit_inference, sample_shape_of
 from modellego.progress import track
 
@@ -68,6 +69,10 @@ def count_params(model: nn.Module) -> int:
 def count_flops(model: nn.Module, spec: InputSpec | tuple[int, ...]) -> int:
     """FLOPs of one forward pass on one image of `spec` (an InputSpec or a shape C, H, W), by
     torch.utils.flop_counter (a multiply-add counts as 2)."""
+    if isinstance(spec, GraphSpec):  # a graph model: FLOPs per node (modellego.graphs)
+        from modellego.graphs.method import count_flops as graph_flops
+
+        return graph_flops(model, spec)
     device = next(model.parameters()).device
     shape = (spec.channels, *spec.size) if isinstance(spec, InputSpec) else tuple(spec)
     was_training = model.training

@@ -26,6 +26,7 @@ from torch import nn
 from modellego.checks import Invalid, integer, mapping, number, parse_json, probe_folder, sequence, show, string
 from modellego.data.spec import InputSpec
 from modellego.errors import ModellegoError
+from modellego.graphs.spec import graph_architecture, graph_input_spec, is_graph_architecture
 from modellego.models.classifier import MergeOutputs, Normalize, Parallel, classifier
 
 FORMAT_NAME = "modellego"
@@ -98,10 +99,14 @@ class Manifest:
             version = integer(data.get("format_version"), "format_version", 1, 10**9)
             if version > FORMAT_VERSION:
                 raise ModellegoError(f"{source} was written by a newer modellego (format {version}); upgrade modellego")
-            spec = _input_spec(data.get("input"), "input")
             classes = [_class_ref(ref, f"classes[{k}]")
                        for k, ref in enumerate(sequence(data.get("classes"), "classes", 1, MAX_CLASSES))]
-            architecture = _architecture(data.get("architecture"), "architecture", spec, [0])
+            if is_graph_architecture(data.get("architecture")):  # a GCN (modellego.graphs): nodes, not images
+                spec = graph_input_spec(data.get("input"), "input")
+                architecture = graph_architecture(data.get("architecture"), "architecture", spec)
+            else:
+                spec = _input_spec(data.get("input"), "input")
+                architecture = _architecture(data.get("architecture"), "architecture", spec, [0])
             return cls(architecture=architecture, classes=classes, input=spec,
                        kind=string(data.get("kind", "model"), "kind", 100),
                        provenance=mapping(data.get("provenance", {}), "provenance"),
@@ -462,6 +467,9 @@ def _build(architecture: dict[str, Any], spec: InputSpec) -> nn.Module:
     builder = architecture.get("builder")
     if not isinstance(builder, str):
         raise ModellegoError("the manifest names no architecture builder")
+    if is_graph_architecture(architecture):
+        from modellego.graphs.model import build as build_graph_model  # needs the optional torch_geometric
+        return build_graph_model(architecture)
     if builder == "parallel":
         members = [_build(member, InputSpec.from_dict(member["input"])) for member in architecture["members"]]
         return Parallel(members, [0])
@@ -522,6 +530,12 @@ def _check_structure(model: nn.Module, manifest: Manifest, raw: RawFile) -> None
         if isinstance(module, nn.Conv2d) and module.out_channels % module.groups:
             raise _inconsistent(raw, manifest, f"{name} has {module.out_channels} output channels, not a multiple "
                                                f"of its {module.groups} groups")
+    own_check = getattr(model, "structure_error", None)  # models that do not take images (GCNs) check themselves
+    if callable(own_check):
+        problem = own_check(len(manifest.classes))
+        if problem:
+            raise _inconsistent(raw, manifest, problem)
+        return
     merges = [module for module in model.modules() if isinstance(module, MergeOutputs)]
 
     def merged(module: MergeOutputs, logits: torch.Tensor) -> torch.Tensor:

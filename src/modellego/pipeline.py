@@ -199,7 +199,10 @@ def train(builder: str, dataset: str, out: FilePath, epochs: int = 3, classes: s
           lr: float = 1e-3, batch_size: int = 128, max_per_class: int | None = None, data: DataOptions | None = None,
           seed: int = 0, progress: bool = True, auto_batch: bool = False) -> Trained:
     """Train `builder` on `dataset` (or some of its classes), evaluate it on the test split, save it to `out`.
-    A batch size too large for the memory available is refused before training, or lowered with `auto_batch`."""
+    A batch size too large for the memory available is refused before training, or lowered with `auto_batch`.
+    A graph (`sbm`, `karate`, `cora`, ...) or `--model gcn` trains a GCN, full batch (batch_size is unused)."""
+    if _graph_request(builder, dataset):
+        return _graphs().train(builder, dataset, out, epochs, classes, width, lr, max_per_class, data, seed)
     data = data or DataOptions()
     check_output_path(out)
     train_data = datasets.load(dataset, "train", data.root, image_size=data.image_size, verify=data.verify)
@@ -221,6 +224,8 @@ def evaluate_file(path: FilePath, dataset: str | None = None, classes: str | Non
                   data: DataOptions | None = None, batch_size: int = 256, max_per_class: int | None = None,
                   progress: bool = False) -> dict:
     """Evaluate a model file on the test split of its own task (or `dataset`, matched by class names)."""
+    if _graph_file(path):
+        return _graphs().evaluate_file(path, dataset, classes, data)
     model, manifest = load(path)
     test_data = (data or DataOptions()).of(manifest, "test", dataset=dataset, only=classes)
     if max_per_class:
@@ -236,6 +241,8 @@ def compare(component_path: FilePath, source_path: FilePath, data: DataOptions |
             max_per_class: int | None = None, progress: bool = False) -> dict:
     """A component (or any model) against its source on the component's task test samples: Base (source,
     argmax over all its classes), Restricted base (source logits restricted to the task), and the component."""
+    if _graph_file(component_path):
+        return _graphs().compare(component_path, source_path, data)
     part, manifest = load(component_path)
     source, source_manifest = load(source_path)
     test_data = (data or DataOptions()).of(manifest, "test")
@@ -252,6 +259,8 @@ def compare(component_path: FilePath, source_path: FilePath, data: DataOptions |
 def profile(model_path: FilePath, out: FilePath, samples_per_class: int = 50, dataset: str | None = None,
             data: DataOptions | None = None, batch_size: int = 64, progress: bool = True) -> Profile:
     """Profile a model file on its training data (or `dataset`'s, matched by class names) and save the profile."""
+    if _graph_file(model_path):
+        return _graphs().profile(model_path, out, samples_per_class, dataset, data)
     check_output_path(out, inputs=[model_path])
     model, manifest = load(model_path)
     train_data = (data or DataOptions()).of(manifest, "train", dataset=dataset)
@@ -281,6 +290,8 @@ def disassemble(model_path: FilePath, profile_path: FilePath, classes: str | Seq
     `thresholds`), or with `auto` the smallest component within `max_drop` points of the restricted base on
     held-out training images. Warns when the component is far below its source on the profile's images.
     With `evaluate`, the test-split metrics (Base, Restricted base, accuracy) are measured and recorded."""
+    if _graph_file(model_path):
+        return _graphs().disassemble(model_path, profile_path, classes, out, thresholds, auto, max_drop, evaluate, data)
     data = data or DataOptions()
     check_output_path(out, inputs=[model_path, profile_path])
     source = load(model_path)
@@ -327,6 +338,8 @@ def pareto_front(candidates: list[dict]) -> list[dict]:
 def assemble(paths: Sequence[FilePath], out: FilePath, mode: str = "padded", scale_logits: bool = True,
              data: DataOptions | None = None, progress: bool = True) -> Brick:
     """Assemble component files into one model answering the union of their classes, and save it."""
+    if any(_graph_file(path) for path in paths):
+        return _graphs().assemble(paths, out, mode, scale_logits, data)
     check_output_path(out, inputs=list(paths))
     if len(paths) < 2:
         raise ModellegoError(f"assembling needs at least two components, got {len(paths)}")
@@ -341,6 +354,8 @@ def finetune(path: FilePath, out: FilePath, epochs: int = 2, lr: float = 1e-3, b
              data: DataOptions | None = None, seed: int = 0, progress: bool = True, auto_batch: bool = False) -> Brick:
     """Train a model file (an assembly: its zero blocks too) on the training data of all its classes; save it.
     A batch size too large for the memory available is refused before training, or lowered with `auto_batch`."""
+    if _graph_file(path):
+        return _graphs().finetune(path, out, epochs, lr, data, seed)
     check_output_path(out, inputs=[path])
     model, manifest = load(path)
     train_data = (data or DataOptions()).of(manifest, "train")
@@ -440,3 +455,31 @@ def heatmap(profile_path: FilePath, out: FilePath, layer: str | None = None, mod
              f"{class_profile.samples_per_class} samples per class)")
     save_figure(viz.heatmap_figure(values, class_profile.classes, layer, title), out)
     return Heatmap(layer, list(class_profile.classes), values)
+
+
+# --- graph models (modellego.graphs, the optional extra `modellego[graph]`) ------------------------------------
+
+def _graph_request(builder: str, dataset: str) -> bool:
+    from modellego.graphs.spec import GRAPH_BUILDERS, GRAPH_DATASETS
+
+    return builder in GRAPH_BUILDERS or dataset in GRAPH_DATASETS
+
+
+def _graph_file(path: FilePath) -> bool:
+    """Whether `path` holds a graph model; a missing or foreign file is left to the image path's errors."""
+    from modellego.graphs.spec import is_graph_architecture
+
+    try:
+        return is_graph_architecture(read_manifest(path).architecture)
+    except ModellegoError:
+        return False
+
+
+def _graphs():
+    """The graph commands (importing them needs torch_geometric; without it, one error saying how to install)."""
+    from modellego.graphs import require
+
+    require()
+    from modellego.graphs import pipeline as graph_pipeline
+
+    return graph_pipeline
