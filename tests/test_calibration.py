@@ -22,7 +22,8 @@ from modellego import data, pipeline
 from modellego.assembly import _padded, _taps, assemble
 from modellego.data.spec import InputSpec
 from modellego.errors import ModellegoError
-from modellego.gates import CALIBRATIONS, GATES, KNN_NEIGHBOURS, SHRINKAGE, Calibrated, Gate, fit
+from modellego.gates import (CALIBRATIONS, GATES, KNN_NEIGHBOURS, NEAREST_NEIGHBOURS, NEAREST_SCALE, SHRINKAGE,
+                             Calibrated, Gate, fit)
 from modellego.modelfile import Brick, ClassRef, Manifest
 from modellego.models.classifier import Parallel, classifier
 
@@ -103,6 +104,10 @@ def reference_scores(method: str, model: nn.Sequential, dataset: TensorDataset, 
         k = min(KNN_NEIGHBOURS, len(bank) - 1)
         scores = torch.tensor([-sorted((a - b).norm().item() for b in bank)[k] for a in bank])  # [0] is itself
         expected.update(bank=bank)
+    elif method == "nearest":
+        bank = images.flatten(1).double() / images.flatten(1).double().norm(dim=1, keepdim=True)
+        expected.update(bank=bank, mean=torch.zeros(1), std=torch.full((1,), NEAREST_SCALE))
+        return expected  # compared as they are: no z-scoring
     else:
         layers = [model[2], model[5], model[7]]
         per_sample = [[reference_contributions(layer, row[2][index]).flatten()
@@ -160,6 +165,9 @@ def reference_single(method: str, model: nn.Sequential, image: torch.Tensor, sta
     if method == "knn":
         unit = features / features.norm()
         return -sorted((unit - b).norm().item() for b in stats["bank"].double())[KNN_NEIGHBOURS - 1]
+    if method == "nearest":
+        unit = image.flatten().double() / image.flatten().double().norm()
+        return -sorted((unit - b).norm().item() for b in stats["bank"].double())[NEAREST_NEIGHBOURS - 1]
     layers = [model[2], model[5], model[7]]
     patterns = [reference_contributions(layer, inputs[index]).flatten() for layer, index in zip(layers, (2, 5, 7))]
     return max(sum(float(F.cosine_similarity(patterns[layer], stats[f"profile{layer}"][k].double(), dim=0))

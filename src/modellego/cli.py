@@ -278,7 +278,7 @@ def assemble(
     calibration: Optional[str] = typer.Option(
         None, "--calibration", help="How the assembly decides between its components: auto (default: the one "
         "that answers the components' own held-out training images best), scale (the paper's parameter scaling), "
-        "msp, energy, mahalanobis, knn, pattern (gates fitted on each component's own training images, stored in "
+        "msp, energy, mahalanobis, knn, pattern, nearest (gates fitted on each component's own training images, stored in "
         "the file), none."),
     data_root: Optional[Path] = DataRootOption,
     image_size: Optional[int] = ImageSizeOption,

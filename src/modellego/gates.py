@@ -17,6 +17,9 @@ its own classes, computed without gradients):
 - `mahalanobis`: s = −min_k Mahalanobis distance of the classifier's input features to class k's mean
   (class means and one shared, shrunk covariance);
 - `knn`: s = −distance of the L2-normalised classifier-input features to their k-th nearest own image;
+- `nearest`: s = −distance of the input image (pooled to at most 32×32, L2-normalised) to its 5th nearest own
+  training image. All components measure in the same space (the assembly's input), so the distances are compared
+  as they are (divided by a fixed 0.01) instead of z-scored;
 - `pattern` (MDA's own): s = max_k mean over layers of the cosine between the input's contribution matrix
   C⁺[o,i] and class k's profile (the mean C⁺ of k's images) — the paper's heat maps show classes have
   distinct patterns, and images of another component's classes match none of them.
@@ -42,10 +45,13 @@ from modellego.errors import ModellegoError
 from modellego.graph import ChannelGraph
 from modellego.layers import example_batch, execution_order, head, parameter_layers
 
-GATES = ("msp", "energy", "mahalanobis", "knn", "pattern")
+GATES = ("msp", "energy", "mahalanobis", "knn", "pattern", "nearest")
 CALIBRATIONS = ("none", "scale", *GATES)
 FEATURE_GATES = ("mahalanobis", "knn")
 KNN_NEIGHBOURS = 10
+NEAREST_NEIGHBOURS = 5
+NEAREST_SIDE = 32         # `nearest` compares images average-pooled to at most 32×32
+NEAREST_SCALE = 0.01      # `nearest` distances are comparable across components: divided by this, not z-scored
 SHRINKAGE = 0.1           # covariance shrinkage towards its mean variance (Ledoit–Wolf style, fixed)
 DEFAULT_TEMPERATURE = 1.0
 PATTERN_LAYERS = 3        # the last parameter layers whose contribution patterns the `pattern` gate compares
@@ -115,9 +121,10 @@ def raw_score(method: str, logits: Tensor, features: Tensor | None, patterns: li
         centred = features.unsqueeze(1) - stats["means"].unsqueeze(0)             # B × K × d
         distances = torch.einsum("bkd,de,bke->bk", centred, stats["precision"], centred)
         return -distances.amin(1)
-    if method == "knn":
+    if method in ("knn", "nearest"):
         distances = torch.cdist(_unit(features), stats["bank"])
-        k = min(neighbours + (1 if exclude_self else 0), distances.shape[1])
+        k = min((neighbours if method == "knn" else NEAREST_NEIGHBOURS) + (1 if exclude_self else 0),
+                distances.shape[1])
         return -distances.topk(k, dim=1, largest=False).values[:, -1]
     if method == "pattern":
         similarity = None
@@ -165,6 +172,7 @@ def observe(model: nn.Module, images: Tensor, taps: Sequence[ComponentTaps], met
             wanted.update(t.layer for t in tap.pattern)
     handles = [modules[name].register_forward_pre_hook(lambda m, a, n=name: inputs.__setitem__(n, a[0]))
                for name in wanted]
+    inputs[""] = images
     try:
         logits = model(images)
     finally:
@@ -173,9 +181,20 @@ def observe(model: nn.Module, images: Tensor, taps: Sequence[ComponentTaps], met
     return logits, [_component_view(logits, inputs, modules, tap, method) for tap in taps]
 
 
+def image_features(images: Tensor) -> Tensor:
+    """What `nearest` compares: the input images average-pooled to at most NEAREST_SIDE² pixels, flattened."""
+    side = (min(images.shape[2], NEAREST_SIDE), min(images.shape[3], NEAREST_SIDE))
+    if side != tuple(images.shape[2:]):
+        images = nn.functional.adaptive_avg_pool2d(images, side)
+    return images.flatten(1)
+
+
 def _component_view(logits: Tensor, inputs: dict[str, Tensor], modules: dict[str, nn.Module], tap: ComponentTaps,
                     method: str) -> tuple[Tensor, Tensor | None, list[Tensor]]:
-    features = _features(inputs[tap.features.layer], tap.features.columns) if method in FEATURE_GATES else None
+    if method == "nearest":
+        features = image_features(inputs[""])  # the assembly's input, stored under the root module's name
+    else:
+        features = _features(inputs[tap.features.layer], tap.features.columns) if method in FEATURE_GATES else None
     patterns = [contribution_block(modules[t.layer], inputs[t.layer], t.rows, t.columns)
                 for t in tap.pattern] if method == "pattern" else []
     return logits[:, tap.start:tap.stop], features, patterns
@@ -213,7 +232,7 @@ def fit(method: str, model: nn.Module, data: Dataset, example_input: Tensor | tu
         if patterns else []
     if method == "mahalanobis":
         stats.update(_gaussian(joined_features.double(), labels, classes))
-    elif method == "knn":
+    elif method in ("knn", "nearest"):
         stats["bank"] = _unit(joined_features)
     elif method == "pattern":
         for layer, values in enumerate(joined_patterns):
@@ -221,6 +240,9 @@ def fit(method: str, model: nn.Module, data: Dataset, example_input: Tensor | tu
     scores = raw_score(method, logits, joined_features, joined_patterns,
                        {k: v.to(logits.dtype) for k, v in stats.items()}, exclude_self=method == "knn")
     stats = {k: v.float() for k, v in stats.items()}
+    if method == "nearest":
+        stats.update(mean=torch.zeros(1), std=torch.full((1,), NEAREST_SCALE))
+        return stats
     stats["mean"] = scores.mean().reshape(1).float()
     # A spread below a thousandth of the score's size is degenerate (a saturated softmax): floored, so that float
     # noise is not magnified into the gate's decision.
@@ -248,7 +270,8 @@ def _gaussian(features: Tensor, labels: Tensor, classes: int) -> dict[str, Tenso
 
 # --- the gate inside an assembly -----------------------------------------------------------------------------
 
-_STAT_DIMS = {"msp": {}, "energy": {}, "mahalanobis": {"means": 2, "precision": 2}, "knn": {"bank": 2}}
+_STAT_DIMS = {"msp": {}, "energy": {}, "mahalanobis": {"means": 2, "precision": 2}, "knn": {"bank": 2},
+              "nearest": {"bank": 2}}
 
 
 class Gate(nn.Module):
@@ -350,7 +373,7 @@ class Calibrated(nn.Module):
         wanted = {t.features.layer for t in taps} if method in FEATURE_GATES else set()
         if method == "pattern":
             wanted.update(p.layer for t in taps for p in t.pattern)
-        inputs: dict[str, Tensor] = {}
+        inputs: dict[str, Tensor] = {"": x}
 
         def gated(module: nn.Module, args: tuple) -> tuple:
             logits = args[0]

@@ -108,6 +108,7 @@ def assembly(members: Sequence[Brick], mode: str = "padded", scale_logits: bool 
         if calibration == "auto":
             calibration, record = choose_calibration(members, splits, targets, temperature, progress)
             stats = record.pop("stats", None)
+            record.pop("fitted")
         else:
             stats = [fit_gate(calibration, model, fit, example) for (model, _), (fit, _) in zip(members, splits)]
         record.update(fit_samples=[len(fit) for fit, _ in splits])
@@ -187,6 +188,7 @@ def choose_calibration(members: Sequence[Brick], splits: Sequence[tuple[Dataset,
               "held_out_samples": int(len(labels))}
     if best in fitted:
         record["stats"] = fitted[best]
+    record["fitted"] = fitted  # every gate's statistics, for callers comparing them (not written to files)
     return best, record
 
 
