@@ -89,8 +89,8 @@ def experiment(name: str, components: list, finetune_epochs: int, repeats: int) 
                               "base": mf.metrics["base"], "restricted_base": mf.metrics["restricted_base"]}
                              for _, mf in components]}
     padded_raw, manifest = assembly(components, "padded", scale_logits=False)
-    padded, scaled_manifest = assembly(components, "padded", scale_logits=True)
-    parallel, _ = assembly(components, "parallel", scale_logits=True)
+    padded, scaled_manifest = assembly(components, "padded", calibration="scale")
+    parallel, _ = assembly(components, "parallel", calibration="scale")
     images = torch.rand(256, manifest.input.channels, *manifest.input.size)
     with torch.no_grad():
         gap = ((padded(images) - parallel(images)).abs().max() / parallel(images).abs().max()).item()
@@ -103,7 +103,7 @@ def experiment(name: str, components: list, finetune_epochs: int, repeats: int) 
     result["score2"] = score(tuned, tuned_manifest)
     log(f"{name}: Score2 {100 * result['score2']:.2f}% after {finetune_epochs} epochs")
     spec = scaled_manifest.input
-    padded_fresh, _ = assembly(components, "padded", scale_logits=True)
+    padded_fresh, _ = assembly(components, "padded", calibration="scale")
     result["cost"] = {
         "padded": {"params": count_params(padded_fresh), "flops": count_flops(padded_fresh, spec),
                    "ms_per_batch": inference_ms(padded_fresh, images, repeats)},

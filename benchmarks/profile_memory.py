@@ -25,6 +25,16 @@ CLASSES = 10
 SIZE = 32
 
 
+def patterns(count: int, generator):
+    """`count` smooth random RGB patterns, 32×32, as uint8 (what the PNGs hold)."""
+    import torch
+    import torch.nn.functional as F
+
+    coarse = torch.rand(count, 3, 8, 8, generator=generator)
+    fine = torch.rand(count, 3, SIZE, SIZE, generator=generator)
+    return (0.7 * F.interpolate(coarse, size=SIZE, mode="bilinear") + 0.3 * fine).mul(255).round().byte()
+
+
 def source_model(path: Path) -> None:
     """A full-width CIFAR-style VGG-16 with random weights whose head is standardised on random images, so that
     its predictions spread over all ten classes. Memory does not depend on what the weights learnt, and the
@@ -41,7 +51,7 @@ def source_model(path: Path) -> None:
     model = classifier("vgg16", spec, CLASSES, 1.0).eval()
     head = [module for module in model.modules() if isinstance(module, torch.nn.Linear)][-1]
     with torch.no_grad():
-        logits = model(torch.rand(256, 3, SIZE, SIZE))
+        logits = model(patterns(512, torch.Generator().manual_seed(10_000)).float() / 255)
         mean, std = logits.mean(0), logits.std(0)
         head.weight.div_(std[:, None])
         head.bias.sub_(mean).div_(std)
@@ -53,7 +63,6 @@ def source_model(path: Path) -> None:
 def generate(model_path: Path, folder: Path, count: int, seed: int) -> None:
     """`count` 32×32 RGB PNGs of smooth random patterns, each filed under the class the model predicts for it."""
     import torch
-    import torch.nn.functional as F
 
     from modellego.modelfile import load
 
@@ -64,9 +73,7 @@ def generate(model_path: Path, folder: Path, count: int, seed: int) -> None:
     written = 0
     while written < count:
         batch = min(256, count - written)
-        coarse = torch.rand(batch, 3, 8, 8, generator=generator)
-        fine = torch.rand(batch, 3, SIZE, SIZE, generator=generator)
-        pixels = (0.7 * F.interpolate(coarse, size=SIZE, mode="bilinear") + 0.3 * fine).mul(255).round().byte()
+        pixels = patterns(batch, generator)
         with torch.no_grad():
             labels = model(pixels.float() / 255).argmax(1)
         for image, label in zip(pixels, labels.tolist()):

@@ -16,6 +16,8 @@ from torch.utils.data import Dataset
 
 from modellego.errors import ModellegoError
 from modellego.evaluate import predict
+from modellego.gates import (CALIBRATIONS, DEFAULT_TEMPERATURE, GATES, Calibrated, ComponentTaps, Gate, Tap,
+                              component_taps, fit as fit_gate)
 from modellego.graph import ChannelGraph
 from modellego.layers import CHANNELWISE, example_batch, head, output_channels, parameter_layers
 from modellego.modelfile import _conform
@@ -55,22 +57,78 @@ def scale(model: nn.Module, data: Dataset, example_input: torch.Tensor | tuple[i
 
 
 def assemble(models: Sequence[nn.Module], example_input: torch.Tensor | tuple[int, ...] | None = None,
-             mode: str = "padded", targets: Sequence[int] | None = None) -> nn.Module:
+             mode: str = "padded", targets: Sequence[int] | None = None, calibration: str | None = None,
+             data: Sequence[Dataset] | None = None, stats: Sequence[dict[str, torch.Tensor]] | None = None,
+             temperature: float = DEFAULT_TEMPERATURE) -> nn.Module:
     """One model answering the union of `models`' outputs, without training. Output j of the concatenated logits
     goes to class `targets[j]` (default: every output its own class; a class several outputs map to gets the
     max of their logits). `padded` builds one dense network with block-diagonal weights (models of one topology;
     `example_input`, a batch or a shape C, H, W, traces their channels); `parallel` runs the models side by side.
-    Both give the same logits."""
+    Both give the same logits.
+
+    `calibration` (gates.py): None / "none" assembles the models as they are; "scale" is the paper's parameter
+    scaling; a gate ("msp", "energy", "mahalanobis", "knn", "pattern") wraps the assembly in a `Calibrated` model
+    whose gate weighs each (scaled) component's answer by how typical the input is of its own images. Both need
+    each model's own training data, `data[c]` (labelled by its outputs); a gate given its fitted `stats[c]`
+    instead takes the models as they are (scaled already, as the statistics were fitted)."""
     if mode not in MODES:
         raise ModellegoError(f"unknown assembly mode {mode!r}; choose 'padded' or 'parallel'")
     if len(models) < 2:
         raise ModellegoError("assembling needs at least two models")
+    calibration = calibration or "none"
+    if calibration not in CALIBRATIONS:
+        raise ModellegoError(f"unknown calibration {calibration!r}; choose one of {', '.join(CALIBRATIONS)}")
+    needs_data = calibration == "scale" or (calibration in GATES and stats is None)
+    if needs_data and (data is None or len(data) != len(models)):
+        raise ModellegoError(f"calibration {calibration!r} needs each model's own training data (one dataset per model)")
+    example = example_batch(models[0], example_input)
+    if calibration == "scale" or (calibration in GATES and stats is None):
+        # A gate weighs scaled components: scaling fixes each component's own bias between its classes.
+        models = [scale(model, own, example)[0] for model, own in zip(models, data)]
+    if calibration in GATES and stats is None:
+        stats = [fit_gate(calibration, model, own, example) for model, own in zip(models, data)]
+    widths = [output_channels(layer) for layer in (_last_layer(model) for model in models)]
     if targets is None:
-        widths = [output_channels(layer) for layer in (_last_layer(model) for model in models)]
         targets = list(range(sum(widths)))
     if mode == "parallel":
-        return Parallel([copy.deepcopy(model) for model in models], targets).eval()
-    return _padded(list(models), list(targets), example_batch(models[0], example_input)).eval()
+        assembled = Parallel([copy.deepcopy(model) for model in models], targets).eval()
+        layouts: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    else:
+        assembled, layouts = _padded(list(models), list(targets), example)
+    if calibration not in GATES:
+        return assembled.eval()
+    taps = _taps(list(models), example, mode, layouts, widths)
+    return Calibrated(assembled, Gate.build(calibration, taps, stats, temperature)).eval()
+
+
+def _taps(models: list[nn.Module], example: torch.Tensor, mode: str,
+          layouts: dict[str, tuple[torch.Tensor, torch.Tensor]], widths: list[int]) -> list[ComponentTaps]:
+    """Where each component's logits, classifier input and pattern layers sit in the assembly: in parallel mode
+    its own layers; in padded mode its rows (outputs stack in order) and its input positions of merged layers."""
+    taps = []
+    offsets = [0, *torch.tensor(widths).cumsum(0).tolist()]
+    for member, model in enumerate(models):
+        own = component_taps(model, example, offsets[member])
+        if mode == "parallel":
+            prefix = f"members.{member}."
+            taps.append(ComponentTaps(own.start, own.stop, Tap(prefix + own.features.layer),
+                                      [Tap(prefix + tap.layer) for tap in own.pattern]))
+            continue
+        modules = [dict(m.named_modules()) for m in models]
+
+        def placed(layer: str, with_rows: bool) -> Tap:
+            owner, index = layouts[layer]
+            positions = torch.nonzero(owner == member).flatten()
+            columns = positions[index[positions].argsort()]
+            rows = None
+            if with_rows:
+                outputs = [output_channels(m[layer]) for m in modules]
+                rows = torch.arange(sum(outputs[:member]), sum(outputs[:member + 1]))
+            return Tap(layer, rows, columns)
+
+        taps.append(ComponentTaps(own.start, own.stop, placed(own.features.layer, False),
+                                  [placed(tap.layer, True) for tap in own.pattern]))
+    return taps
 
 
 def _last_layer(model: nn.Module) -> nn.Module:
@@ -93,10 +151,12 @@ def _check_topology(models: list[nn.Module]) -> None:
                                  "use --mode parallel to assemble different architectures")
 
 
-def _padded(models: list[nn.Module], targets: list[int], example: torch.Tensor) -> nn.Module:
+def _padded(models: list[nn.Module], targets: list[int], example: torch.Tensor
+            ) -> tuple[nn.Module, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
     """Alignment padding: every layer holds all components' channels, weights block-diagonal (zero blocks are
     the empty kernels), the first layers stack outputs, BN/biases concatenate, concat layouts are tracked.
-    Inputs normalised differently (modellego's Normalize) are stacked, each component reading its own copy."""
+    Inputs normalised differently (modellego's Normalize) are stacked, each component reading its own copy.
+    Returns the model and, per merged layer that reads other layers, the owner and own index of its inputs."""
     _check_topology(models)
     shape = example
     states = [model.state_dict() for model in models]
@@ -157,6 +217,7 @@ def _padded(models: list[nn.Module], targets: list[int], example: torch.Tensor) 
                 values[key][positions] = state[key][index[positions]]
         elif owner_name not in layers or key.endswith(".bias") or owner_name in groups:
             values[key] = torch.cat([state[key] for state in states])
+    layouts: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for name in layers:
         if name in groups:
             continue
@@ -171,6 +232,7 @@ def _padded(models: list[nn.Module], targets: list[int], example: torch.Tensor) 
                 weight[rows, columns] = state[key]
         else:
             owner, index = _input_layout(name, merged_graph, graphs, modules, weight.shape[1])
+            layouts[name] = (owner, index)
             for member, state in enumerate(states):
                 rows = slice(sum(outputs[:member]), sum(outputs[:member + 1]))
                 positions = torch.nonzero(owner == member).flatten()
@@ -180,7 +242,7 @@ def _padded(models: list[nn.Module], targets: list[int], example: torch.Tensor) 
     state._metadata = getattr(states[0], "_metadata", None)  # module versions (torchvision's MNASNet checks them)
     merged.load_state_dict(state, strict=True)
     merged.add_module("merge", MergeOutputs(targets))
-    return merged
+    return merged.eval(), layouts
 
 
 def _check_stacked(layer: str, merged: ChannelGraph, graphs: list[ChannelGraph], modules: list[dict]) -> None:

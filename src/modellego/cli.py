@@ -308,18 +308,28 @@ def assemble(
     components: list[Path] = typer.Argument(..., help="Two or more component files (or any modellego models)."),
     out_path: Path = typer.Option(..., "--out", help="Assembled model file to write (.safetensors)."),
     mode: str = typer.Option("padded", "--mode", help="padded: one dense network (alignment padding); parallel: side by side (GCNs: parallel only)."),
-    no_scale: bool = typer.Option(False, "--no-scale", help="Skip parameter scaling of the components' logits."),
+    no_scale: bool = typer.Option(False, "--no-scale", help="Skip parameter scaling of the components' logits "
+                                  "(the same as --calibration none)."),
+    calibration: Optional[str] = typer.Option(
+        None, "--calibration", help="How the assembly decides between its components: auto (default: the one "
+        "that answers the components' own held-out training images best), scale (the paper's parameter scaling), "
+        "msp, energy, mahalanobis, knn, pattern, nearest (gates fitted on each component's own training images, stored in "
+        "the file), none."),
     data_root: Optional[Path] = DataRootOption,
     image_size: Optional[int] = ImageSizeOption,
     no_verify: bool = NoVerifyOption,
 ) -> None:
     """Assemble components into one model that answers the union of their classes, without training."""
     _check_image_size(image_size)
+    if no_scale and calibration not in (None, "none"):
+        raise ModellegoError(f"--no-scale contradicts --calibration {calibration}; give one of them")
     model, manifest = pipeline.assemble(components, out_path, mode, not no_scale,
-                                        _data(data_root, image_size, no_verify))
-    out.print(f"assembled {len(components)} components ({mode}{', scaled' if not no_scale else ''}): "
-              f"{len(manifest.classes)} classes, {count_params(model):,} params, "
-              f"{count_flops(model, manifest.input):,} FLOPs -> {out_path}")
+                                        _data(data_root, image_size, no_verify), calibration=calibration)
+    chosen = manifest.provenance["assembled"]["calibration"]
+    how = f"auto: {chosen}" if (calibration or ("none" if no_scale else "auto")) == "auto" else chosen
+    out.print(_safe(f"assembled {len(components)} components ({mode}, calibration {how}): "
+                    f"{len(manifest.classes)} classes, {count_params(model):,} params, "
+                    f"{count_flops(model, manifest.input):,} FLOPs -> {out_path}"))
 
 
 @app.command()

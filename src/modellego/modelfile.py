@@ -163,7 +163,37 @@ def _architecture(value: Any, field: str, spec: InputSpec, members_seen: list[in
             integer(data["in_channels"], f"{field}.in_channels", 1, MAX_CHANNELS)
         if not isinstance(data.get("merge_outputs", False), bool):
             raise Invalid(f"{field}.merge_outputs must be true or false, got {show(data['merge_outputs'])}")
+    if "gate" in data:
+        if level > 0:
+            raise Invalid(f"{field}.gate: only the outermost assembly may carry a gate")
+        _gate(data["gate"], f"{field}.gate", data)
     return data
+
+
+def _gate(value: Any, field: str, architecture: dict[str, Any]) -> None:
+    """Check a calibrated assembly's gate record: a known method, a positive temperature, and per component an
+    output range and the layers it reads (names only; that they exist is checked by the meta forward pass)."""
+    from modellego.gates import GATES
+
+    data = mapping(value, field)
+    if data.get("method") not in GATES:
+        raise Invalid(f"{field}.method must be one of {', '.join(GATES)}, got {show(data.get('method'))}")
+    number(data.get("temperature", 1.0), f"{field}.temperature", 0.0, 1e6, low_open=True)
+    integer(data.get("neighbours", 1), f"{field}.neighbours", 1, MAX_TENSORS)
+    components = sequence(data.get("components"), f"{field}.components", 2, MAX_MEMBERS)
+    if not architecture.get("merge_outputs") and architecture.get("builder") != "parallel":
+        raise Invalid(f"{field}: a gate needs an assembly (merged outputs) to sit in")
+    for c, component in enumerate(components):
+        where = f"{field}.components[{c}]"
+        record = mapping(component, where)
+        start = integer(record.get("start"), f"{where}.start", 0, MAX_CLASSES)
+        integer(record.get("stop"), f"{where}.stop", start + 1, MAX_CLASSES)
+        for t, tap in enumerate([record.get("features"), *sequence(record.get("pattern", []), f"{where}.pattern", 0, 64)]):
+            tap = mapping(tap, f"{where}.taps[{t}]")
+            string(tap.get("layer"), f"{where}.taps[{t}].layer", MAX_NAME)
+            for part in ("rows", "columns"):
+                if not isinstance(tap.get(part, False), bool):
+                    raise Invalid(f"{where}.taps[{t}].{part} must be true or false")
 
 
 def _layers(value: Any) -> dict[str, dict[str, Any]]:
@@ -463,7 +493,11 @@ def _build_on(manifest: Manifest, device: str | torch.device) -> nn.Module:
 
 
 def _build(architecture: dict[str, Any], spec: InputSpec) -> nn.Module:
+    if "gate" in architecture:  # a calibrated assembly: the assembly itself, and the gate between logits and merge
+        from modellego.gates import Calibrated, Gate
 
+        inner = _build({key: value for key, value in architecture.items() if key != "gate"}, spec)
+        return Calibrated(inner, Gate(architecture["gate"]))
     builder = architecture.get("builder")
     if not isinstance(builder, str):
         raise ModellegoError("the manifest names no architecture builder")
@@ -570,6 +604,12 @@ def _check_values(model: nn.Module, manifest: Manifest, raw: RawFile) -> None:
             if targets.dim() != 1 or targets.dtype != torch.int64 or int(targets.min()) < 0 \
                     or int(targets.max()) != len(manifest.classes) - 1:
                 raise _inconsistent(raw, manifest, f"{name}.targets must map outputs to classes 0..{len(manifest.classes) - 1}")
+        elif type(module).__name__ == "Gate":
+            for key, buffer in module.named_buffers():
+                if buffer.dtype == torch.int64 and buffer.numel() and int(buffer.min()) < 0:
+                    raise _inconsistent(raw, manifest, f"{name}.{key} holds negative positions")
+                if buffer.is_floating_point() and not torch.isfinite(buffer).all():
+                    raise _inconsistent(raw, manifest, f"{name}.{key} holds non-finite statistics")
         elif isinstance(module, Normalize):
             if not (torch.isfinite(module.mean).all() and torch.isfinite(module.std).all() and (module.std > 0).all()):
                 raise _inconsistent(raw, manifest, f"{name} has non-finite means or non-positive deviations")

@@ -15,6 +15,7 @@ from torch.utils.data import Dataset
 
 from modellego import data as datasets, distributed
 from modellego.assembly import MODES, assemble as assemble_models, scale as scale_model
+from modellego.gates import CALIBRATIONS, DEFAULT_TEMPERATURE, GATES, fit as fit_gate
 from modellego.data.subsets import SampleSubset, per_class_slice, resolve_classes
 from modellego.data.task import task_data
 from modellego.disassembly import disassemble as disassemble_model
@@ -83,12 +84,19 @@ def scaled(member: Brick, data: Dataset, progress: bool = False) -> Brick:
 
 
 def assembly(members: Sequence[Brick], mode: str = "padded", scale_logits: bool = True,
-             data: DataOptions | None = None, progress: bool = False) -> Brick:
+             data: DataOptions | None = None, progress: bool = False, calibration: str | None = None,
+             temperature: float = DEFAULT_TEMPERATURE) -> Brick:
     """One model answering the union of the members' classes (in order; a class shared by two members from the
-    same dataset gets one output, the max of their logits). With `scale_logits`, each member not scaled yet is
-    first scaled on its own task's training data."""
+    same dataset gets one output, the max of their logits), calibrated by `calibration` (README, "Calibrated
+    assembly"): "none"; "scale" (the paper's; each member not scaled yet is scaled on its own task's training
+    data); a gate (gates.py), fitted on each member's own training images; or "auto", the calibration that
+    answers the members' own held-out training images best. Without `calibration`, `scale_logits` chooses
+    between "auto" and "none"."""
     if mode not in MODES:
         raise ModellegoError(f"unknown assembly mode {mode!r}; choose 'padded' or 'parallel'")
+    calibration = calibration or ("auto" if scale_logits else "none")
+    if calibration not in (*CALIBRATIONS, "auto"):
+        raise ModellegoError(f"unknown calibration {calibration!r}; choose one of {', '.join(CALIBRATIONS)} or auto")
     members = [Brick(*member) for member in members]
     if len(members) < 2:
         raise ModellegoError("assembling needs at least two components")
@@ -98,23 +106,101 @@ def assembly(members: Sequence[Brick], mode: str = "padded", scale_logits: bool 
         if (spec.channels, spec.size) != (first.channels, first.size):
             raise ModellegoError(f"components take different inputs ({first.describe()} and {spec.describe()}); "
                                  "assemble components of the same input size and channels")
-    if scale_logits:
-        data = data or DataOptions()
+    data = data or DataOptions()
+    example = (first.channels, *first.size)
+    classes, targets = _union([manifest for _, manifest in members])
+    record: dict = {}
+    stats = None
+    if calibration != "none":  # the gates weigh the scaled components: scaling fixes each one's own class bias
         members = [member if "scaled" in member.manifest.provenance
                    else scaled(member, data.of(member.manifest, "train"), progress) for member in members]
-    classes, targets = _union([manifest for _, manifest in members])
-    model = assemble_models([model for model, _ in members], (first.channels, *first.size), mode, targets)
+    if calibration in GATES or calibration == "auto":
+        splits = [own_split(data.of(member.manifest, "train")) for member in members]
+        if calibration == "auto":
+            calibration, record = choose_calibration(members, splits, targets, temperature, progress)
+            stats = record.pop("stats", None)
+            record.pop("fitted")
+        else:
+            stats = [fit_gate(calibration, model, fit, example) for (model, _), (fit, _) in zip(members, splits)]
+        record.update(fit_samples=[len(fit) for fit, _ in splits])
+    model = assemble_models([model for model, _ in members], example, mode, targets,
+                            calibration=calibration if calibration in GATES else None, stats=stats,
+                            temperature=temperature)
     if mode == "parallel":
         architecture = {"builder": "parallel", "num_classes": len(classes),
                         "members": [dict(m.architecture, input=m.input.to_dict()) for _, m in members]}
     else:
         architecture = dict(members[0].manifest.architecture, num_classes=len(classes), merge_outputs=True)
-    provenance = {"assembled": {"mode": mode, "scaled": scale_logits,
+    if calibration in GATES:
+        architecture["gate"] = model.gate.config
+    provenance = {"assembled": {"mode": mode, "scaled": calibration != "none", "calibration": calibration,
+                                **({"calibration_choice": record} if record else {}),
                                 "components": [{"hash": weights_hash(m), "classes": mf.class_names,
                                                 "provenance": mf.provenance, "metrics": mf.metrics}
                                                for m, mf in members]}}
     return Brick(model, Manifest(architecture=architecture, classes=classes, input=first, kind="assembly",
                                  provenance=provenance))
+
+
+FIT_PER_CLASS = 1000     # own training images per class a gate's statistics are fitted on
+HELD_OUT_PER_CLASS = 100  # own training images per class, never fitted on, that `auto` compares calibrations on
+
+
+def own_split(train_data: Dataset, fit_per_class: int = FIT_PER_CLASS, held_per_class: int = HELD_OUT_PER_CLASS,
+              seed: int = 0) -> tuple[SampleSubset, SampleSubset]:
+    """A component's own training images split per class into (fit, held-out), disjoint, drawn with `seed`: a
+    gate is fitted on the first, `auto` judges on the second. A class with few images keeps a tenth held out."""
+    generator = torch.Generator().manual_seed(seed)
+    fit, held = [], []
+    for label in range(len(train_data.classes)):
+        members = torch.nonzero(train_data.targets == label).flatten()
+        members = members[torch.randperm(len(members), generator=generator)]
+        cut = min(held_per_class, max(1, len(members) // 10)) if len(members) > 1 else 0
+        held.append(members[:cut])
+        fit.append(members[cut:cut + fit_per_class])
+    return (SampleSubset(train_data, torch.cat(fit).sort().values),
+            SampleSubset(train_data, torch.cat(held).sort().values))
+
+
+def choose_calibration(members: Sequence[Brick], splits: Sequence[tuple[Dataset, Dataset]], targets: Sequence[int],
+                       temperature: float = DEFAULT_TEMPERATURE, progress: bool = False,
+                       candidates: Sequence[str] = ("scale", *GATES)) -> tuple[str, dict]:
+    """The `auto` protocol: every candidate calibration is fitted on each member's own fit images only, then the
+    assembly answers the union of all members' own held-out training images (each labelled with its class in
+    the assembly); the candidate with the highest accuracy wins (ties: the earlier candidate, the paper's
+    first). No test image is used. Returns the winner and a record (accuracies, and the winner's `stats`)."""
+    spec = members[0].manifest.input
+    example = (spec.channels, *spec.size)
+    offsets = [0]
+    for _, manifest in members:
+        offsets.append(offsets[-1] + len(manifest.classes))
+    held_parts = [(held, offsets[c]) for c, (_, held) in enumerate(splits)]
+    images = torch.cat([torch.stack([held[i][0] for i in range(len(held))]) for held, _ in held_parts])
+    labels = torch.cat([torch.tensor([targets[offset + held[i][1]] for i in range(len(held))])
+                        for held, offset in held_parts])
+    accuracies: dict[str, float] = {}
+    fitted: dict[str, list] = {}
+    for candidate in candidates:
+        models = [model for model, _ in members]
+        if candidate == "scale":
+            model = assemble_models(models, example, "parallel", targets)
+        else:
+            try:
+                fitted[candidate] = [fit_gate(candidate, m, fit, example) for m, (fit, _) in zip(models, splits)]
+            except ModellegoError:  # a gate this architecture cannot have (no layer to compare patterns on)
+                continue
+            model = assemble_models(models, example, "parallel", targets, calibration=candidate,
+                                    stats=fitted[candidate], temperature=temperature)
+        with torch.no_grad():
+            predictions = torch.cat([model(batch).argmax(1) for batch in images.split(256)])
+        accuracies[candidate] = (predictions == labels).float().mean().item()
+    best = max(accuracies, key=lambda name: (accuracies[name], -list(candidates).index(name)))
+    record = {"protocol": "own held-out training images", "chosen": best, "held_out_accuracy": accuracies,
+              "held_out_samples": int(len(labels))}
+    if best in fitted:
+        record["stats"] = fitted[best]
+    record["fitted"] = fitted  # every gate's statistics, for callers comparing them (not written to files)
+    return best, record
 
 
 def _union(manifests: list[Manifest]) -> tuple[list[ClassRef], list[int]]:
@@ -336,16 +422,23 @@ def pareto_front(candidates: list[dict]) -> list[dict]:
 
 
 def assemble(paths: Sequence[FilePath], out: FilePath, mode: str = "padded", scale_logits: bool = True,
-             data: DataOptions | None = None, progress: bool = True) -> Brick:
-    """Assemble component files into one model answering the union of their classes, and save it."""
+             data: DataOptions | None = None, progress: bool = True, calibration: str | None = None,
+             temperature: float = DEFAULT_TEMPERATURE) -> Brick:
+    """Assemble component files into one model answering the union of their classes, calibrated by
+    `calibration` (see `assembly`), and save it; a gate's statistics travel in the file."""
     if any(_graph_file(path) for path in paths):
-        return _graphs().assemble(paths, out, mode, scale_logits, data)
+        if calibration not in (None, "auto", "scale", "none"):
+            raise ModellegoError(f"graph assemblies are calibrated by the paper's scaling only; drop --calibration "
+                                 f"{calibration} (or pass --calibration scale or none)")
+        return _graphs().assemble(paths, out, mode, scale_logits and calibration != "none", data)
     check_output_path(out, inputs=list(paths))
     if len(paths) < 2:
         raise ModellegoError(f"assembling needs at least two components, got {len(paths)}")
     if mode not in MODES:
         raise ModellegoError(f"unknown assembly mode {mode!r}; choose 'padded' or 'parallel'")
-    result = assembly([load(path) for path in paths], mode, scale_logits, data, progress)
+    if calibration is not None and calibration not in (*CALIBRATIONS, "auto"):
+        raise ModellegoError(f"unknown calibration {calibration!r}; choose one of {', '.join(CALIBRATIONS)} or auto")
+    result = assembly([load(path) for path in paths], mode, scale_logits, data, progress, calibration, temperature)
     _write(result.model, out, result.manifest)
     return result
 
