@@ -31,16 +31,17 @@ class Cut:
     classifier: str
     plans: list[tuple[nn.Module, object, list[int]]] = field(default_factory=list, repr=False)
     empty: list[str] = field(default_factory=list)
+    sizes: dict[str, tuple[int, int]] = field(default_factory=dict)  # the source layers' (outputs, inputs)
 
     def key(self) -> tuple:
         """Equal for two cuts that keep exactly the same channels (so give the same component)."""
         return tuple((name, tuple(self.outputs[name].tolist()), tuple(self.inputs[name].tolist()))
                      for name in sorted(self.outputs))
 
-    def unchanged(self, layers: dict[str, nn.Module]) -> set[str]:
-        """The layers that keep every input and output channel."""
-        return {name for name, layer in layers.items() if name != self.classifier
-                and len(self.outputs[name]) == output_channels(layer) and len(self.inputs[name]) == input_channels(layer)}
+    def unchanged(self) -> set[str]:
+        """The layers that keep every input and output channel of the source (the classifier never does)."""
+        return {name for name, (outputs, inputs) in self.sizes.items() if name != self.classifier
+                and len(self.outputs[name]) == outputs and len(self.inputs[name]) == inputs}
 
 
 def plan_cut(model: nn.Module, masks: ComponentMasks, task: list[int], graph: ChannelGraph) -> Cut:
@@ -92,7 +93,8 @@ def plan_cut(model: nn.Module, masks: ComponentMasks, task: list[int], graph: Ch
     outputs = {name: torch.nonzero(~gone).flatten() for name, gone in removed_out.items()}
     outputs[masks.classifier] = torch.tensor(task)
     inputs = {name: torch.nonzero(~gone).flatten() for name, gone in removed_in.items()}
-    return Cut(outputs, inputs, list(task), masks.classifier, plans, empty)
+    sizes = {name: (output_channels(layer), input_channels(layer)) for name, layer in layers.items()}
+    return Cut(outputs, inputs, list(task), masks.classifier, plans, empty, sizes)
 
 
 def disassemble(model: nn.Module, masks: ComponentMasks, classes: str | Sequence[str | int],
