@@ -36,6 +36,7 @@ class Thresholds:
 
 PAPER = Thresholds()
 FLATTEN_RULES = ("any-feature", "keep-all")
+DEFAULT_FLATTEN = "any-feature"  # what `disassemble` uses unless told otherwise (measured: docs/results.md)
 MASKS_FORMAT = "modellego-masks"
 
 

@@ -157,9 +157,9 @@ def _batches(images: torch.Tensor | Dataset, batch_size: int) -> Iterator[torch.
             yield batch[0] if isinstance(batch, (list, tuple)) else batch
 
 
-def _design(layer: nn.Module, x: torch.Tensor, columns: torch.Tensor | None) -> torch.Tensor:
+def _design(layer: nn.Module, x: torch.Tensor, columns: torch.Tensor | None, offset: bool) -> torch.Tensor:
     """The least-squares inputs of `layer` for its input `x`: G×n×d (a conv's unfolded patches per group,
-    a Linear's features), with a column of ones for the bias."""
+    a Linear's features), with a column of ones for the offset (`offset`)."""
     if columns is not None:
         x = x.index_select(1 if isinstance(layer, nn.Conv2d) else x.dim() - 1, columns)
     if isinstance(layer, nn.Conv2d):
@@ -174,7 +174,7 @@ def _design(layer: nn.Module, x: torch.Tensor, columns: torch.Tensor | None) -> 
         design = design.reshape(groups, batch * positions, width // groups)
     else:
         design = x.reshape(1, -1, x.shape[-1])
-    if layer.bias is not None:
+    if offset:
         design = torch.cat([design, design.new_ones(*design.shape[:2], 1)], 2)
     return design
 
@@ -188,8 +188,9 @@ def _targets(layer: nn.Module, y: torch.Tensor) -> torch.Tensor:
     return y.reshape(1, -1, y.shape[-1])
 
 
-def _weights(layer: nn.Module, fit: LayerFit) -> torch.Tensor:
-    """The layer's current weights (and bias) as G×d×o, in `_design`'s layout."""
+def _weights(layer: nn.Module, fit: LayerFit, offset: bool) -> torch.Tensor:
+    """The layer's current weights (and bias, zero without one, when `offset`) as G×d×o, in `_design`'s
+    layout."""
     weight = layer.weight.detach()
     if fit.rows is not None:
         weight = weight[fit.rows]
@@ -198,18 +199,26 @@ def _weights(layer: nn.Module, fit: LayerFit) -> torch.Tensor:
     groups = layer.groups if isinstance(layer, nn.Conv2d) else 1
     out = weight.shape[0]
     matrix = weight.reshape(groups, out // groups, -1)
-    if layer.bias is not None:
-        bias = layer.bias.detach() if fit.rows is None else layer.bias.detach()[fit.rows]
+    if offset:
+        if layer.bias is None:
+            bias = matrix.new_zeros(out)
+        else:
+            bias = layer.bias.detach() if fit.rows is None else layer.bias.detach()[fit.rows]
         matrix = torch.cat([matrix, bias.reshape(groups, out // groups, 1)], 2)
     return matrix.transpose(1, 2)
 
 
-def _store(layer: nn.Module, fit: LayerFit, solution: torch.Tensor) -> None:
-    """Write a solution in `_weights`' layout back into the layer's rows and columns."""
+def _store(layer: nn.Module, fit: LayerFit, solution: torch.Tensor, offset: bool, norm: nn.Module | None) -> None:
+    """Write a solution in `_weights`' layout back into the layer's rows and columns. A layer without a bias
+    hands its fitted offset to the BatchNorm that reads it (BN(z + b) is BN(z) with its mean lowered by b)."""
     matrix = solution.transpose(1, 2).reshape(-1, solution.shape[1]).to(layer.weight.dtype)  # O×d
-    if layer.bias is not None:
+    where = fit.rows if fit.rows is not None else slice(None)
+    if offset:
         matrix, bias = matrix[:, :-1], matrix[:, -1]
-        layer.bias[fit.rows if fit.rows is not None else slice(None)] = bias
+        if layer.bias is not None:
+            layer.bias[where] = bias
+        else:
+            norm.running_mean[where] -= bias.to(norm.running_mean.dtype)
     shape = layer.weight.shape
     rows = fit.rows if fit.rows is not None else torch.arange(shape[0])
     if fit.columns is None:
@@ -225,10 +234,12 @@ def following_batchnorm(model: nn.Module, example: torch.Tensor) -> dict[str, st
              if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats}
     produced: dict[int, str] = {}
     found: dict[str, str] = {}
+    alive: list[torch.Tensor] = []  # so that no tensor's id is reused during the trace
 
     def output_of(name: str):
         def hook(module, args, output) -> None:
-            produced.setdefault(id(output), name)
+            alive.append(output)
+            produced[id(output)] = name
         return hook
 
     def input_of(name: str):
@@ -260,6 +271,19 @@ def _through_batchnorm(y: torch.Tensor, source_norm: nn.Module, norm: nn.Module,
     return (y - source_mean.view(shape)) * (std / source_std).view(shape) + mean.view(shape)
 
 
+def _prior_through_batchnorm(prior: torch.Tensor, source_norm: nn.Module, norm: nn.Module,
+                             source_rows: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+    """The weights (G×d×o, last input = the offset) that `_through_batchnorm` makes of the source's weights."""
+    scale = _through_batchnorm(torch.ones(1, len(source_rows)), source_norm, norm, source_rows, rows)
+    shift = _through_batchnorm(torch.zeros(1, len(source_rows)), source_norm, norm, source_rows, rows)
+    scale, shift = (scale - shift).flatten(), shift.flatten()
+    groups, _, out = prior.shape
+    scale, shift = scale.reshape(groups, 1, out), shift.reshape(groups, out)
+    adjusted = prior * scale.to(prior.dtype)
+    adjusted[:, -1] += shift.to(prior.dtype)
+    return adjusted
+
+
 @torch.no_grad()
 def reconstruct(model: nn.Module, source: nn.Module, fits: dict[str, LayerFit], images: torch.Tensor | Dataset,
                 ridge: float = RIDGE, batch_size: int = 64, batchnorm: bool = True,
@@ -282,17 +306,21 @@ def reconstruct(model: nn.Module, source: nn.Module, fits: dict[str, LayerFit], 
     layers, source_layers = parameter_layers(model), parameter_layers(source)
     norms = following_batchnorm(model, first[:1].to(device))
     modules = dict(model.named_modules())
+    source_modules = dict(source.named_modules())
     used_for_norms = 0
     if batchnorm:  # only the BatchNorms after a re-fitted layer: the re-fit makes up for their new statistics
         used_for_norms = reestimate_batchnorm(model, images, samples=count, batch_size=batch_size,
                                               only=[modules[norms[name]] for name in fits if name in norms])
-    source_modules = dict(source.named_modules())
     order = [name for name in execution_order(model, first[:1].to(device)) if name in fits]
     for name in track(order, "re-fitting layers", len(order), progress):
         layer, fit = layers[name], fits[name]
         rows = fit.rows
         groups = layer.groups if isinstance(layer, nn.Conv2d) else 1
-        prior = _weights(layer, fit)
+        norm = modules[norms[name]] if name in norms else None
+        offset = layer.bias is not None or norm is not None
+        prior = _weights(layer, fit, offset)
+        if norm is not None:  # the prior too is the source's layer seen through the model's BatchNorm
+            prior = _prior_through_batchnorm(prior, source_modules[norms[name]], norm, fit.source_rows, rows)
         equations = NormalEquations(groups, prior.shape[1], prior.shape[2])
         for index, batch in enumerate(_batches(images, batch_size)):
             batch = batch.to(device)
@@ -302,8 +330,8 @@ def reconstruct(model: nn.Module, source: nn.Module, fits: dict[str, LayerFit], 
             y = y.index_select(1 if isinstance(layer, nn.Conv2d) else y.dim() - 1, fit.source_rows.to(device))
             if name in norms:
                 y = _through_batchnorm(y, source_modules[norms[name]], modules[norms[name]], fit.source_rows, rows)
-            equations.add(_design(layer, x, fit.columns), _targets(layer, y))
-        _store(layer, fit, equations.solve(prior, ridge))
+            equations.add(_design(layer, x, fit.columns, offset), _targets(layer, y))
+        _store(layer, fit, equations.solve(prior, ridge), offset, norm)
     return Reconstruction(count, ridge, len(order), used_for_norms)
 
 

@@ -12,6 +12,7 @@ layers before the first one the cut changes are left as they are."""
 from __future__ import annotations
 
 import copy
+import math
 import warnings
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -34,6 +35,7 @@ from modellego.reconstruct import (RIDGE, LayerFit, Reconstruction, changed_laye
 
 SEARCH_ALPHAS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6)
 SEARCH_BETAS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)
+IN_MEMORY = 1 << 26  # reconstruction images up to this many values are held as one tensor during the search
 MIXING_NORMS = (nn.LayerNorm, nn.GroupNorm)  # normalise across channels: masking a channel is not removing it
 
 
@@ -146,6 +148,8 @@ def search_thresholds(model: nn.Module, profile: Profile, classes: str | Sequenc
     shape = tuple(profile.input_shape)
     graph = graph or ChannelGraph(model, shape)
     flops_of = _FlopModel(model, shape)
+    if isinstance(reconstruct_images, Dataset) and len(reconstruct_images) * math.prod(shape) <= IN_MEMORY:
+        reconstruct_images = torch.stack([reconstruct_images[i][0] for i in range(len(reconstruct_images))])
 
     # 1. every grid point's cut and FLOPs, without a forward pass; equal cuts are one candidate
     grid = [(alpha, beta) for alpha in alphas for beta in betas]
