@@ -10,11 +10,13 @@ from typing import Sequence
 
 import torch
 from torch import nn
+from torch.utils.data import Dataset
 
 from modellego.data.subsets import resolve_classes
 from modellego.errors import ModellegoError
 from modellego.graph import ChannelGraph
 from modellego.masks import ComponentMasks
+from modellego.reconstruct import RIDGE, reconstruct_component
 from modellego.layers import input_channels, is_depthwise, is_grouped, output_channels, parameter_layers
 
 
@@ -99,18 +101,25 @@ def plan_cut(model: nn.Module, masks: ComponentMasks, task: list[int], graph: Ch
 
 def disassemble(model: nn.Module, masks: ComponentMasks, classes: str | Sequence[str | int],
                 example_input: torch.Tensor | tuple[int, ...] | None = None,
-                graph: ChannelGraph | None = None) -> nn.Module:
+                graph: ChannelGraph | None = None, images: torch.Tensor | Dataset | None = None,
+                ridge: float = RIDGE) -> nn.Module:
     """The component of `model` for `classes` (names or output positions, in the order wanted): a standalone,
     smaller copy of `model` whose outputs are those classes. `example_input` (a batch, or its shape C, H, W)
     traces the graph; by default, the input shape the masks were located with. `graph`, a ChannelGraph already
     traced on `model` (the one `locate(..., graph=)` used), saves tracing it again; `model` is never changed.
+    With `images` (the task's training images, e.g. the profile's), the component is reconstructed: its layers
+    re-fitted without gradients to reproduce `model`'s outputs on them (`modellego.reconstruct`); without, it
+    is the paper's pure method.
 
     Channels kept: those any task class routes through, united over everything coupled with them
     (residual adds, depthwise convs); grouped convs keep all their channels (their groups must stay equally
     wide); input channels stay; no layer is left empty (a warning says so); the classifier keeps exactly the
     task's rows, in the task's order.
     """
-    return disassemble_with_cut(model, masks, classes, example_input, graph)[0]
+    component, cut = disassemble_with_cut(model, masks, classes, example_input, graph)
+    if images is not None:
+        reconstruct_component(component, model, cut, images, ridge)
+    return component
 
 
 def disassemble_with_cut(model: nn.Module, masks: ComponentMasks, classes: str | Sequence[str | int],
