@@ -37,13 +37,13 @@ def all_fits(model: nn.Module) -> dict[str, LayerFit]:
 
 # --- the mathematics ----------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("builder, width", [("lenet5", 1.0), ("resnet18", 0.125), ("torchvision:mobilenet_v2", 0.25)])
+@pytest.mark.parametrize("builder, width", [("lenet5", 1.0), ("resnet18", 0.125)])
 @pytest.mark.parametrize("batchnorm", [False, True])
 def test_a_chain_where_nothing_is_pruned_refits_to_the_same_function(builder, width, batchnorm):
     model, _ = random_source(builder, width)
     work = copy.deepcopy(model)
     torch.manual_seed(1)
-    reconstruct(work, model, all_fits(work), torch.rand(24, *SHAPE), batch_size=8, batchnorm=batchnorm)
+    reconstruct(work, model, all_fits(work), torch.rand(16, *SHAPE), batch_size=8, batchnorm=batchnorm)
     images = torch.rand(6, *SHAPE)
     with torch.no_grad():
         expected = model(images)
@@ -175,8 +175,7 @@ def test_the_pure_method_reproduces_the_components_of_before_byte_for_byte(how, 
     assert hashlib.sha256(path.read_bytes()).hexdigest() == GOLDEN[(how, builder)]
 
 
-@pytest.mark.parametrize("builder, width", [("lenet5", 1.0), ("resnet18", 0.125), ("googlenet", 0.125),
-                                            ("torchvision:mobilenet_v2", 0.25)])
+@pytest.mark.parametrize("builder, width", [("lenet5", 1.0), ("resnet18", 0.125), ("torchvision:mobilenet_v2", 0.25)])
 def test_a_shared_graph_prunes_a_copy_and_masking_equals_cutting(builder, width):
     """disassemble(graph=) gives the component a fresh trace gives and leaves the model alone; the search's
     masked model computes the component's function, before and after reconstruction; FLOPs without cutting."""
@@ -197,7 +196,7 @@ def test_a_shared_graph_prunes_a_copy_and_masking_equals_cutting(builder, width)
     images = torch.rand(5, *SHAPE)
     with torch.no_grad():
         torch.testing.assert_close(masked(images)[:, [1, 4]], shared(images), rtol=1e-4, atol=1e-6)
-    refit_images = torch.rand(16, *SHAPE)
+    refit_images = torch.rand(8, *SHAPE)
     reconstruct(shared, model, component_fits(cut, order), refit_images)
     reconstruct(masked, model, search_module._fits(masked, cut, order), refit_images)
     with torch.no_grad():
@@ -312,6 +311,8 @@ def test_cli_reconstructs_by_default_and_no_reconstruct_is_the_pure_method(files
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         expected = pipeline.component(Brick(model, manifest), masks, "Trouser,Dress")
+    expected.manifest.metrics = {"params": modellego.count_params(expected.model),  # as `disassemble` records
+                                 "flops": modellego.count_flops(expected.model, expected.manifest.input)}
     modellego.save(expected.model, folder / "expected.safetensors", expected.manifest)
     assert pure.read_bytes() == (folder / "expected.safetensors").read_bytes()
     assert invoke(*base, "--out", str(refit)).returncode == 0
