@@ -167,11 +167,13 @@ def _design(layer: nn.Module, x: torch.Tensor, columns: torch.Tensor | None, off
             x = F.pad(x, layer._reversed_padding_repeated_twice)
         else:
             x = F.pad(x, layer._reversed_padding_repeated_twice, mode=layer.padding_mode)
-        patches = F.unfold(x, layer.kernel_size, dilation=layer.dilation, stride=layer.stride)  # B, C·k², P
-        batch, width, positions = patches.shape
+        (kh, kw), (sh, sw), (dh, dw) = layer.kernel_size, layer.stride, layer.dilation
+        # windows as a strided view (cheaper than F.unfold's copy): B, C, H', W', kh, kw
+        windows = x.unfold(2, (kh - 1) * dh + 1, sh).unfold(3, (kw - 1) * dw + 1, sw)[..., ::dh, ::dw]
+        batch, channels, out_h, out_w = windows.shape[:4]
         groups = layer.groups
-        design = patches.view(batch, groups, width // groups, positions).permute(1, 0, 3, 2)
-        design = design.reshape(groups, batch * positions, width // groups)
+        design = windows.reshape(batch, groups, channels // groups, out_h * out_w, kh * kw).permute(1, 0, 3, 2, 4)
+        design = design.reshape(groups, batch * out_h * out_w, channels // groups * kh * kw)
     else:
         design = x.reshape(1, -1, x.shape[-1])
     if offset:
