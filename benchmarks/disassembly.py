@@ -1,7 +1,9 @@
-"""Disassembly results on Fashion-MNIST: train, profile, disassemble (paper defaults and --auto), evaluate.
+"""Disassembly results on Fashion-MNIST: train, profile, disassemble (the paper's pure method, + reconstruction,
++ reconstruction with --auto), evaluate.
 
-    python benchmarks/disassembly.py [--out-dir runs/results] [--models lenet5,vgg16] [--vgg-width 0.25]
+    python benchmarks/disassembly.py [--out-dir runs/results] [--models lenet5,vgg16,resnet18] [--vgg-width 0.25]
                                      [--epochs lenet5=8,vgg16=5] [--lr lenet5=2e-3,vgg16=2e-3] [--max-drop 1.0]
+                                     [--settings pure,reconstruct,auto] [--flatten-study]
                                      [--doc docs/results.md] [--no-doc]
 
 Every step runs the `modellego` command line (as `python -m modellego ...`, the same program as the
@@ -11,7 +13,10 @@ Every step runs the `modellego` command line (as `python -m modellego ...`, the 
    file is already in --out-dir and was trained with the same settings;
 2. `modellego profile` it (50 most confident correct training samples per class) — reused likewise;
 3. for every task, `modellego disassemble` with the paper's defaults (α_conv=0.3 β_conv=0.2 α_fc=0.4
-   β_fc=0.3) and with `--auto --max-drop 1.0`, then `modellego eval COMPONENT --against MODEL --json`;
+   β_fc=0.3) and `--no-reconstruct` (`pure`, the paper's method), the same with reconstruction (`reconstruct`,
+   the default), and `--auto --max-drop 1.0` with reconstruction (`auto`), then
+   `modellego eval COMPONENT --against MODEL --json`; with `--flatten-study`, also `pure` and `reconstruct`
+   with the other `--flatten` rule (settings marked `keep-all` / `any-feature`);
 4. print a markdown table and write it into --doc between the markers
    `<!-- results:begin -->` / `<!-- results:end -->` (the rest of the page is kept; a missing page is
    created with a minimal header). The raw numbers go to OUT_DIR/results.json.
@@ -52,7 +57,15 @@ TASK_LABELS = {
 MODEL_DEFAULTS = {  # per model: width, epochs, peak lr (Adam, one-cycle), batch size 128
     "lenet5": {"width": 1.0, "epochs": 8, "lr": 2e-3},
     "vgg16": {"width": 0.25, "epochs": 5, "lr": 2e-3},
+    "resnet18": {"width": 0.25, "epochs": 5, "lr": 2e-3},
 }
+LABELS = {"lenet5": "LeNet-5", "vgg16": "VGG-16-BN", "resnet18": "ResNet-18"}
+SETTINGS = {  # name -> extra `disassemble` flags
+    "pure": ["--no-reconstruct"],
+    "reconstruct": [],
+    "auto": ["--auto"],
+}
+OTHER_FLATTEN = {"any-feature": "keep-all", "keep-all": "any-feature"}
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 START = time.monotonic()
 
@@ -180,22 +193,33 @@ def results_block(rows: list[dict], sources: dict, elapsed: float, failures: lis
         parts.append(f"| {s['label']} | {s['width']:g} | {s['epochs']} | {s['lr']:g} | {pct(s['accuracy'])} "
                      f"| {human(s['params'])} | {human(s['flops'])} |" if s.get("accuracy") is not None
                      else f"| {s['label']} | {s['width']:g} | {s['epochs']} | {s['lr']:g} | failed | | |")
-    parts += ["", "Components (each task's test images; `defaults` = α_conv 0.3, β_conv 0.2, α_fc 0.4, β_fc 0.3; "
-              "`auto` = `--auto --max-drop 1.0`):", "", table(rows), ""]
+    parts += ["", "Components (each task's test images; `pure` = the paper's method, α_conv 0.3, β_conv 0.2, "
+              "α_fc 0.4, β_fc 0.3, `--no-reconstruct`; `reconstruct` = the same α/β with reconstruction (the "
+              "default); `auto` = `--auto --max-drop 1.0` with reconstruction):", "", table(rows), ""]
+    within = [r for r in rows if r["setting"] == "reconstruct" and not r.get("error")]
+    if within:
+        close = [r for r in within if r["eval"]["accuracy"] >= r["eval"]["restricted_base"] - 0.01]
+        parts.append(f"With reconstruction at the paper's α/β, {len(close)} of {len(within)} rows are within 1 point "
+                     "of the restricted base.")
+        parts.append("")
     below = below_restricted(rows)
     parts.append("Rows where Disa is below the restricted base:" if below else
                  "No row has Disa below the restricted base.")
     parts += [f"- {b}" for b in below]
     if failures:
         parts += ["", "Commands that failed:"] + [f"- {f}" for f in failures]
-    autos = [r for r in rows if r["setting"] == "auto" and r.get("auto")]
+    autos = [r for r in rows if r["setting"].startswith("auto") and r.get("auto")]
     if autos:
         parts += ["", "`--auto` search (held-out *training* images of the task, 10% per class, not the profile's samples):", ""]
         for r in autos:
             a = r["auto"]
             parts.append(f"- {r['model_label']}, {TASK_LABELS[r['task']]}: validation restricted base "
                          f"{pct(a['validation_restricted_base'])}%, chosen component {pct(a['validation_accuracy'])}% "
-                         f"on {a['validation_samples']} images" + ("" if a.get("met_target") else
+                         f"on {a['validation_samples']} images, {a.get('evaluated', '?')} of {a.get('grid', '?')} "
+                         f"grid points evaluated in {r.get('seconds', 0):.0f} s; Pareto front "
+                         + ", ".join(f"{c['alpha_conv']:g}/{c['beta_conv']:g}: {pct(c['accuracy'])}% at "
+                                     f"{human(c['flops'])}" for c in a.get("pareto", []))
+                         + ("" if a.get("met_target") else
                                                                   " — NO candidate met the target; most accurate chosen"))
     parts += ["", f"_Generated by `python benchmarks/disassembly.py` in {elapsed / 60:.1f} min "
               f"({time.strftime('%Y-%m-%d %H:%M')}, {platform.machine()}, {os.cpu_count()} CPU cores)._", "", END]
@@ -214,7 +238,10 @@ def write_doc(doc: Path, block: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out-dir", type=Path, default=Path("runs/results"))
-    parser.add_argument("--models", default="lenet5,vgg16")
+    parser.add_argument("--models", default="lenet5,vgg16,resnet18")
+    parser.add_argument("--settings", default="pure,reconstruct,auto", help="which of: " + ", ".join(SETTINGS))
+    parser.add_argument("--flatten-study", action="store_true",
+                        help="also pure and reconstruct with the other --flatten rule")
     parser.add_argument("--vgg-width", type=float, default=MODEL_DEFAULTS["vgg16"]["width"])
     parser.add_argument("--epochs", help="N for every model, or lenet5=8,vgg16=5")
     parser.add_argument("--lr", help="peak learning rate: LR for every model, or lenet5=2e-3,vgg16=2e-3")
@@ -224,6 +251,12 @@ def main() -> None:
     parser.add_argument("--no-doc", action="store_true", help="print the table only")
     args = parser.parse_args()
 
+    sys.path.insert(0, str(ROOT / "src"))
+    from modellego.masks import DEFAULT_FLATTEN as default_flatten
+
+    for setting in args.settings.split(","):
+        if setting not in SETTINGS:
+            sys.exit(f"--settings: {setting!r} is not one of {', '.join(SETTINGS)}")
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     for m in models:
         if m not in MODEL_DEFAULTS:
@@ -244,7 +277,7 @@ def main() -> None:
             cfg["width"] = args.vgg_width
         cfg["epochs"] = epochs.get(name, cfg["epochs"])
         cfg["lr"] = lrs.get(name, cfg["lr"])
-        label = "LeNet-5" if name == "lenet5" else f"VGG-16-BN ×{cfg['width']:g}"
+        label = LABELS[name] if cfg["width"] == 1.0 else f"{LABELS[name]} ×{cfg['width']:g}"
         stem = name if cfg["width"] == 1.0 else f"{name}-w{cfg['width']:g}"
         model_file, profile_file = out_dir / f"{stem}.safetensors", out_dir / f"{stem}.profile.safetensors"
         source = {"label": label, **cfg, "file": str(rel(model_file))}
@@ -276,11 +309,17 @@ def main() -> None:
             continue
 
         # 3. disassemble and evaluate
+        settings = [(setting, SETTINGS[setting]) for setting in args.settings.split(",")]
+        if args.flatten_study:
+            other = OTHER_FLATTEN[default_flatten]
+            settings += [(f"{setting} {other}", SETTINGS[setting] + ["--flatten", other])
+                         for setting in ("pure", "reconstruct")]
         for task, classes in tasks:
-            for setting in ("defaults", "auto"):
-                comp = out_dir / f"{stem}-{task}-{setting}.safetensors"
+            for setting, flags in settings:
+                comp = out_dir / f"{stem}-{task}-{setting.replace(' ', '-')}.safetensors"
                 comp.unlink(missing_ok=True)
-                extra = ["--auto", "--max-drop", args.max_drop] if setting == "auto" else []
+                extra = [*flags, *(["--max-drop", args.max_drop] if "--auto" in flags else [])]
+                started = time.monotonic()
                 row = {"model": name, "model_label": label, "task": task, "classes": classes, "setting": setting,
                        "file": str(rel(comp))}
                 rows.append(row)
@@ -289,6 +328,7 @@ def main() -> None:
                        f"disassemble {label} {TASK_LABELS[task]} ({setting})") is None:
                     row["error"] = "disassemble"
                     continue
+                row["seconds"] = time.monotonic() - started
                 e = parse_json(run(["eval", rel(comp), "--against", rel(model_file), "--json"], f"eval-{comp.stem}",
                                    f"evaluate {comp.name}"))
                 info = parse_json(run(["info", rel(comp), "--json"], f"info-{comp.stem}", f"read {comp.name}"))
@@ -297,7 +337,7 @@ def main() -> None:
                     continue
                 row["eval"] = e
                 row["thresholds"] = (info or {}).get("provenance", {}).get("disassembled")
-                if row["thresholds"] and setting == "auto":
+                if row["thresholds"] and setting.startswith("auto"):
                     row["auto"] = row["thresholds"].get("auto")
                 log(f"  Base {pct(e['base'])}  RB {pct(e['restricted_base'])}  Disa {pct(e['accuracy'])}  "
                     f"params {e['params'] / e['source_params']:.3f}  FLOPs {e['flops'] / e['source_flops']:.3f}")

@@ -23,7 +23,8 @@ from modellego.data.datasets import check_image_size
 from modellego.demo import run_demo
 from modellego.errors import ModellegoError
 from modellego.evaluate import count_flops, count_params
-from modellego.masks import PAPER, Thresholds, check_thresholds
+from modellego.masks import DEFAULT_FLATTEN, FLATTEN_RULES, PAPER, Thresholds, check_thresholds
+from modellego.reconstruct import RIDGE
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Make new CNN classifiers without training: disassemble trained models, assemble components.")
@@ -269,6 +270,14 @@ def disassemble(
     max_drop: float = typer.Option(1.0, "--max-drop", help="With --auto: accuracy points the component may lose on validation data."),
     evaluate: bool = typer.Option(False, "--evaluate", help="Also measure and record test accuracy, Base and "
                                   "Restricted base (an assembly's mean Base needs them; `eval --against` gives them any time)."),
+    no_reconstruct: bool = typer.Option(False, "--no-reconstruct", help="The paper's pure method: no re-fitting of "
+                                        "the component's layers and no BatchNorm re-estimation."),
+    reconstruct_samples: Optional[int] = typer.Option(None, "--reconstruct-samples", help="Re-fit on N training "
+                                                      "images per task class (default: the profile's images of the task)."),
+    ridge: float = typer.Option(RIDGE, "--ridge", help="Reconstruction's ridge, relative to the mean squared input."),
+    flatten: str = typer.Option(DEFAULT_FLATTEN, "--flatten", help="Where conv channels are flattened into a Linear "
+                                "layer: any-feature keeps a channel if any of its features is kept; keep-all keeps "
+                                "them all (the official code's behaviour)."),
     data_root: Optional[Path] = DataRootOption,
     image_size: Optional[int] = ImageSizeOption,
     no_verify: bool = NoVerifyOption,
@@ -281,9 +290,17 @@ def disassemble(
     option_float("--max-drop", max_drop, 0.0, 100.0)
     option_seed(seed)
     _check_image_size(image_size)
+    if flatten not in FLATTEN_RULES:
+        raise ModellegoError(f"--flatten must be {' or '.join(FLATTEN_RULES)}, got {flatten!r}")
+    if reconstruct_samples is not None:
+        if no_reconstruct:
+            raise ModellegoError("--reconstruct-samples has no effect with --no-reconstruct; drop one of them")
+        option_int("--reconstruct-samples", reconstruct_samples, 1, MAX_SAMPLES_PER_CLASS)
+    option_float("--ridge", ridge, 0.0, 1e6, low_open=True)
     result = pipeline.disassemble(model, profile_path, classes, out_path,
                                   Thresholds(alpha_conv, beta_conv, alpha_fc, beta_fc), auto, max_drop, evaluate,
-                                  _data(data_root, image_size, no_verify), seed)
+                                  _data(data_root, image_size, no_verify), seed, reconstruct=not no_reconstruct,
+                                  reconstruct_samples=reconstruct_samples, flatten=flatten, ridge=ridge)
     if result.search is not None:
         search, chosen = result.search, result.search.thresholds
         held_out = ("validation nodes" if "validation_nodes" in result.brick.manifest.provenance["disassembled"]["auto"]
@@ -291,10 +308,14 @@ def disassemble(
         out.print(f"--auto: restricted base on {search.validation_samples} {held_out} "
                   f"{_percent(search.restricted_base)}; chose α_conv={chosen.alpha_conv} β_conv={chosen.beta_conv} "
                   f"α_fc={chosen.alpha_fc} β_fc={chosen.beta_fc} (validation {_percent(search.accuracy)}, "
-                  f"{len(search.candidates)} candidates)")
+                  f"{len(search.candidates)} of {search.grid} grid points evaluated)")
         front = result.brick.manifest.provenance["disassembled"]["auto"]["pareto"]
         out.print("Pareto front (validation accuracy vs FLOPs): " + ", ".join(
             f"α {c['alpha_conv']}/β {c['beta_conv']}: {_percent(c['accuracy'])} at {c['flops']:,}" for c in front))
+    refit = result.brick.manifest.provenance["disassembled"].get("reconstruction")
+    if refit:
+        out.print(f"reconstructed: {refit['layers_refitted']} layers re-fitted on {refit['images']} training images "
+                  f"(ridge {refit['ridge']:g}), no gradients")
     metrics = result.metrics
     accuracy = (f"test accuracy {_percent(metrics['test_accuracy'])} (restricted base "
                 f"{_percent(metrics['restricted_base'])}), " if evaluate else "")

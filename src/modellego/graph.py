@@ -3,6 +3,7 @@ feed a layer's input channels, through flatten, concat, residual adds and depthw
 
 from __future__ import annotations
 
+import copy
 import warnings
 from collections import defaultdict
 from dataclasses import dataclass
@@ -53,12 +54,40 @@ class ChannelGraph:
         self._names = {module: name for name, module in self._modules.items()}
         self._channelwise = {module: name for name, module in model.named_modules() if isinstance(module, CHANNELWISE)}
         self._source_cache: dict[str, set[str]] = {}
-        self._feeds = self._collect()
+        self._feeds: dict[str, list[Feed]] | None = None
+        self._groups: dict[nn.Module, list] = {}
+
+    def __deepcopy__(self, memo: dict) -> "ChannelGraph":
+        """A copy for a copy of the model: `copy.deepcopy((model, graph))` gives a graph whose nodes are the copied
+        model's modules (one memo). Shared, not copied: the traced autograd nodes and torch-pruning's ops module
+        (they cannot be copied, and pruning never reads them) and torch-pruning's pruner objects (it recognises
+        its handlers by comparing them with its own, e.g. to couple a depthwise conv's inputs with its outputs)."""
+        dependency = self.dependency
+        shared = [dependency.ops, *dependency.REGISTERED_PRUNERS.values(), *dependency.CUSTOMIZED_PRUNERS.values()]
+        for node in dependency.module2node.values():
+            shared.append(node.grad_fn)
+            shared.extend(dep.handler.__self__ for dep in node.dependencies if hasattr(dep.handler, "__self__"))
+        for item in shared:
+            memo.setdefault(id(item), item)
+        clone = ChannelGraph.__new__(ChannelGraph)
+        memo[id(self)] = clone
+        clone.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        return clone
 
     def feeds(self, layer: str) -> list[Feed]:
         """Every (producer output channel → `layer` input channel) pair, for Conv2d/Linear producers; `layer` is
         a Conv2d/Linear layer or a per-channel module."""
+        if self._feeds is None:
+            self._feeds = self._collect()
         return self._feeds.get(layer, [])
+
+    def output_groups(self, head: nn.Module) -> list:
+        """torch-pruning's groups rooted at the output channels of every Conv2d/Linear layer but `head` (the
+        classifier, whose rows are chosen by class), computed once per head."""
+        if head not in self._groups:
+            self._groups[head] = list(self.dependency.get_all_groups(ignored_layers=[head],
+                                                                        root_module_types=(nn.Conv2d, nn.Linear)))
+        return self._groups[head]
 
     def _sources(self, consumer: str) -> set[str]:
         """The Conv2d/Linear layers whose outputs reach `consumer`'s input without crossing another one."""

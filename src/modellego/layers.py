@@ -24,6 +24,11 @@ def output_channels(layer: nn.Module) -> int:
     return layer.out_channels if isinstance(layer, nn.Conv2d) else layer.out_features
 
 
+def input_channels(layer: nn.Module) -> int:
+    """A Conv2d's input channels or a Linear's input features."""
+    return layer.in_channels if isinstance(layer, nn.Conv2d) else layer.in_features
+
+
 def is_depthwise(module: nn.Module) -> bool:
     """A grouped conv with one input channel per group (depthwise, any channel multiplier)."""
     return isinstance(module, nn.Conv2d) and module.groups > 1 and module.groups == module.in_channels

@@ -35,6 +35,8 @@ class Thresholds:
 
 
 PAPER = Thresholds()
+FLATTEN_RULES = ("any-feature", "keep-all")
+DEFAULT_FLATTEN = "any-feature"  # what `disassemble` uses unless told otherwise (measured: docs/results.md)
 MASKS_FORMAT = "modellego-masks"
 
 
@@ -122,11 +124,16 @@ def input_mask(relative: torch.Tensor, output_mask: torch.Tensor, alpha: float, 
 def locate(model: nn.Module, profile: Profile, alpha_conv: float = PAPER.alpha_conv,
            beta_conv: float = PAPER.beta_conv, alpha_fc: float = PAPER.alpha_fc, beta_fc: float = PAPER.beta_fc,
            example_input: torch.Tensor | tuple[int, ...] | None = None,
-           graph: ChannelGraph | None = None) -> ComponentMasks:
+           graph: ChannelGraph | None = None, flatten: str = "any-feature") -> ComponentMasks:
     """Find every class's channels in every Conv2d/Linear layer of `model`, from `profile` (of this model).
 
-    `graph` (a ChannelGraph of this model) can be passed to reuse its traced graph across calls."""
+    `graph` (a ChannelGraph of this model) can be passed to reuse its traced graph across calls. `flatten`: where
+    a conv's channels are flattened into a Linear layer's features (several features per channel),
+    "any-feature" keeps a channel if any of its features is kept; "keep-all" keeps every channel there (what
+    the paper's official code does in effect) and walks on from the conv as if all its outputs were kept."""
     check_thresholds({"alpha_conv": alpha_conv, "beta_conv": beta_conv, "alpha_fc": alpha_fc, "beta_fc": beta_fc})
+    if flatten not in FLATTEN_RULES:
+        raise ModellegoError(f"unknown flatten rule {flatten!r}; choose {' or '.join(FLATTEN_RULES)}")
     profile.check_model(model)
     layers = parameter_layers(model)
     order = profile.layers
@@ -149,6 +156,10 @@ def locate(model: nn.Module, profile: Profile, alpha_conv: float = PAPER.alpha_c
         for feed in graph.feeds(name):
             # A producer channel is kept if any input position it feeds is kept (flatten, concat, adds).
             index = feed.channels.expand(num_classes, -1)
+            if flatten == "keep-all" and len(feed.channels.unique()) < len(feed.channels):
+                masks[feed.producer][:, feed.channels] = 1.0
+                scores[feed.producer][:, feed.channels] = 1.0
+                continue
             masks[feed.producer].scatter_reduce_(1, index, kept[:, feed.inputs].float(), "amax")
             scores[feed.producer].scatter_reduce_(1, index, normalised[:, feed.inputs], "amax")
     return ComponentMasks(masks={name: mask > 0 for name, mask in masks.items()}, scores=scores, classes=list(profile.classes), classifier=classifier_name,

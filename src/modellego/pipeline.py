@@ -18,12 +18,14 @@ from modellego.assembly import MODES, assemble as assemble_models, scale as scal
 from modellego.gates import CALIBRATIONS, DEFAULT_TEMPERATURE, GATES, fit as fit_gate
 from modellego.data.subsets import SampleSubset, per_class_slice, resolve_classes
 from modellego.data.task import task_data
-from modellego.disassembly import disassemble as disassemble_model
+from modellego.disassembly import disassemble_with_cut
 from modellego.errors import ModellegoError
 from modellego.evaluate import count_flops, count_params, evaluate, predict, report, source_baselines
-from modellego.masks import PAPER, ComponentMasks, Thresholds, locate
+from modellego.graph import ChannelGraph
+from modellego.masks import DEFAULT_FLATTEN, FLATTEN_RULES, PAPER, ComponentMasks, Thresholds, locate
 from modellego.modelfile import Brick, ClassRef, Manifest, atomic_write, check_output_path, load, read_manifest, save, weights_hash
 from modellego.profiles import Profile, profile as profile_model
+from modellego.reconstruct import RIDGE, reconstruct_component
 from modellego.search import SearchResult, search_thresholds, validation_data
 from modellego.train import finetune as finetune_model, train_model
 
@@ -57,19 +59,28 @@ def _write(model: nn.Module, out: FilePath, manifest: Manifest) -> None:
         save(model, out, manifest)
 
 
-def component(source: Brick, masks: ComponentMasks, classes: str | Sequence[str | int]) -> Brick:
+def component(source: Brick, masks: ComponentMasks, classes: str | Sequence[str | int],
+              reconstruct_images: Dataset | torch.Tensor | None = None, ridge: float = RIDGE,
+              graph: ChannelGraph | None = None, flatten: str = "any-feature") -> Brick:
     """The component of `source` for `classes` (core `disassemble`), with a manifest recording its lineage:
-    the source's hash and provenance, the task, α/β and the profile's hash."""
+    the source's hash and provenance, the task, α/β and the profile's hash. With `reconstruct_images`, its
+    layers are re-fitted to the source's outputs on them (`reconstruct`), recorded in the provenance too.
+    `graph`: the ChannelGraph `locate` used on `source.model`; `flatten`: the rule `locate` used, recorded."""
     if [ref.name for ref in source.manifest.classes] != masks.classes:
         raise ModellegoError("the masks were located for a model with other classes than this manifest describes")
     task = resolve_classes(masks.classes, classes, "the model's classes")
     spec = source.manifest.input
-    model = disassemble_model(source.model, masks, task, (spec.channels, *spec.size))
+    model, cut = disassemble_with_cut(source.model, masks, task, (spec.channels, *spec.size), graph)
     architecture = dict(source.manifest.architecture, num_classes=len(task))
     provenance = {"disassembled": {
         "source_hash": weights_hash(source.model), "source_provenance": source.manifest.provenance,
         "task": [source.manifest.classes[k].name for k in task], "task_positions": task,
         "profile_hash": masks.profile_hash, **masks.settings}}
+    if flatten != "any-feature":  # today's rule is recorded by its absence, so pure components stay byte-equal
+        provenance["disassembled"]["flatten"] = flatten
+    if reconstruct_images is not None:
+        done = reconstruct_component(model, source.model, cut, reconstruct_images, ridge)
+        provenance["disassembled"]["reconstruction"] = done.record()
     return Brick(model, Manifest(architecture=architecture, classes=[source.manifest.classes[k] for k in task],
                                  input=spec, kind="component", provenance=provenance))
 
@@ -369,34 +380,67 @@ class Disassembled:
     metrics: dict = field(default_factory=dict)
 
 
+def reconstruction_images(train_data: Dataset, class_profile: Profile, task: list[int],
+                          samples_per_class: int | None = None, seed: int = 0) -> SampleSubset:
+    """The training images reconstruction re-fits on: by default the profile's own images of the task's
+    classes (no more data than profiling used); with `samples_per_class`, that many images of each task class
+    drawn with `seed` from the training data (all of a class when it has fewer)."""
+    if samples_per_class is None and class_profile.dataset == train_data.name:
+        chosen = torch.isin(class_profile.sample_labels, torch.tensor(task))
+        return SampleSubset(train_data, class_profile.samples[chosen].sort().values)
+    count = samples_per_class or class_profile.samples_per_class
+    generator = torch.Generator().manual_seed(seed)
+    picked = []
+    for label in task:
+        members = torch.nonzero(train_data.targets == label).flatten()
+        picked.append(members[torch.randperm(len(members), generator=generator)[:count]])
+    return SampleSubset(train_data, torch.cat(picked).sort().values)
+
+
 def disassemble(model_path: FilePath, profile_path: FilePath, classes: str | Sequence[str | int], out: FilePath,
                 thresholds: Thresholds = PAPER, auto: bool = False, max_drop: float = 1.0, evaluate: bool = False,
-                data: DataOptions | None = None, seed: int = 0, progress: bool = True) -> Disassembled:
+                data: DataOptions | None = None, seed: int = 0, progress: bool = True, reconstruct: bool = True,
+                reconstruct_samples: int | None = None, flatten: str = DEFAULT_FLATTEN,
+                ridge: float = RIDGE) -> Disassembled:
     """Cut the component for `classes` out of a model file with its profile and save it: the paper's α/β (or
     `thresholds`), or with `auto` the smallest component within `max_drop` points of the restricted base on
-    held-out training images. Warns when the component is far below its source on the profile's images.
+    held-out training images. With `reconstruct` (the default), the component's layers are re-fitted without
+    gradients to the source's outputs on the profile's images of the task (or `reconstruct_samples` training
+    images per class); `reconstruct=False` is the paper's pure method. `flatten` chooses the rule at a flatten
+    (see `locate`). Warns when the component is far below its source on the profile's images.
     With `evaluate`, the test-split metrics (Base, Restricted base, accuracy) are measured and recorded."""
     if _graph_file(model_path):
         return _graphs().disassemble(model_path, profile_path, classes, out, thresholds, auto, max_drop, evaluate, data)
     data = data or DataOptions()
+    if flatten not in FLATTEN_RULES:
+        raise ModellegoError(f"unknown flatten rule {flatten!r}; choose {' or '.join(FLATTEN_RULES)}")
+    if reconstruct_samples is not None and reconstruct_samples < 1:
+        raise ModellegoError(f"reconstruct_samples must be at least 1, got {reconstruct_samples}")
+    if not ridge > 0:
+        raise ModellegoError(f"the ridge must be positive, got {ridge}")
     check_output_path(out, inputs=[model_path, profile_path])
     source = load(model_path)
     class_profile = Profile.load(profile_path)
     class_profile.check_model(source.model)
     task = resolve_classes(class_profile.classes, classes, "the model's classes")
     train_data = data.of(source.manifest, "train")
+    images = reconstruction_images(train_data, class_profile, task, reconstruct_samples, seed) if reconstruct else None
+    spec = source.manifest.input
+    graph = ChannelGraph(source.model, (spec.channels, *spec.size))  # traced once: locate, search, disassemble
     search = None
     if auto:
         validation = validation_data(train_data, task, class_profile.samples, 0.1, seed)
-        search = search_thresholds(source.model, class_profile, task, validation, max_drop, progress=progress)
+        search = search_thresholds(source.model, class_profile, task, validation, max_drop, progress=progress,
+                                   reconstruct_images=images, ridge=ridge, flatten=flatten, graph=graph)
         thresholds = search.thresholds
-    masks = locate(source.model, class_profile, **thresholds.as_dict())
-    part = component(source, masks, task)
+    masks = locate(source.model, class_profile, **thresholds.as_dict(), graph=graph, flatten=flatten)
+    part = component(source, masks, task, images, ridge, graph, flatten)
     if search is not None:
         part.manifest.provenance["disassembled"]["auto"] = {
             "max_drop": max_drop, "validation_samples": search.validation_samples,
             "validation_accuracy": search.accuracy, "validation_restricted_base": search.restricted_base,
-            "met_target": search.met_target, "pareto": pareto_front(search.candidates)}
+            "met_target": search.met_target, "pareto": pareto_front(search.candidates),
+            "evaluated": len(search.candidates), "grid": search.grid}
     check = None
     if class_profile.dataset == train_data.name:  # positions index this data only when it was profiled on it
         check = profile_sample_accuracy(part.model, source.model, task, train_data, class_profile)

@@ -1,8 +1,18 @@
 """The α/β search (`--auto`): the smallest component whose accuracy on held-out training images of its task stays
-within a budget of the source restricted to the task."""
+within a budget of the source restricted to the task.
+
+Fast by construction: every candidate's cut (which channels it keeps) comes from one traced graph without
+touching the model, so its FLOPs are known before any forward pass; candidates that cut the same channels are
+evaluated once; they are evaluated by increasing FLOPs and the walk stops at the first that meets the target
+(which is then the answer the whole grid would give). A candidate is evaluated on one working copy of the source
+whose pruned channels are masked (zeroed where they are read), not on a new copy pruned by torch-pruning, and,
+with reconstruction, re-fitted in place against the source's layer outputs computed once for the search; the
+layers before the first one the cut changes are left as they are."""
 
 from __future__ import annotations
 
+import copy
+import math
 import warnings
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -12,22 +22,28 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from modellego.data.subsets import SampleSubset, resolve_classes
-from modellego.disassembly import disassemble
+from modellego.disassembly import Cut, disassemble_with_cut, plan_cut
 from modellego.errors import ModellegoError
 from modellego.evaluate import count_flops, predict
 from modellego.graph import ChannelGraph
-from modellego.masks import Thresholds, locate
+from modellego.layers import execution_order, example_batch, is_depthwise, is_grouped, parameter_layers
+from modellego.masks import ComponentMasks, Thresholds, locate
 from modellego.profiles import Profile
 from modellego.progress import track
+from modellego.reconstruct import (RIDGE, LayerFit, Reconstruction, changed_layers, component_fits, reconstruct,
+                                   source_outputs_by_batch)
 
 SEARCH_ALPHAS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6)
 SEARCH_BETAS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)
+IN_MEMORY = 1 << 26  # reconstruction images up to this many values are held as one tensor during the search
+MIXING_NORMS = (nn.LayerNorm, nn.GroupNorm)  # normalise across channels: masking a channel is not removing it
 
 
 @dataclass
 class SearchResult:
     """The chosen component and thresholds, its validation accuracy, the accuracy it had to keep (`target`,
-    from the restricted base on the same data), and every candidate tried (thresholds, accuracy, FLOPs)."""
+    from the restricted base on the same data), and every candidate evaluated (thresholds, accuracy, FLOPs);
+    `skipped` counts the grid points not evaluated (same cut as another, or more FLOPs than the answer)."""
 
     component: nn.Module
     thresholds: Thresholds
@@ -36,22 +52,91 @@ class SearchResult:
     restricted_base: float
     candidates: list[dict] = field(default_factory=list)
     validation_samples: int = 0
+    masks: ComponentMasks | None = None
+    reconstruction: Reconstruction | None = None
+    skipped: int = 0
+    grid: int = 0
 
     @property
     def met_target(self) -> bool:
         return self.accuracy >= self.target
 
 
+class _FlopModel:
+    """FLOPs of a cut without building it: the source's FLOPs minus what its Conv2d/Linear layers lose."""
+
+    def __init__(self, model: nn.Module, shape: tuple[int, ...]) -> None:
+        self.layers = parameter_layers(model)
+        self.total = count_flops(model, shape)
+        self.positions: dict[str, int] = {}
+
+        def record(name: str):
+            def hook(module, args, output) -> None:
+                per_row = output[0, 0].numel() if isinstance(module, nn.Conv2d) else output[0].numel() // output.shape[-1]
+                self.positions.setdefault(name, per_row)
+            return hook
+
+        handles = [layer.register_forward_hook(record(name)) for name, layer in self.layers.items()]
+        try:
+            with torch.no_grad():
+                model.eval()(example_batch(model, shape))
+        finally:
+            for handle in handles:
+                handle.remove()
+        self.full = sum(self._layer(name, layer.weight.shape[0], None) for name, layer in self.layers.items())
+
+    def _layer(self, name: str, outputs: int, inputs: int | None) -> int:
+        layer = self.layers[name]
+        if isinstance(layer, nn.Conv2d):
+            per_group = layer.in_channels // layer.groups if layer.groups > 1 or inputs is None else inputs
+            return 2 * outputs * per_group * layer.kernel_size[0] * layer.kernel_size[1] * self.positions.get(name, 0)
+        return 2 * outputs * (layer.in_features if inputs is None else inputs) * self.positions.get(name, 0)
+
+    def of(self, cut: Cut) -> int:
+        kept = sum(self._layer(name, len(cut.outputs[name]), len(cut.inputs[name])) for name in self.layers)
+        return self.total - self.full + kept
+
+
+def _fits(model: nn.Module, cut: Cut, order: list[str]) -> dict[str, LayerFit]:
+    """Masked-model fits: a layer's kept rows and kept input channels against the same source rows; grouped
+    convs whole. The unchanged prefix is not re-fitted (as for the component, see `changed_layers`)."""
+    layers = parameter_layers(model)
+    fits = {}
+    for name in changed_layers(cut, order):
+        layer = layers[name]
+        if isinstance(layer, nn.Conv2d) and layer.groups > 1:
+            fits[name] = LayerFit(None, None, torch.arange(layer.out_channels))
+        else:
+            fits[name] = LayerFit(cut.outputs[name], cut.inputs[name], cut.outputs[name])
+    return fits
+
+
+@torch.no_grad()
+def _mask(model: nn.Module, cut: Cut) -> None:
+    """Zero every weight that reads a channel the cut removes: the model then computes what the cut component
+    computes on the channels it keeps (BatchNorm and activations act per channel)."""
+    for name, layer in parameter_layers(model).items():
+        if is_grouped(layer) or is_depthwise(layer):
+            continue  # kept whole, or cut with its producer (whose removed channels its consumers no longer read)
+        dropped = torch.ones(layer.weight.shape[1], dtype=torch.bool)
+        dropped[cut.inputs[name]] = False
+        layer.weight[:, dropped] = 0
+
+
 def search_thresholds(model: nn.Module, profile: Profile, classes: str | Sequence[str | int], validation: Dataset,
                       max_drop: float = 1.0, alphas: Sequence[float] = SEARCH_ALPHAS,
-                      betas: Sequence[float] = SEARCH_BETAS, progress: bool = False) -> SearchResult:
+                      betas: Sequence[float] = SEARCH_BETAS, progress: bool = False,
+                      reconstruct_images: torch.Tensor | Dataset | None = None, ridge: float = RIDGE,
+                      flatten: str = "any-feature", graph: ChannelGraph | None = None) -> SearchResult:
     """Search α/β for the smallest component (FLOPs) whose accuracy on `validation` (held-out *training* data
     of the task, labelled by the source model's outputs, see `validation_data`) stays within `max_drop` points of
     the restricted base on the same data; if none does, the most accurate, with a warning. Linear layers use the
-    paper's offsets: α_fc = α + 0.1, β_fc = β + 0.1 (capped at 1)."""
+    paper's offsets: α_fc = α + 0.1, β_fc = β + 0.1 (capped at 1). With `reconstruct_images`, every candidate is
+    scored after reconstruction on them (as the component will be). `graph`: a ChannelGraph traced on `model`."""
     if not 0 <= max_drop <= 100:
         raise ModellegoError(f"max_drop is in accuracy points and must be between 0 and 100, got {max_drop}")
     task = resolve_classes(profile.classes, classes, "the model's classes")
+    model.eval()
     logits, labels = predict(model, validation)
     in_task = torch.full((len(profile.classes),), -1, dtype=torch.long)
     in_task[torch.tensor(task)] = torch.arange(len(task))
@@ -61,26 +146,67 @@ def search_thresholds(model: nn.Module, profile: Profile, classes: str | Sequenc
     restricted = (logits[:, torch.tensor(task)].argmax(1) == labels).float().mean().item()
     target = restricted - max_drop / 100
     shape = tuple(profile.input_shape)
-    graph = ChannelGraph(model, shape)
-    candidates, best = [], None
+    graph = graph or ChannelGraph(model, shape)
+    flops_of = _FlopModel(model, shape)
+    if isinstance(reconstruct_images, Dataset) and len(reconstruct_images) * math.prod(shape) <= IN_MEMORY:
+        reconstruct_images = torch.stack([reconstruct_images[i][0] for i in range(len(reconstruct_images))])
+
+    # 1. every grid point's cut and FLOPs, without a forward pass; equal cuts are one candidate
     grid = [(alpha, beta) for alpha in alphas for beta in betas]
-    for alpha, beta in track(grid, "searching α/β", len(grid), progress):
+    unique: dict[tuple, dict] = {}
+    for alpha, beta in grid:
         thresholds = Thresholds(alpha, beta, round(min(1.0, alpha + 0.1), 4), round(min(1.0, beta + 0.1), 4))
-        masks = locate(model, profile, **thresholds.as_dict(), graph=graph)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            component = disassemble(model, masks, task, shape)
-        accuracy = (predict(component, validation)[0].argmax(1) == labels).float().mean().item()
-        flops = count_flops(component, shape)
-        candidates.append({**thresholds.as_dict(), "accuracy": accuracy, "flops": flops})
-        key = (accuracy < target, flops if accuracy >= target else -accuracy)
+        masks = locate(model, profile, **thresholds.as_dict(), graph=graph, flatten=flatten)
+        cut = plan_cut(model, masks, task, graph)
+        entry = unique.setdefault(cut.key(), {"cut": cut, "masks": masks, "thresholds": [], "flops": flops_of.of(cut)})
+        entry["thresholds"].append(thresholds)
+    walk = sorted(unique.values(), key=lambda entry: entry["flops"])
+
+    # 2. evaluate by increasing FLOPs on one masked working copy; stop at the first that meets the target
+    exact_masking = not any(isinstance(module, MIXING_NORMS) for module in model.modules())
+    order = execution_order(model, shape)
+    work = copy.deepcopy(model) if exact_masking else None
+    state = {key: value.clone() for key, value in model.state_dict().items()}
+    cached = (source_outputs_by_batch(model, reconstruct_images, order)
+              if reconstruct_images is not None and exact_masking else None)
+    candidates, best = [], None
+    for entry in track(walk, "searching α/β", len(walk), progress):
+        cut = entry["cut"]
+        if exact_masking:
+            work.load_state_dict(state)
+            _mask(work, cut)
+            if reconstruct_images is not None:
+                reconstruct(work, model, _fits(work, cut, order), reconstruct_images, ridge,
+                            source_outputs=cached)
+            scores = predict(work, validation)[0][:, cut.outputs[cut.classifier]]
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                component, _ = disassemble_with_cut(model, entry["masks"], task, graph=graph)
+            if reconstruct_images is not None:
+                reconstruct(component, model, component_fits(cut, order), reconstruct_images, ridge)
+            scores = predict(component, validation)[0]
+        accuracy = (scores.argmax(1) == labels).float().mean().item()
+        for thresholds in entry["thresholds"]:
+            candidates.append({**thresholds.as_dict(), "accuracy": accuracy, "flops": entry["flops"]})
+        key = (accuracy < target, entry["flops"] if accuracy >= target else -accuracy)
         if best is None or key < best[0]:
-            best = (key, component, thresholds, accuracy)
-    _, component, thresholds, accuracy = best
+            best = (key, entry, accuracy)
+        if accuracy >= target:
+            break
+    _, entry, accuracy = best
     if accuracy < target:
         warnings.warn(f"no α/β kept accuracy within {max_drop} points; chose the most accurate component",
                       stacklevel=2)
-    return SearchResult(component, thresholds, accuracy, target, restricted, candidates, len(validation))
+    chosen = entry["thresholds"][0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        component, cut = disassemble_with_cut(model, entry["masks"], task, graph=graph)
+    record = None
+    if reconstruct_images is not None:
+        record = reconstruct(component, model, component_fits(cut, order), reconstruct_images, ridge)
+    return SearchResult(component, chosen, accuracy, target, restricted, candidates, len(validation),
+                        entry["masks"], record, len(grid) - len(candidates), len(grid))
 
 
 def validation_data(train_data: Dataset, classes: str | Sequence[str | int], exclude: torch.Tensor,
