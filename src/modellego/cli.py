@@ -40,6 +40,11 @@ ImageSizeOption = typer.Option(None, "--image-size", help="Resize imagefolder / 
                                "(default: 224 / 64 for train, then the size the model was trained at).")
 AutoBatchOption = typer.Option(False, "--auto-batch", help="When --batch-size would not fit in memory, train with "
                                "the largest batch size that does (instead of refusing).")
+AlphaConvOption = typer.Option(PAPER.alpha_conv, "--alpha-conv",
+                               help="Relative-contribution threshold α for conv layers (and GCNConv).")
+BetaConvOption = typer.Option(PAPER.beta_conv, "--beta-conv", help="Vote threshold β for conv layers (and GCNConv).")
+AlphaFcOption = typer.Option(PAPER.alpha_fc, "--alpha-fc", help="α for linear layers.")
+BetaFcOption = typer.Option(PAPER.beta_fc, "--beta-fc", help="β for linear layers.")
 NoVerifyOption = typer.Option(False, "--no-verify", help="Read a CIFAR folder that fails torchvision's checksums "
                               "(a subset or copy of your own).")
 
@@ -262,10 +267,10 @@ def disassemble(
     profile_path: Path = typer.Option(..., "--profile", help="The source model's profile (modellego profile)."),
     classes: str = typer.Option(..., "--classes", help="The task: class names or indices, comma-separated, in output order."),
     out_path: Path = typer.Option(..., "--out", help="Component file to write (.safetensors)."),
-    alpha_conv: float = typer.Option(PAPER.alpha_conv, "--alpha-conv", help="Relative-contribution threshold α for conv layers (and GCNConv)."),
-    beta_conv: float = typer.Option(PAPER.beta_conv, "--beta-conv", help="Vote threshold β for conv layers (and GCNConv)."),
-    alpha_fc: float = typer.Option(PAPER.alpha_fc, "--alpha-fc", help="α for linear layers."),
-    beta_fc: float = typer.Option(PAPER.beta_fc, "--beta-fc", help="β for linear layers."),
+    alpha_conv: float = AlphaConvOption,
+    beta_conv: float = BetaConvOption,
+    alpha_fc: float = AlphaFcOption,
+    beta_fc: float = BetaFcOption,
     auto: bool = typer.Option(False, "--auto", help="Search α/β for the smallest component within --max-drop."),
     max_drop: float = typer.Option(1.0, "--max-drop", help="With --auto: accuracy points the component may lose on validation data."),
     evaluate: bool = typer.Option(False, "--evaluate", help="Also measure and record test accuracy, Base and "
@@ -417,10 +422,10 @@ def route(
     profile_path: Path = typer.Option(..., "--profile", help="The model's profile (modellego profile)."),
     classes: str = typer.Option(..., "--classes", help="Classes whose routes to draw: names or indices, comma-separated (at most 10)."),
     out_path: Path = typer.Option(..., "--out", help="Figure to write: .png or .svg."),
-    alpha_conv: float = typer.Option(PAPER.alpha_conv, "--alpha-conv", help="Relative-contribution threshold α for conv layers."),
-    beta_conv: float = typer.Option(PAPER.beta_conv, "--beta-conv", help="Vote threshold β for conv layers."),
-    alpha_fc: float = typer.Option(PAPER.alpha_fc, "--alpha-fc", help="α for linear layers."),
-    beta_fc: float = typer.Option(PAPER.beta_fc, "--beta-fc", help="β for linear layers."),
+    alpha_conv: float = AlphaConvOption,
+    beta_conv: float = BetaConvOption,
+    alpha_fc: float = AlphaFcOption,
+    beta_fc: float = BetaFcOption,
     max_links: int = typer.Option(40, "--max-links", help="Lines drawn per class and pair of connected layers (the strongest)."),
 ) -> None:
     """Draw the decision routes of some classes (the channels they keep in every layer) and print a table of
