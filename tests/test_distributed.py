@@ -75,6 +75,24 @@ def test_two_processes_fine_tune_like_one(digits_model):
     assert moved > 1e-3  # it did train
 
 
+def test_two_processes_reconstruct_like_one(digits_model):
+    """Reconstruction's normal equations are summed over the processes' shares of the images: the component's
+    weights are the one-process ones up to float rounding."""
+    folder, model = digits_model
+    profile_path, one, two = (folder / name for name in ("r.profile.safetensors", "r-one.safetensors",
+                                                         "r-two.safetensors"))
+    assert invoke("profile", str(model), "--samples-per-class", "10", "--out", str(profile_path)).returncode == 0
+    arguments = ["disassemble", str(model), "--profile", str(profile_path), "--classes", "3,8"]
+    assert invoke(*arguments, "--out", str(one)).returncode == 0
+    result = torchrun(*arguments, "--out", str(two))
+    assert result.returncode == 0, result.stderr[-3000:]
+    single, manifest = load(one)
+    shared, _ = load(two)
+    assert manifest.provenance["disassembled"]["reconstruction"]
+    for (name, alone), together in zip(single.state_dict().items(), shared.state_dict().values()):
+        torch.testing.assert_close(together, alone, rtol=1e-4, atol=1e-5, msg=name)
+
+
 def test_a_user_error_is_one_line_from_the_first_process(digits_model, tmp_path):
     _, model = digits_model
     result = torchrun("profile", str(model), "--samples-per-class", "0", "--out", str(tmp_path / "p.safetensors"))

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
+from modellego import distributed
 from modellego.errors import ModellegoError
 from modellego.layers import execution_order, parameter_layers
 from modellego.memory import fit_inference, sample_shape_of
@@ -329,6 +330,8 @@ def reconstruct(model: nn.Module, source: nn.Module, fits: dict[str, LayerFit], 
             prior = _prior_through_batchnorm(prior, source_modules[norms[name]], norm, fit.source_rows, rows)
         equations = NormalEquations(groups, prior.shape[1], prior.shape[2])
         for index, batch in enumerate(_batches(images, batch_size)):
+            if index % distributed.world_size() != distributed.rank():
+                continue  # under torchrun each process adds its share of the batches; the sums are all-reduced
             batch = batch.to(device)
             x = _run_until(model, layer, batch, "input")
             y = (source_outputs[name][index].to(device) if source_outputs is not None
@@ -337,6 +340,8 @@ def reconstruct(model: nn.Module, source: nn.Module, fits: dict[str, LayerFit], 
             if name in norms:
                 y = _through_batchnorm(y, source_modules[norms[name]], modules[norms[name]], fit.source_rows, rows)
             equations.add(_design(layer, x, fit.columns, offset), _targets(layer, y))
+        distributed.sum_(equations.gram)
+        distributed.sum_(equations.cross)
         _store(layer, fit, equations.solve(prior, ridge), offset, norm)
     return Reconstruction(count, ridge, len(order), used_for_norms)
 
