@@ -54,23 +54,24 @@ def reference_contribution(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return reference_signed(layer, x).clamp(min=0)
 
 
-def randomise_batchnorm(model: nn.Module, spread: float = 0.2) -> nn.Module:
-    """Non-trivial BatchNorm statistics (means in ±spread, variances in [0.5, 2]), so that buffers matter in round
-    trips and equalities."""
+def randomise_batchnorm(model: nn.Module, spread: float = 0.2,
+                        variance: tuple[float, float] = (0.5, 1.5)) -> nn.Module:
+    """Non-trivial BatchNorm statistics (means in ±spread, variances in `variance`), so that buffers matter in
+    round trips and equalities."""
     for module in model.modules():
         if isinstance(module, nn.BatchNorm2d):
             module.running_mean.uniform_(-spread, spread)
-            module.running_var.uniform_(0.5, 2.0)
+            module.running_var.uniform_(*variance)
     return model
 
 
 def random_classifier(builder: str = "lenet5", width: float = 1.0, classes: int = 4, *, seed: int = 0,
                       spec: InputSpec = FASHION, dataset: str = "fashion-mnist", spread: float = 0.2,
-                      metrics: dict | None = None) -> Brick:
+                      variance: tuple[float, float] = (0.5, 1.5), metrics: dict | None = None) -> Brick:
     """A zoo model with random weights (and BN statistics), in eval mode, with the manifest a trained one would
     have: classes c0, c1, … of `dataset`."""
     torch.manual_seed(seed)
-    model = randomise_batchnorm(classifier(builder, spec, classes, width).eval(), spread)
+    model = randomise_batchnorm(classifier(builder, spec, classes, width).eval(), spread, variance)
     manifest = Manifest(architecture={"builder": builder, "in_channels": spec.channels, "num_classes": classes,
                                       "width": width},
                         classes=[ClassRef(f"c{k}", dataset, k) for k in range(classes)], input=spec,

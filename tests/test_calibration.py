@@ -28,7 +28,7 @@ from modellego.modelfile import Brick, ClassRef, Manifest
 from modellego.models.classifier import Parallel, classifier
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_disassembly import full_masks  # noqa: E402
+from helpers import random_masks as full_masks  # noqa: E402
 
 DIGITS = InputSpec(1, (28, 28), (0.1557,), (0.2773,))
 FASHION = InputSpec(1, (28, 28), (0.286,), (0.353,))

@@ -93,6 +93,32 @@ def test_two_processes_reconstruct_like_one(digits_model):
         torch.testing.assert_close(together, alone, rtol=1e-4, atol=1e-5, msg=name)
 
 
+@pytest.mark.parametrize("calibration", ["mahalanobis", "pattern"])
+def test_two_processes_fit_the_one_process_gate(digits_model, calibration):
+    """A gate's statistics come from each process's share of a component's images, gathered in batch order: the
+    assembled file holds the one-process statistics."""
+    folder, model = digits_model
+    profile_path = folder / "g.profile.safetensors"
+    if not profile_path.exists():
+        assert invoke("profile", str(model), "--samples-per-class", "10", "--out", str(profile_path)).returncode == 0
+    parts = []
+    for task in ("0,1", "2,3"):
+        part = folder / f"g-{task.replace(',', '')}.safetensors"
+        if not part.exists():
+            assert invoke("disassemble", str(model), "--profile", str(profile_path), "--classes", task,
+                          "--out", str(part)).returncode == 0
+        parts.append(str(part))
+    one, two = folder / f"a-{calibration}-one.safetensors", folder / f"a-{calibration}-two.safetensors"
+    arguments = ["assemble", *parts, "--calibration", calibration]
+    assert invoke(*arguments, "--out", str(one)).returncode == 0
+    result = torchrun(*arguments, "--out", str(two))
+    assert result.returncode == 0, result.stderr[-3000:]
+    single, shared = load(one)[0].state_dict(), load(two)[0].state_dict()
+    assert single.keys() == shared.keys() and any("gate" in key for key in single)
+    for name, alone in single.items():
+        torch.testing.assert_close(shared[name], alone, rtol=1e-6, atol=1e-7, msg=name)
+
+
 def test_a_user_error_is_one_line_from_the_first_process(digits_model, tmp_path):
     _, model = digits_model
     result = torchrun("profile", str(model), "--samples-per-class", "0", "--out", str(tmp_path / "p.safetensors"))

@@ -20,7 +20,7 @@ ARCHITECTURES = [("lenet5", 1.0), ("vgg11", 0.25), ("vgg16", 0.25), ("resnet18",
 
 
 def make(builder: str, width: float, classes: int = 4) -> tuple[torch.nn.Module, Manifest]:
-    return random_classifier(builder, width, classes, spread=0.5)
+    return random_classifier(builder, width, classes, spread=0.5, variance=(0.5, 2.0))
 
 
 def assert_round_trip(model, manifest, path):

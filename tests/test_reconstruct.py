@@ -3,6 +3,8 @@ byte for byte: against slow references and against the physically cut component.
 
 from __future__ import annotations
 
+import dataclasses
+
 import copy
 import hashlib
 import json
@@ -25,7 +27,12 @@ from modellego.reconstruct import (LayerFit, NormalEquations, component_fits, re
 from modellego import search as search_module
 
 from conftest import assert_user_error, invoke
-from test_disassembly import SPEC, random_source, full_masks, synthetic_profile, FlattenNet, trained, lenet_profile  # noqa: F401
+from helpers import random_classifier, random_masks as full_masks, synthetic_profile  # noqa: F401
+from test_disassembly import FlattenNet  # noqa: F401
+
+
+def random_source(builder: str, width: float, classes: int = 5):
+    return random_classifier(builder, width, classes)
 
 SHAPE = (1, 28, 28)
 
@@ -236,8 +243,8 @@ def test_keep_all_keeps_every_channel_at_a_flatten():
 
 # --- on a trained model: reconstruction helps, the fast search gives the full grid's answer ----------------
 
-def test_reconstruction_brings_a_cut_component_back_to_its_source(trained, lenet_profile):
-    path, train = trained
+def test_reconstruction_brings_a_cut_component_back_to_its_source(lenet, lenet_profile):
+    path, train = lenet
     model, manifest = modellego.load(path)
     task = [1, 3]  # Trouser, Dress
     masks = locate(model, lenet_profile, alpha_conv=0.5, beta_conv=0.3)
@@ -257,11 +264,11 @@ def test_reconstruction_brings_a_cut_component_back_to_its_source(trained, lenet
     assert refitted >= pure and refitted >= restricted - 0.03, (pure, refitted, restricted)
 
 
-def test_the_fast_search_gives_the_full_grids_answer(trained, lenet_profile):
+def test_the_fast_search_gives_the_full_grids_answer(lenet, lenet_profile):
     """Same candidate as evaluating every grid point by cutting, reconstructing and scoring each component."""
     from modellego.search import search_thresholds, validation_data
 
-    path, train = trained
+    path, train = lenet
     model, _ = modellego.load(path)
     task = [1, 8]
     validation = validation_data(train, task, lenet_profile.samples, 0.1, seed=0)
@@ -290,12 +297,11 @@ def test_the_fast_search_gives_the_full_grids_answer(trained, lenet_profile):
 # --- the command line -------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def files(trained, lenet_profile, tmp_path_factory):
-    path, _ = trained
+def files(lenet, lenet_profile, tmp_path_factory):
+    path, _ = lenet
     folder = tmp_path_factory.mktemp("reconstruct")
     profile_path = folder / "p.safetensors"
-    lenet_profile.dataset = "fashion-mnist"
-    lenet_profile.save(profile_path)
+    dataclasses.replace(lenet_profile, dataset="fashion-mnist").save(profile_path)  # the session's stays as it is
     return folder, path, profile_path
 
 

@@ -13,7 +13,7 @@ from modellego.masks import locate
 from modellego.profiles import Profile
 from modellego.viz import decision_routes, heatmap_values, route_figure
 from modellego.viz.routes import INPUT
-from test_disassembly import synthetic_profile
+from helpers import synthetic_profile
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

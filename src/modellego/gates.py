@@ -38,7 +38,9 @@ from typing import Any, Sequence
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import BatchSampler, DataLoader, Dataset, SequentialSampler
+
+from modellego import distributed
 
 from modellego.contributions import window_sums
 from modellego.errors import ModellegoError
@@ -201,6 +203,24 @@ def _component_view(logits: Tensor, inputs: dict[str, Tensor], modules: dict[str
 
 
 @torch.no_grad()
+def _observed_batches(model: nn.Module, data: Dataset, taps: ComponentTaps, method: str,
+                      batch_size: int) -> list[tuple[Tensor, Tensor, Tensor | None, list[Tensor]]]:
+    """Per batch of `data`, in order: the component's logits, the labels, its features and patterns. Under
+    torchrun each process observes its share of the batches and all are gathered in batch order, so the
+    statistics are exactly the one-process ones."""
+    batches = list(BatchSampler(SequentialSampler(range(len(data))), batch_size, drop_last=False))
+    mine = distributed.own(list(range(len(batches))))
+    observed = []
+    loader = DataLoader(data, batch_sampler=[batches[index] for index in mine])
+    for index, (images, targets) in zip(mine, loader):
+        _, [(own_logits, own_features, own_patterns)] = observe(model, images, [taps], method)
+        observed.append((index, (own_logits, torch.as_tensor(targets), own_features,
+                                 [p.flatten(1) for p in own_patterns])))
+    if distributed.active():
+        observed = sorted((item for part in distributed.gather(observed) for item in part), key=lambda item: item[0])
+    return [batch for _, batch in observed]
+
+
 def fit(method: str, model: nn.Module, data: Dataset, example_input: Tensor | tuple[int, ...] | None = None,
         batch_size: int = 256) -> dict[str, Tensor]:
     """A gate's statistics for one component from its own training images (`data`, labelled by its outputs):
@@ -216,14 +236,13 @@ def fit(method: str, model: nn.Module, data: Dataset, example_input: Tensor | tu
         raise ModellegoError("the pattern gate needs a layer that reads another layer's channels (ungrouped); "
                              "this model has none: choose another calibration")
     logits, features, patterns, labels = [], [], [], []
-    for images, targets in DataLoader(data, batch_size=batch_size):
-        batch_logits, [(own_logits, own_features, own_patterns)] = observe(model, images, [taps], method)
+    for own_logits, targets, own_features, own_patterns in _observed_batches(model, data, taps, method, batch_size):
         logits.append(own_logits)
-        labels.append(torch.as_tensor(targets))
+        labels.append(targets)
         if own_features is not None:
             features.append(own_features)
         if own_patterns:
-            patterns.append([p.flatten(1) for p in own_patterns])
+            patterns.append(own_patterns)
     logits, labels = torch.cat(logits), torch.cat(labels)
     classes = logits.shape[1]
     stats: dict[str, Tensor] = {}
