@@ -351,8 +351,12 @@ def assemble(
         raise ModellegoError(f"--no-scale contradicts --calibration {calibration}; give one of them")
     model, manifest = pipeline.assemble(components, out_path, mode, not no_scale,
                                         _data(data_root, image_size, no_verify), calibration=calibration)
-    chosen = manifest.provenance["assembled"]["calibration"]
-    how = f"auto: {chosen}" if (calibration or ("none" if no_scale else "auto")) == "auto" else chosen
+    record = manifest.provenance.get("assembled", {})
+    if "calibration" in record:
+        chosen = record["calibration"]
+        how = f"auto: {chosen}" if (calibration or ("none" if no_scale else "auto")) == "auto" else chosen
+    else:  # graph assemblies: the paper's scaling, or nothing
+        how = "none" if no_scale or calibration == "none" else "scale"
     out.print(_safe(f"assembled {len(components)} components ({mode}, calibration {how}): "
                     f"{len(manifest.classes)} classes, {count_params(model):,} params, "
                     f"{count_flops(model, manifest.input):,} FLOPs -> {out_path}"))
