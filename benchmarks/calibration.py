@@ -5,9 +5,9 @@ fine-tuning epoch from the best calibration vs from the paper's — for ten asse
     nice -n 10 python benchmarks/calibration.py [--out-dir runs/calibration] [--doc docs/results.md]
         [--rows split-lenet5,pair-1,...] [--no-finetune]
 
-Sources (reused when present in --out-dir; the shared ones are copied from /work/models when they exist there):
-- lenet5.safetensors: LeNet-5 on all 10 Fashion-MNIST classes (8 epochs, lr 2e-3; /work/models);
-- vgg16-w0.25.safetensors: VGG-16 ×0.25 on all 10 Fashion-MNIST classes (5 epochs, lr 2e-3; /work/models);
+Sources (reused when present in --out-dir; the shared ones are copied from $MODELLEGO_SHARED_MODELS (default runs/models, made by benchmarks/train_sources.sh) when they exist there):
+- lenet5.safetensors: LeNet-5 on all 10 Fashion-MNIST classes (8 epochs, lr 2e-3);
+- vgg16-w0.25.safetensors: VGG-16 ×0.25 on all 10 Fashion-MNIST classes (5 epochs, lr 2e-3);
 - fashion-0-4 / fashion-5-9: LeNet-5 on Fashion-MNIST classes 0–4 / 5–9 only (4 epochs, lr 2e-3, as
   benchmarks/assembly.py); digits-all: LeNet-5 on scikit-learn digits (30 epochs).
 Components are cut with the paper's α/β from profiles of 50 samples per class (the current `disassemble`).
@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import os
 import shutil
 import time
 import warnings
@@ -41,7 +42,7 @@ from modellego.profiles import profile
 from modellego.train import finetune
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = Path("/work/models")
+SHARED = Path(os.environ.get("MODELLEGO_SHARED_MODELS", ROOT / "runs" / "models"))  # benchmarks/train_sources.sh
 BEGIN, END = "<!-- calibration:begin -->", "<!-- calibration:end -->"
 START = time.monotonic()
 FASHION = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
@@ -52,7 +53,7 @@ def log(message: str) -> None:
 
 
 def source(out_dir: Path, name: str) -> Brick:
-    """A source model by name: reused from --out-dir, copied from /work/models, or trained here."""
+    """A source model by name: reused from --out-dir, copied from the shared models, or trained here."""
     path = out_dir / f"{name}.safetensors"
     if not path.exists() and (SHARED / path.name).exists():
         shutil.copy(SHARED / path.name, path)
@@ -60,7 +61,7 @@ def source(out_dir: Path, name: str) -> Brick:
         recipes = {"fashion-0-4": ("fashion-mnist", "0,1,2,3,4", 4), "fashion-5-9": ("fashion-mnist", "5,6,7,8,9", 4),
                    "digits-all": ("digits", None, 30), "lenet5": ("fashion-mnist", None, 8)}
         if name not in recipes:
-            raise SystemExit(f"{path} is missing: train it first (see /work/models/train.sh)")
+            raise SystemExit(f"{path} is missing: run benchmarks/train_sources.sh first")
         dataset, classes, epochs = recipes[name]
         train_data = data.load(dataset, "train")
         if classes:

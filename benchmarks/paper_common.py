@@ -27,7 +27,7 @@ from modellego.masks import PAPER, Thresholds, locate  # noqa: E402
 from modellego.modelfile import Brick, load, save  # noqa: E402
 from modellego.profiles import Profile, profile as profile_model  # noqa: E402
 
-SHARED_MODELS = Path(os.environ.get("MODELLEGO_SHARED_MODELS", "/work/models"))
+SHARED_MODELS = Path(os.environ.get("MODELLEGO_SHARED_MODELS", Path(__file__).resolve().parents[1] / "runs" / "models"))
 OUT_DIR = ROOT / "runs" / "paper"
 DOCS = ROOT / "docs"
 FIGURES = DOCS / "figures"
