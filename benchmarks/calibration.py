@@ -224,9 +224,11 @@ def markdown(results: dict, args) -> str:
         BEGIN,
         "## Calibrated assembly (issue 11)",
         "",
-        f"Commands: `nice -n 10 python benchmarks/calibration.py --finetune-rows split-lenet5`, then "
-        f"`python benchmarks/calibration.py --rows none --doc docs/results.md` ({results['seconds'] / 60:.0f} min on "
-        "the shared 2-core CPU; Score2 only where a row was fine-tuned, `—` elsewhere, for lack of CPU time). Components cut with the paper's α/β from profiles of 50 samples per class; every gate "
+        f"Commands: `benchmarks/train_sources.sh`, then `nice -n 10 python benchmarks/calibration.py` (every row; "
+        f"`--rows` and `--finetune-rows` pick some), then `python benchmarks/calibration.py --rows none --doc "
+        f"docs/results.md` ({results['seconds'] / 60:.0f} min in all on the shared 2-core CPU; Score2 only where a "
+        "row was fine-tuned, `—` elsewhere: the VGG-16 row was run with `--finetune-rows none` for lack of CPU "
+        "time). Components cut with the paper's α/β from profiles of 50 samples per class; every gate "
         "fitted on at most 1,000 of each component's own training images per class; `auto` chooses on 100 "
         "further own training images per class of every component (README, \"Calibrated assembly\"). Score1 and "
         "the rest: accuracy (%) on the real test images of the assembly's classes. *Oracle*: each test image "
