@@ -19,7 +19,7 @@ import copy
 import warnings
 
 from paper_common import (command_line, PAPER, Profile, Thresholds, elapsed, human, load, log, make_component, measure, pct,
-                          save_json, source_model, source_profile, test_slice, train_slice, write_block)
+                          save_json, source_model, source_profile, test_slice, train_slice, publish)
 from modellego.graph import ChannelGraph
 from modellego.prune import METHODS, matched
 from modellego.reconstruct import reestimate_batchnorm
@@ -109,10 +109,7 @@ def main() -> None:
                f"over {args.finetune_per_class} training images per class (Adam, one-cycle lr 1e-3, batch 64), "
                f"then BatchNorm statistics re-estimated on them. Made by `{command_line()}` "
                f"in {elapsed() / 60:.1f} min.")
-    text = "\n".join(["### Compression against FPGM, L1 and HRank", "", caption, "", *parts])
-    if not args.no_doc:
-        write_block("compression", text)
-    print(text)
+    publish("compression", "Compression against FPGM, L1 and HRank", caption, parts, args.no_doc)
 
 
 if __name__ == "__main__":

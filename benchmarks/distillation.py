@@ -21,7 +21,7 @@ from matplotlib.figure import Figure
 from torch.utils.data import DataLoader
 
 from paper_common import (command_line, Profile, elapsed, figure_path, human, load, log, make_component, measure, pct, save_json,
-                          source_model, source_profile, test_slice, train_slice, write_block)
+                          source_model, source_profile, test_slice, train_slice, publish)
 from compression import STRONG
 from modellego.evaluate import evaluate
 from modellego.graph import ChannelGraph
@@ -140,10 +140,7 @@ def main() -> None:
                f"batch 64, seed 0; BatchNorm statistics re-estimated after each epoch), accuracy on "
                f"{args.test_per_class} test images per class. Made by `{command_line()}` in "
                f"{elapsed() / 60:.1f} min.")
-    text = "\n".join(["### Knowledge distillation", "", caption, "", *parts])
-    if not args.no_doc:
-        write_block("distillation", text)
-    print(text)
+    publish("distillation", "Knowledge distillation", caption, parts, args.no_doc)
 
 
 if __name__ == "__main__":

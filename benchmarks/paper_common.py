@@ -129,6 +129,15 @@ def human(count: float) -> str:
     return f"{count:.0f}"
 
 
+def publish(name: str, heading: str, caption: str, parts: list[str], no_doc: bool) -> None:
+    """A benchmark's section (heading, caption, tables and figures) printed, and written between its markers in
+    docs/results.md unless `no_doc`."""
+    text = "\n".join([f"### {heading}", "", caption, "", *parts])
+    if not no_doc:
+        write_block(name, text)
+    print(text)
+
+
 def write_block(name: str, text: str, path: Path = RESULTS) -> None:
     """Put `text` between `<!-- NAME:begin -->` and `<!-- NAME:end -->` in docs/results.md (appended at the end
     of the page when the markers are not there yet); the rest of the page is kept."""

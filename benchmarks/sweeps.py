@@ -16,7 +16,7 @@ import warnings
 from matplotlib.figure import Figure
 
 from paper_common import (command_line, PAPER, Profile, Thresholds, elapsed, figure_path, load, log, make_component, measure, pct,
-                          save_json, source_model, source_profile, test_slice, write_block)
+                          save_json, source_model, source_profile, test_slice, publish)
 from modellego.graph import ChannelGraph
 
 VALUES = [round(0.1 * step, 1) for step in range(10)]
@@ -119,10 +119,7 @@ def main() -> None:
                f"class (fixed seed 0); FLOPs for one image as a share of the source's. Profile: 50 most confident "
                f"correct images per class, chosen from 1,000 training images per class. "
                f"Made by `{command_line()}` in {elapsed() / 60:.1f} min.")
-    text = "\n".join(["### α/β sweeps", "", caption, "", *parts])
-    if not args.no_doc:
-        write_block("sweeps", text)
-    print(text)
+    publish("sweeps", "α/β sweeps", caption, parts, args.no_doc)
 
 
 if __name__ == "__main__":

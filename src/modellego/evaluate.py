@@ -102,11 +102,15 @@ def source_baselines(source: nn.Module, source_manifest, classes: list, test_dat
                                  "so it is not this component's source")
         positions.append(source_manifest.classes.index(ref))
     logits, labels = predict(source, test_data, batch_size, progress)
-    positions_tensor = torch.tensor(positions)
-    names = [ref.name for ref in classes]
-    base = accuracy_of(logits.argmax(1), positions_tensor[labels], [])
-    base_per_class = accuracy_of(torch.where(logits.argmax(1) == positions_tensor[labels], labels, -1), labels, names)
-    restricted = accuracy_of(logits[:, positions_tensor].argmax(1), labels, names)
+    return baselines_of(logits, labels, torch.tensor(positions), [ref.name for ref in classes])
+
+
+def baselines_of(logits: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor, names: list[str]) -> dict:
+    """Base and Restricted base from the source's `logits` on the task's samples (`labels`: positions in the
+    task, `positions`: each task class's output in the source), overall and per class."""
+    base = accuracy_of(logits.argmax(1), positions[labels], [])
+    base_per_class = accuracy_of(torch.where(logits.argmax(1) == positions[labels], labels, -1), labels, names)
+    restricted = accuracy_of(logits[:, positions].argmax(1), labels, names)
     return {"base": base.accuracy, "base_per_class": base_per_class.per_class,
             "restricted_base": restricted.accuracy, "restricted_base_per_class": restricted.per_class,
             "test_samples_per_class": {name: int((labels == k).sum()) for k, name in enumerate(names)}}

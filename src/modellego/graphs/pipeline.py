@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from modellego.data.subsets import resolve_classes
 from modellego.data.task import data_root_hints
 from modellego.errors import ModellegoError
-from modellego.evaluate import accuracy_of, count_params
+from modellego.evaluate import baselines_of, count_params
 from modellego.graphs import method, single_threaded
 from modellego.graphs.data import Graph, load_graph
 from modellego.graphs.model import DEFAULT_HIDDEN, GCN
@@ -208,14 +208,7 @@ def baselines(source: Brick, part_manifest: Manifest, task: TaskGraph, split: st
         positions.append(source.manifest.classes.index(ref))
     index = torch.tensor(positions)
     nodes = task.nodes(split)
-    logits, labels = logits_of(source.model, task)[nodes], task.labels[nodes]
-    names = task.classes
-    base = accuracy_of(logits.argmax(1), index[labels], [])
-    base_per_class = accuracy_of(torch.where(logits.argmax(1) == index[labels], labels, -1), labels, names)
-    restricted = accuracy_of(logits[:, index].argmax(1), labels, names)
-    return {"base": base.accuracy, "base_per_class": base_per_class.per_class,
-            "restricted_base": restricted.accuracy, "restricted_base_per_class": restricted.per_class,
-            "test_samples_per_class": {name: int((labels == k).sum()) for k, name in enumerate(names)}}
+    return baselines_of(logits_of(source.model, task)[nodes], task.labels[nodes], index, task.classes)
 
 
 @single_threaded
