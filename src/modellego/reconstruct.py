@@ -83,14 +83,12 @@ class NormalEquations:
     def __init__(self, groups: int, inputs: int, outputs: int) -> None:
         self.gram = torch.zeros(groups, inputs, inputs, dtype=torch.float64)
         self.cross = torch.zeros(groups, inputs, outputs, dtype=torch.float64)
-        self.rows = 0
 
     def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
         """Add rows: `x` is G×n×d, `y` G×n×o."""
         x, y = x.double().cpu(), y.double().cpu()
         self.gram += x.transpose(1, 2) @ x
         self.cross += x.transpose(1, 2) @ y
-        self.rows += x.shape[1]
 
     def solve(self, prior: torch.Tensor, ridge: float) -> torch.Tensor:
         """argmin_W ‖XW − Y‖² + λ‖W − prior‖² per group (G×d×o), λ = `ridge` × the mean diagonal of XᵀX: with
