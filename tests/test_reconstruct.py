@@ -18,7 +18,7 @@ from torch import nn
 import modellego
 from modellego import pipeline
 from modellego.disassembly import disassemble, disassemble_with_cut
-from modellego.evaluate import count_flops
+from modellego.evaluate import count_flops, count_params
 from modellego.graph import ChannelGraph
 from modellego.layers import execution_order, parameter_layers
 from modellego.masks import locate
@@ -198,7 +198,7 @@ def test_a_shared_graph_prunes_a_copy_and_masking_equals_cutting(builder, width)
     assert weights_hash(model) == before and weights_hash(shared) == weights_hash(fresh)
     assert search_module._FlopModel(model, SHAPE).of(cut) == count_flops(shared, SHAPE)
     order = execution_order(model, SHAPE)
-    masked = copy.deepcopy(model)
+    masked, masked_graph = copy.deepcopy((model, graph))
     search_module._mask(masked, cut)
     images = torch.rand(5, *SHAPE)
     with torch.no_grad():
@@ -209,6 +209,13 @@ def test_a_shared_graph_prunes_a_copy_and_masking_equals_cutting(builder, width)
     with torch.no_grad():
         scale = shared(images).abs().max().item()
         torch.testing.assert_close(masked(images)[:, [1, 4]], shared(images), rtol=1e-3, atol=1e-4 * scale)
+    # the search cuts its chosen component out of the re-fitted masked copy: the same function, the same size
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from_masked, _ = disassemble_with_cut(masked, masks, [1, 4], graph=masked_graph)
+    assert count_params(from_masked) == count_params(shared)
+    with torch.no_grad():
+        torch.testing.assert_close(from_masked(images), shared(images), rtol=1e-3, atol=1e-4 * scale)
     with pytest.raises(modellego.ModellegoError, match="another model"):
         disassemble(copy.deepcopy(model), masks, [1, 4], graph=graph)
 

@@ -165,19 +165,21 @@ def search_thresholds(model: nn.Module, profile: Profile, classes: str | Sequenc
     # 2. evaluate by increasing FLOPs on one masked working copy; stop at the first that meets the target
     exact_masking = not any(isinstance(module, MIXING_NORMS) for module in model.modules())
     order = execution_order(model, shape)
-    work = copy.deepcopy(model) if exact_masking else None
+    # the working copy comes with its own graph, so that the chosen candidate, once masked and re-fitted, can be
+    # cut out of it directly instead of being cut from the source and re-fitted a second time
+    work, work_graph = copy.deepcopy((model, graph)) if exact_masking else (None, None)
     state = {key: value.clone() for key, value in model.state_dict().items()}
     cached = (source_outputs_by_batch(model, reconstruct_images, order)
               if reconstruct_images is not None and exact_masking else None)
-    candidates, best = [], None
+    candidates, best, record = [], None, None
     for entry in track(walk, "searching α/β", len(walk), progress):
         cut = entry["cut"]
         if exact_masking:
             work.load_state_dict(state)
             _mask(work, cut)
             if reconstruct_images is not None:
-                reconstruct(work, model, _fits(work, cut, order), reconstruct_images, ridge,
-                            source_outputs=cached)
+                record = reconstruct(work, model, _fits(work, cut, order), reconstruct_images, ridge,
+                                     source_outputs=cached)
             scores = predict(work, validation)[0][:, cut.outputs[cut.classifier]]
         else:
             with warnings.catch_warnings():
@@ -199,11 +201,16 @@ def search_thresholds(model: nn.Module, profile: Profile, classes: str | Sequenc
         warnings.warn(f"no α/β kept accuracy within {max_drop} points; chose the most accurate component",
                       stacklevel=2)
     chosen = entry["thresholds"][0]
+    # the walk stops at the first candidate that meets the target, so the working copy holds it re-fitted
+    holds_chosen = exact_masking and reconstruct_images is not None and accuracy >= target
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        component, cut = disassemble_with_cut(model, entry["masks"], task, graph=graph)
-    record = None
-    if reconstruct_images is not None:
+        if holds_chosen:  # the masked weights are exactly the ones the cut removes
+            component, cut = disassemble_with_cut(work, entry["masks"], task, graph=work_graph)
+        else:
+            component, cut = disassemble_with_cut(model, entry["masks"], task, graph=graph)
+            record = None
+    if reconstruct_images is not None and not holds_chosen:
         record = reconstruct(component, model, component_fits(cut, order), reconstruct_images, ridge)
     return SearchResult(component, chosen, accuracy, target, restricted, candidates, len(validation),
                         entry["masks"], record, len(grid) - len(candidates), len(grid))
