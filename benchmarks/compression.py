@@ -3,7 +3,7 @@ FPGM and L1-magnitude filter pruning and HRank (feature-map rank, on torch-pruni
 matched FLOPs, for two budgets, each without fine-tuning and after the same short fine-tuning.
 
     python benchmarks/compression.py [--models vgg16-w0.25,resnet18-w0.25] [--test-per-class 200]
-                                     [--finetune-per-class 100] [--finetune-epochs 1] [--variants pure] [--no-doc]
+                                     [--finetune-per-class 100] [--finetune-epochs 1] [--variants pure,reconstructed] [--no-doc]
 
 Budgets: the FLOPs of the all-class component at the paper's thresholds (budget A) and at the stronger
 thresholds of STRONG (budget B); every baseline is pruned (one shot, the same ratio in every layer, the
@@ -26,7 +26,8 @@ from modellego.reconstruct import reestimate_batchnorm
 from modellego.train import train
 
 STRONG = Thresholds(alpha_conv=0.5, beta_conv=0.4, alpha_fc=0.5, beta_fc=0.4)
-LABELS = {"mda": "MDA component (all classes)", "fpgm": "FPGM (torch-pruning)", "l1": "L1 magnitude (torch-pruning)",
+LABELS = {"mda": "MDA component (all classes), paper's method",
+          "mda-reconstructed": "MDA component (all classes), reconstructed (modellego's default)", "fpgm": "FPGM (torch-pruning)", "l1": "L1 magnitude (torch-pruning)",
           "hrank": "HRank (feature-map rank)"}
 
 
@@ -37,7 +38,7 @@ def finetuned(model, data, epochs: int):
     return tuned
 
 
-def compress(name: str, per_class: int, tune_per_class: int, tune_epochs: int, variant: str) -> dict:
+def compress(name: str, per_class: int, tune_per_class: int, tune_epochs: int, variants: list[str]) -> dict:
     source = load(source_model(name))
     profile = Profile.load(source_profile(name))
     graph = ChannelGraph(source.model, profile.input_shape)
@@ -50,23 +51,25 @@ def compress(name: str, per_class: int, tune_per_class: int, tune_epochs: int, v
     log(f"{name}: source {pct(rows[0]['accuracy'])}")
     everything = list(range(len(source.manifest.classes)))
     for budget_name, thresholds in (("A", PAPER), ("B", STRONG)):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            part = make_component(source, profile, everything, thresholds, variant, graph)
+        candidates = {}
+        for variant in variants:  # the same cut (reconstruction changes weights, not sizes): one budget for both
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                part = make_component(source, profile, everything, thresholds, variant, graph)
+            candidates["mda" if variant == "pure" else f"mda-{variant}"] = part.model
         budget = measure(part.model, part.manifest, test_data)["flops"]
-        candidates = {"mda": part.model}
         for method in METHODS:
             candidates[method] = matched(source.model, shape, method, budget, images=batch).model
         for method, model in candidates.items():
             before = measure(model, source.manifest, test_data)
             after = measure(finetuned(model, tune_data, tune_epochs), source.manifest, test_data)
             rows.append({"budget": budget_name, "budget_flops": budget, "method": method,
-                         "thresholds": thresholds.as_dict() if method == "mda" else None,
+                         "thresholds": thresholds.as_dict() if method.startswith("mda") else None,
                          **before, "finetuned_accuracy": after["accuracy"],
                          "flops_error": abs(before["flops"] - budget) / budget})
             log(f"{name} budget {budget_name}: {method} {pct(before['accuracy'])} -> {pct(after['accuracy'])} "
                 f"at {before['flops']:,} FLOPs")
-    return {"model": name, "variant": variant, "rows": rows}
+    return {"model": name, "variants": variants, "rows": rows}
 
 
 def table(result: dict) -> str:
@@ -88,15 +91,15 @@ def main() -> None:
     parser.add_argument("--test-per-class", type=int, default=200)
     parser.add_argument("--finetune-per-class", type=int, default=100)
     parser.add_argument("--finetune-epochs", type=int, default=1)
-    parser.add_argument("--variants", default="pure")
+    parser.add_argument("--variants", default="pure,reconstructed")
     parser.add_argument("--no-doc", action="store_true")
     args = parser.parse_args()
     results, parts = [], []
-    for variant in args.variants.split(","):
-        for name in args.models.split(","):
-            result = compress(name, args.test_per_class, args.finetune_per_class, args.finetune_epochs, variant)
-            results.append(result)
-            parts += [f"**{name}** (component variant: {variant})", "", table(result), ""]
+    for name in args.models.split(","):
+        result = compress(name, args.test_per_class, args.finetune_per_class, args.finetune_epochs,
+                          args.variants.split(","))
+        results.append(result)
+        parts += [f"**{name}**", "", table(result), ""]
     save_json("compression", {"results": results, "seconds": elapsed()})
     strong = ", ".join(f"{key} {value}" for key, value in STRONG.as_dict().items())
     caption = (f"Fashion-MNIST, all 10 classes. Budget A = the FLOPs of the all-class component at the paper's "

@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from modellego import data as datasets, pipeline  # noqa: E402
-from modellego.data.subsets import per_class_slice  # noqa: E402
+from modellego.data.subsets import SampleSubset, per_class_slice, resolve_classes  # noqa: E402
 from modellego.evaluate import count_flops, count_params, evaluate  # noqa: E402
 from modellego.masks import PAPER, Thresholds, locate  # noqa: E402
 from modellego.modelfile import Brick, load, save  # noqa: E402
@@ -91,16 +91,28 @@ def source_profile(name: str, out_dir: Path = OUT_DIR) -> Path:
     return target
 
 
+def profile_images(manifest, profile: Profile, task: list[int]):
+    """The profile's images of the task's classes: what reconstruction re-fits on by default (the profile
+    indexes the PROFILE_SLICE training slice it was computed on, see `source_profile`)."""
+    train = per_class_slice(pipeline.DataOptions().of(manifest, "train"), PROFILE_SLICE, SEED)
+    chosen = torch.isin(profile.sample_labels, torch.tensor(task))
+    return SampleSubset(train, profile.samples[chosen].sort().values)
+
+
+VARIANTS = ("pure", "reconstructed")
+
+
 def make_component(source: Brick, profile: Profile, classes, thresholds: Thresholds = PAPER,
                    variant: str = "pure", graph=None) -> Brick:
     """THE component-making step of every paper benchmark: locate with `thresholds`, then disassemble.
-    `variant` "pure" is the paper's method; once closed-form reconstruction (issue 10) is merged, add its
-    call here under "reconstructed" and pass --variants pure,reconstructed to the benchmarks."""
+    `variant` "pure" is the paper's method (`--no-reconstruct`); "reconstructed" is modellego's default, the
+    component re-fitted without gradients on the profile's images of its task (issue 10)."""
+    if variant not in VARIANTS:
+        raise SystemExit(f"unknown component variant {variant!r}; choose from {', '.join(VARIANTS)}")
     masks = locate(source.model, profile, **thresholds.as_dict(), graph=graph)
-    part = pipeline.component(source, masks, classes)
-    if variant == "pure":
-        return part
-    raise SystemExit(f"component variant {variant!r} is not available in this checkout (only 'pure')")
+    task = resolve_classes(profile.classes, classes, "the model's classes")
+    images = profile_images(source.manifest, profile, task) if variant == "reconstructed" else None
+    return pipeline.component(source, masks, task, images, graph=graph)
 
 
 def test_slice(manifest, per_class: int):

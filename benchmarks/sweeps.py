@@ -2,7 +2,7 @@
 conv layers, then of the linear layers, varies (the other three thresholds at the paper's values).
 
     python benchmarks/sweeps.py [--models lenet5,vgg16-w0.25] [--classes "Pullover,Coat,Shirt"]
-                                [--test-per-class 300] [--variants pure] [--no-doc]
+                                [--test-per-class 300] [--variants pure,reconstructed] [--no-doc]
 
 Source models: the shared Fashion-MNIST models (see benchmarks/paper_common.py). Writes
 docs/figures/sweep-MODEL.png, a table into docs/results.md (markers `sweeps:begin/end`) and runs/paper/sweeps.json.
@@ -76,9 +76,11 @@ def plot(result: dict, classes: str, per_class: int) -> str:
         lines = panel.get_legend_handles_labels()
         more = twin.get_legend_handles_labels()
         panel.legend(lines[0] + more[0], lines[1] + more[1], fontsize=8, loc="lower left")
-    figure.suptitle(f"α/β sweep, component for {{{classes}}} cut from {name} (Fashion-MNIST), no training; "
-                    f"accuracy on {per_class} test images per class", fontsize=11)
-    path = figure_path(f"sweep-{name}.png")
+    variant = result["variant"]
+    how = "the paper's method" if variant == "pure" else "reconstructed without gradients"
+    figure.suptitle(f"α/β sweep, component for {{{classes}}} cut from {name} (Fashion-MNIST), no training, "
+                    f"{how}; accuracy on {per_class} test images per class", fontsize=11)
+    path = figure_path(f"sweep-{name}.png" if variant == "pure" else f"sweep-{name}-{variant}.png")
     figure.savefig(path, dpi=110)
     return path.name
 
@@ -99,7 +101,7 @@ def main() -> None:
     parser.add_argument("--models", default="lenet5,vgg16-w0.25")
     parser.add_argument("--classes", default="Pullover,Coat,Shirt")
     parser.add_argument("--test-per-class", type=int, default=300)
-    parser.add_argument("--variants", default="pure")
+    parser.add_argument("--variants", default="pure,reconstructed")
     parser.add_argument("--no-doc", action="store_true")
     args = parser.parse_args()
     results, parts = [], []
