@@ -50,19 +50,13 @@ class Profile:
     notes: list[str] = field(default_factory=list)
     kinds: dict[str, str] = field(default_factory=dict)  # layer -> "conv" | "linear" (empty in older files)
     world_size: int = 1
-    _relative: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def relative(self, layer: str) -> torch.Tensor:
-        """Soft relative contribution R = (A − min_i A) / (max_i A − min_i A + 1e-5), per layer. Kept until
-        the layer's sums change: the α/β search locates dozens of times from one profile."""
+        """Soft relative contribution R = (A − min_i A) / (max_i A − min_i A + 1e-5), per layer."""
         totals = self.contributions[layer]
-        key = (id(totals), totals._version)
-        cached = self._relative.get(layer)
-        if cached is None or cached[0] != key:
-            low = totals.amin(dim=2, keepdim=True)
-            high = totals.amax(dim=2, keepdim=True)
-            cached = self._relative[layer] = (key, (totals - low) / (high - low + 1e-5))
-        return cached[1]
+        low = totals.amin(dim=2, keepdim=True)
+        high = totals.amax(dim=2, keepdim=True)
+        return (totals - low) / (high - low + 1e-5)
 
     def digest(self) -> str:
         """SHA-256 of the profile's content (sums, classes, samples), recorded in components' provenance."""

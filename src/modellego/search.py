@@ -12,6 +12,7 @@ layers before the first one the cut changes are left as they are."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -123,6 +124,21 @@ def _mask(model: nn.Module, cut: Cut) -> None:
         layer.weight[:, dropped] = 0
 
 
+def _relatives_once(profile: Profile) -> Profile:
+    """A shallow copy of `profile` whose `relative` computes each layer's relative contributions once: the
+    search locates from the same profile for every grid point."""
+    relatives: dict[str, torch.Tensor] = {}
+
+    def relative(layer: str) -> torch.Tensor:
+        if layer not in relatives:
+            relatives[layer] = profile.relative(layer)
+        return relatives[layer]
+
+    memoized = dataclasses.replace(profile)
+    memoized.relative = relative
+    return memoized
+
+
 def search_thresholds(model: nn.Module, profile: Profile, classes: str | Sequence[str | int], validation: Dataset,
                       max_drop: float = 1.0, alphas: Sequence[float] = SEARCH_ALPHAS,
                       betas: Sequence[float] = SEARCH_BETAS, progress: bool = False,
@@ -152,6 +168,7 @@ def search_thresholds(model: nn.Module, profile: Profile, classes: str | Sequenc
         reconstruct_images = torch.stack([reconstruct_images[i][0] for i in range(len(reconstruct_images))])
 
     # 1. every grid point's cut and FLOPs, without a forward pass; equal cuts are one candidate
+    profile = _relatives_once(profile)
     grid = [(alpha, beta) for alpha in alphas for beta in betas]
     unique: dict[tuple, dict] = {}
     for alpha, beta in grid:
