@@ -11,12 +11,13 @@ from typing import NamedTuple
 import pytest
 import torch
 
-torch.set_num_threads(2)
+# The cores shared out among pytest-xdist's workers (`-n auto` in pyproject.toml), at least one thread each.
+torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))))
 
 
 def run_cli(*args: str, cwd: Path | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
     """Run `python -m modellego ARGS` in a subprocess and capture its output."""
-    env = dict(os.environ, COLUMNS="200", PYTHONWARNINGS="ignore")
+    env = dict(os.environ, COLUMNS="200", PYTHONWARNINGS="ignore", OMP_NUM_THREADS=str(torch.get_num_threads()))
     return subprocess.run([sys.executable, "-m", "modellego", *args], capture_output=True, text=True,
                           cwd=cwd, env=env, timeout=timeout)
 
