@@ -123,6 +123,13 @@ def measure_in_subprocess(reader: str, path: Path, address_space_gb: float = 2.0
     """Read `path` in a fresh Python whose address space may grow by at most `address_space_gb` beyond what
     importing torch takes, so a memory regression fails instead of exhausting the machine. Returns the outcome,
     seconds spent reading and the process's peak RSS in MB (VmHWM)."""
+    return measure_all_in_subprocess([(reader, path)], address_space_gb, timeout)[0]
+
+
+def measure_all_in_subprocess(cases: list[tuple[str, Path]], address_space_gb: float = 2.0,
+                              timeout: int = 120) -> list[dict]:
+    """`measure_in_subprocess` for several files, one after the other in one fresh Python under the same limit
+    (importing torch once instead of once per file); each file's peak RSS is the process's peak so far."""
     import os
     import subprocess
     import sys
@@ -133,21 +140,24 @@ sys.path.insert(0, {str(Path(__file__).parent)!r})
 import safety_helpers, modellego.modelfile, modellego.profiles, torchvision
 size = int(open('/proc/self/status').read().split('VmSize:')[1].split()[0]) * 1024
 resource.setrlimit(resource.RLIMIT_AS, (size + int({address_space_gb} * 2**30), resource.RLIM_INFINITY))
-started = time.perf_counter()
-try:
-    outcome = safety_helpers.read_with({reader!r}, {str(path)!r})
-except MemoryError:
-    outcome = 'MemoryError'
-except Exception as error:
-    outcome = 'crash: ' + type(error).__name__ + ': ' + str(error)[:200]
-seconds = time.perf_counter() - started
-# VmHWM, not ru_maxrss: a forked child's ru_maxrss starts from its parent's size
-peak = int(open('/proc/self/status').read().split('VmHWM:')[1].split()[0]) / 1024
-print(json.dumps({{'outcome': outcome, 'seconds': seconds, 'peak_rss_mb': peak}}))
+for reader, path in {[(reader, str(path)) for reader, path in cases]!r}:
+    started = time.perf_counter()
+    try:
+        outcome = safety_helpers.read_with(reader, path)
+    except MemoryError:
+        outcome = 'MemoryError'
+    except Exception as error:
+        outcome = 'crash: ' + type(error).__name__ + ': ' + str(error)[:200]
+    seconds = time.perf_counter() - started
+    # VmHWM, not ru_maxrss: a forked child's ru_maxrss starts from its parent's size
+    peak = int(open('/proc/self/status').read().split('VmHWM:')[1].split()[0]) / 1024
+    print(json.dumps({{'outcome': outcome, 'seconds': seconds, 'peak_rss_mb': peak}}), flush=True)
 """
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=timeout,
                             env=dict(os.environ, PYTHONWARNINGS="ignore"))
-    if result.returncode != 0:
-        return {"outcome": f"process died ({result.returncode}): {result.stderr[-300:]}", "seconds": None,
+    measured = [json.loads(line) for line in result.stdout.strip().splitlines() if line.startswith("{")]
+    if result.returncode != 0:  # the case it died on, and those it never reached
+        died = {"outcome": f"process died ({result.returncode}): {result.stderr[-300:]}", "seconds": None,
                 "peak_rss_mb": None}
-    return json.loads(result.stdout.strip().splitlines()[-1])
+        measured += [died] * (len(cases) - len(measured))
+    return measured
