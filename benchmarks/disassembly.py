@@ -15,7 +15,8 @@ Every step runs the `modellego` command line (as `python -m modellego ...`, the 
 3. for every task, `modellego disassemble` with the paper's defaults (α_conv=0.3 β_conv=0.2 α_fc=0.4
    β_fc=0.3) and `--no-reconstruct` (`pure`, the paper's method), the same with reconstruction (`reconstruct`,
    the default), the same re-fitted on 300 training images per class (`reconstruct-300`,
-   `--reconstruct-samples 300`), and `--auto --max-drop 1.0` with reconstruction (`auto`), then
+   `--reconstruct-samples 300`), and `--auto --max-drop 1.0` with reconstruction (`auto`; `auto-300`, not
+   run by default, re-fits every candidate on 300 images per class), then
    `modellego eval COMPONENT --against MODEL --json`; with `--flatten-study`, also `pure` and `reconstruct`
    with the other `--flatten` rule (settings marked `keep-all` / `any-feature`);
 4. print a markdown table and write it into --doc between the markers
@@ -66,6 +67,7 @@ SETTINGS = {  # name -> extra `disassemble` flags
     "reconstruct": [],
     "reconstruct-300": ["--reconstruct-samples", "300"],
     "auto": ["--auto"],
+    "auto-300": ["--auto", "--reconstruct-samples", "300"],
 }
 OTHER_FLATTEN = {"any-feature": "keep-all", "keep-all": "any-feature"}
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
