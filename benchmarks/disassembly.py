@@ -15,8 +15,9 @@ Every step runs the `modellego` command line (as `python -m modellego ...`, the 
 3. for every task, `modellego disassemble` with the paper's defaults (α_conv=0.3 β_conv=0.2 α_fc=0.4
    β_fc=0.3) and `--no-reconstruct` (`pure`, the paper's method), the same with reconstruction (`reconstruct`,
    the default), the same re-fitted on 300 training images per class (`reconstruct-300`,
-   `--reconstruct-samples 300`), and `--auto --max-drop 1.0` with reconstruction (`auto`; `auto-300`, not
-   run by default, re-fits every candidate on 300 images per class), then
+   `--reconstruct-samples 300`), and `--auto --max-drop 1.0` with reconstruction (`auto`; not run by
+   default: `auto-300` re-fits every candidate on 300 images per class, `auto-fine` searches a grid of step
+   0.05, `auto-300-fine` both), then
    `modellego eval COMPONENT --against MODEL --json`; with `--flatten-study`, also `pure` and `reconstruct`
    with the other `--flatten` rule (settings marked `keep-all` / `any-feature`);
 4. print a markdown table and write it into --doc between the markers
@@ -68,6 +69,8 @@ SETTINGS = {  # name -> extra `disassemble` flags
     "reconstruct-300": ["--reconstruct-samples", "300"],
     "auto": ["--auto"],
     "auto-300": ["--auto", "--reconstruct-samples", "300"],
+    "auto-fine": ["--auto", "--grid-step", "0.05"],
+    "auto-300-fine": ["--auto", "--reconstruct-samples", "300", "--grid-step", "0.05"],
 }
 OTHER_FLATTEN = {"any-feature": "keep-all", "keep-all": "any-feature"}
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"

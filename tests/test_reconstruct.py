@@ -301,6 +301,25 @@ def test_the_fast_search_gives_the_full_grids_answer(lenet, lenet_profile):
     assert len(fast.candidates) <= len(full) and fast.grid == len(full)
 
 
+def test_a_finer_grid_holds_the_coarse_one_and_never_chooses_a_larger_component(lenet, lenet_profile):
+    from modellego.search import SEARCH_ALPHAS, SEARCH_BETAS, search_grid, search_thresholds, validation_data
+
+    assert search_grid(0.1) == (SEARCH_ALPHAS, SEARCH_BETAS)
+    fine_alphas, fine_betas = search_grid(0.05)
+    assert set(SEARCH_ALPHAS) <= set(fine_alphas) and set(SEARCH_BETAS) <= set(fine_betas)
+    assert max(fine_alphas) == 0.6 and max(fine_betas) == 0.5 and search_grid(0.3) == ((0.0, 0.3, 0.6), (0.0, 0.3))
+    with pytest.raises(modellego.ModellegoError, match="grid step"):
+        search_grid(0)
+    path, train = lenet
+    model, _ = modellego.load(path)
+    task = [0, 1, 2]
+    validation = validation_data(train, task, lenet_profile.samples, 0.1, seed=0)
+    coarse = search_thresholds(model, lenet_profile, task, validation, 1.0)
+    fine = search_thresholds(model, lenet_profile, task, validation, 1.0, fine_alphas, fine_betas)
+    assert fine.grid == len(fine_alphas) * len(fine_betas) == 143
+    assert fine.met_target and count_flops(fine.component, SHAPE) <= count_flops(coarse.component, SHAPE)
+
+
 # --- the command line -------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -350,4 +369,6 @@ def test_cli_refuses_bad_reconstruction_options(files, tmp_path):
     assert_user_error(invoke(*base, "--reconstruct-samples", "0"), "--reconstruct-samples")
     assert_user_error(invoke(*base, "--reconstruct-samples", "5", "--no-reconstruct"), "--no-reconstruct")
     assert_user_error(invoke(*base, "--ridge", "0"), "--ridge")
+    assert_user_error(invoke(*base, "--auto", "--grid-step", "0"), "--grid-step")
+    assert_user_error(invoke(*base, "--grid-step", "0.05"), "--grid-step only applies with --auto")
     assert not out.exists()

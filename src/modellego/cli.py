@@ -25,6 +25,7 @@ from modellego.errors import ModellegoError
 from modellego.evaluate import count_flops, count_params
 from modellego.masks import DEFAULT_FLATTEN, FLATTEN_RULES, PAPER, Thresholds, check_thresholds
 from modellego.reconstruct import RIDGE
+from modellego.search import GRID_STEP
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Make new CNN classifiers without training: disassemble trained models, assemble components.")
@@ -273,6 +274,8 @@ def disassemble(
     beta_fc: float = BetaFcOption,
     auto: bool = typer.Option(False, "--auto", help="Search α/β for the smallest component within --max-drop."),
     max_drop: float = typer.Option(1.0, "--max-drop", help="With --auto: accuracy points the component may lose on validation data."),
+    grid_step: float = typer.Option(GRID_STEP, "--grid-step", help="With --auto: spacing of the α/β grid "
+                                    "(α 0…0.6, β 0…0.5); 0.05 tries 4× the points and finds components between them."),
     evaluate: bool = typer.Option(False, "--evaluate", help="Also measure and record test accuracy, Base and "
                                   "Restricted base (an assembly's mean Base needs them; `eval --against` gives them any time)."),
     no_reconstruct: bool = typer.Option(False, "--no-reconstruct", help="The paper's pure method: no re-fitting of "
@@ -293,6 +296,9 @@ def disassemble(
     check_thresholds(flags)
     option_text("--classes", classes)
     option_float("--max-drop", max_drop, 0.0, 100.0)
+    option_float("--grid-step", grid_step, 0.01, 0.5)
+    if grid_step != GRID_STEP and not auto:
+        raise ModellegoError("--grid-step only applies with --auto; add --auto or drop it")
     option_seed(seed)
     _check_image_size(image_size)
     if flatten not in FLATTEN_RULES:
@@ -305,7 +311,8 @@ def disassemble(
     result = pipeline.disassemble(model, profile_path, classes, out_path,
                                   Thresholds(alpha_conv, beta_conv, alpha_fc, beta_fc), auto, max_drop, evaluate,
                                   _data(data_root, image_size, no_verify), seed, reconstruct=not no_reconstruct,
-                                  reconstruct_samples=reconstruct_samples, flatten=flatten, ridge=ridge)
+                                  reconstruct_samples=reconstruct_samples, flatten=flatten, ridge=ridge,
+                                  grid_step=grid_step)
     if result.search is not None:
         search, chosen = result.search, result.search.thresholds
         held_out = ("validation nodes" if "validation_nodes" in result.brick.manifest.provenance["disassembled"]["auto"]

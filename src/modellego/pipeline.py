@@ -26,7 +26,7 @@ from modellego.masks import DEFAULT_FLATTEN, FLATTEN_RULES, PAPER, ComponentMask
 from modellego.modelfile import Brick, ClassRef, Manifest, atomic_write, check_output_path, load, read_manifest, save, weights_hash
 from modellego.profiles import Profile, profile as profile_model
 from modellego.reconstruct import RIDGE, reconstruct_component
-from modellego.search import SearchResult, search_thresholds, validation_data
+from modellego.search import GRID_STEP, SearchResult, search_grid, search_thresholds, validation_data
 from modellego.train import finetune as finetune_model, train_model
 
 if TYPE_CHECKING:  # matplotlib is imported only by the commands that draw
@@ -401,15 +401,19 @@ def disassemble(model_path: FilePath, profile_path: FilePath, classes: str | Seq
                 thresholds: Thresholds = PAPER, auto: bool = False, max_drop: float = 1.0, evaluate: bool = False,
                 data: DataOptions | None = None, seed: int = 0, progress: bool = True, reconstruct: bool = True,
                 reconstruct_samples: int | None = None, flatten: str = DEFAULT_FLATTEN,
-                ridge: float = RIDGE) -> Disassembled:
+                ridge: float = RIDGE, grid_step: float = GRID_STEP) -> Disassembled:
     """Cut the component for `classes` out of a model file with its profile and save it: the paper's α/β (or
     `thresholds`), or with `auto` the smallest component within `max_drop` points of the restricted base on
     held-out training images. With `reconstruct` (the default), the component's layers are re-fitted without
     gradients to the source's outputs on the profile's images of the task (or `reconstruct_samples` training
     images per class); `reconstruct=False` is the paper's pure method. `flatten` chooses the rule at a flatten
-    (see `locate`). Warns when the component is far below its source on the profile's images.
+    (see `locate`); `grid_step`, the spacing of `auto`'s α/β grid. Warns when the component is far below its
+    source on the profile's images.
     With `evaluate`, the test-split metrics (Base, Restricted base, accuracy) are measured and recorded."""
+    alphas, betas = search_grid(grid_step)
     if _graph_file(model_path):
+        if grid_step != GRID_STEP:
+            raise ModellegoError("the grid step of --auto applies to image models only; drop it for a graph model")
         return _graphs().disassemble(model_path, profile_path, classes, out, thresholds, auto, max_drop, evaluate, data)
     data = data or DataOptions()
     if flatten not in FLATTEN_RULES:
@@ -430,8 +434,9 @@ def disassemble(model_path: FilePath, profile_path: FilePath, classes: str | Seq
     search = None
     if auto:
         validation = validation_data(train_data, task, class_profile.samples, 0.1, seed)
-        search = search_thresholds(source.model, class_profile, task, validation, max_drop, progress=progress,
-                                   reconstruct_images=images, ridge=ridge, flatten=flatten, graph=graph)
+        search = search_thresholds(source.model, class_profile, task, validation, max_drop, alphas, betas,
+                                   progress=progress, reconstruct_images=images, ridge=ridge, flatten=flatten,
+                                   graph=graph)
         thresholds = search.thresholds
     masks = locate(source.model, class_profile, **thresholds.as_dict(), graph=graph, flatten=flatten)
     part = component(source, masks, task, images, ridge, graph, flatten)
@@ -441,6 +446,8 @@ def disassemble(model_path: FilePath, profile_path: FilePath, classes: str | Seq
             "validation_accuracy": search.accuracy, "validation_restricted_base": search.restricted_base,
             "met_target": search.met_target, "pareto": pareto_front(search.candidates),
             "evaluated": len(search.candidates), "grid": search.grid}
+        if grid_step != GRID_STEP:  # the default is recorded by its absence, so earlier files stay byte-equal
+            part.manifest.provenance["disassembled"]["auto"]["grid_step"] = grid_step
     check = None
     if class_profile.dataset == train_data.name:  # positions index this data only when it was profiled on it
         check = profile_sample_accuracy(part.model, source.model, task, train_data, class_profile)
