@@ -77,6 +77,7 @@ def main() -> None:
     parser.add_argument("--no-doc", action="store_true")
     args = parser.parse_args()
 
+    load_average = os.getloadavg()[0]  # other jobs on the machine slow both searches alike; the ratio is what counts
     model, manifest = load(args.model)
     profile = Profile.load(args.profile)
     task = resolve_classes(profile.classes, args.classes, "the model's classes")
@@ -112,8 +113,8 @@ def main() -> None:
     if args.no_doc:
         return
     lines = [BEGIN, "", f"`--auto` before and after on {args.model.name}, task {{{args.classes}}}, one run "
-             f"({time.strftime('%Y-%m-%d %H:%M')}, {platform.machine()}, {os.cpu_count()} CPU cores shared with "
-             f"other jobs): {len(validation)} held-out training images score each candidate; the new search "
+             f"({time.strftime('%Y-%m-%d %H:%M')}, {platform.machine()}, {os.cpu_count()} CPU cores, load average "
+             f"{load_average:.1f} at the start): {len(validation)} held-out training images score each candidate; the new search "
              f"re-fits on the profile's {len(images)} images of the task.", "",
              "| Search | Time (s) | Grid points evaluated | Chosen α_conv / β_conv | Validation % | Params | FLOPs |",
              "|---|---|---|---|---|---|---|"]
