@@ -15,14 +15,6 @@ import torch
 torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))))
 
 
-def pytest_collection_modifyitems(config, items) -> None:
-    """For pytest-xdist's `--dist loadgroup` (pyproject.toml): a file's tests go to one worker, so its module
-    fixtures are built once; the support matrix's builder checks, independent and the slowest, are spread."""
-    for item in items:
-        if item.originalname != "test_builder_goes_through_the_chain_or_is_refused":
-            item.add_marker(pytest.mark.xdist_group(item.path.name))
-
-
 def run_cli(*args: str, cwd: Path | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
     """Run `python -m modellego ARGS` in a subprocess and capture its output."""
     env = dict(os.environ, COLUMNS="200", PYTHONWARNINGS="ignore", OMP_NUM_THREADS=str(torch.get_num_threads()))
