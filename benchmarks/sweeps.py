@@ -79,7 +79,7 @@ def plot(result: dict, classes: str, per_class: int) -> str:
     variant = result["variant"]
     how = "the paper's method" if variant == "pure" else "reconstructed without gradients"
     figure.suptitle(f"α/β sweep, component for {{{classes}}} cut from {name} (Fashion-MNIST), no training, "
-                    f"{how}; accuracy on {per_class} test images per class", fontsize=11)
+                    f"{how};\naccuracy on {per_class} test images per class", fontsize=11)
     path = figure_path(f"sweep-{name}.png" if variant == "pure" else f"sweep-{name}-{variant}.png")
     figure.savefig(path, dpi=110)
     return path.name
