@@ -37,6 +37,8 @@ from modellego.reconstruct import (RIDGE, LayerFit, Reconstruction, changed_laye
 SEARCH_ALPHAS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6)
 SEARCH_BETAS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)
 GRID_STEP = 0.1
+IN_MEMORY = 1 << 26  # reconstruction images up to this many values are held as one tensor during the search
+MIXING_NORMS = (nn.LayerNorm, nn.GroupNorm)  # normalise across channels: masking a channel is not removing it
 
 
 def search_grid(step: float = GRID_STEP) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -46,8 +48,6 @@ def search_grid(step: float = GRID_STEP) -> tuple[tuple[float, ...], tuple[float
         raise ModellegoError(f"the grid step must be between 0.01 and 0.5, got {step}")
     values = lambda top: tuple(round(step * k, 4) for k in range(int(top / step + 1e-9) + 1))  # noqa: E731
     return values(0.6), values(0.5)
-IN_MEMORY = 1 << 26  # reconstruction images up to this many values are held as one tensor during the search
-MIXING_NORMS = (nn.LayerNorm, nn.GroupNorm)  # normalise across channels: masking a channel is not removing it
 
 
 @dataclass
