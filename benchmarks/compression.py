@@ -18,7 +18,7 @@ import argparse
 import copy
 import warnings
 
-from paper_common import (command_line, PAPER, Profile, Thresholds, elapsed, human, load, log, make_component, measure, pct,
+from paper_common import (command_line, count_flops, PAPER, Profile, Thresholds, elapsed, human, load, log, make_component, measure, pct,
                           save_json, source_model, source_profile, test_slice, train_slice, publish)
 from modellego.graph import ChannelGraph
 from modellego.prune import METHODS, matched
@@ -57,7 +57,7 @@ def compress(name: str, per_class: int, tune_per_class: int, tune_epochs: int, v
                 warnings.simplefilter("ignore")
                 part = make_component(source, profile, everything, thresholds, variant, graph)
             candidates["mda" if variant == "pure" else f"mda-{variant}"] = part.model
-        budget = measure(part.model, part.manifest, test_data)["flops"]
+        budget = count_flops(part.model, part.manifest.input)
         for method in METHODS:
             candidates[method] = matched(source.model, shape, method, budget, images=batch).model
         for method, model in candidates.items():

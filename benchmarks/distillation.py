@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from matplotlib.figure import Figure
 from torch.utils.data import DataLoader
 
-from paper_common import (command_line, Profile, elapsed, figure_path, human, load, log, make_component, measure, pct, save_json,
+from paper_common import (command_line, count_flops, Profile, elapsed, figure_path, human, load, log, make_component, measure, pct, save_json,
                           source_model, source_profile, test_slice, train_slice, publish)
 from compression import STRONG
 from modellego.evaluate import evaluate
@@ -78,10 +78,10 @@ def run(name: str, epochs: int, train_per_class: int, per_class: int, variants: 
             warnings.simplefilter("ignore")
             part = make_component(source, profile, everything, STRONG, variant, graph)
         students["MDA component" + ("" if variant == "pure" else f", {variant}")] = part.model
-    size = measure(part.model, part.manifest, test_data)
+    budget = count_flops(part.model, part.manifest.input)  # the students' FLOPs: one cut, one size
     images = torch.stack([data[i][0] for i in range(0, len(data), max(1, len(data) // 100))])
     students |= {"same architecture, scratch": scratch(part.model),
-                "FPGM-pruned source": matched(source.model, profile.input_shape, "fpgm", size["flops"],
+                "FPGM-pruned source": matched(source.model, profile.input_shape, "fpgm", budget,
                                               images=images).model}
     curves, sizes = {}, {}
     for label, student in students.items():

@@ -8,6 +8,7 @@ says which."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -24,7 +25,7 @@ from modellego import data as datasets, pipeline  # noqa: E402
 from modellego.data.subsets import SampleSubset, per_class_slice, resolve_classes  # noqa: E402
 from modellego.evaluate import count_flops, count_params, evaluate  # noqa: E402
 from modellego.masks import PAPER, Thresholds, locate  # noqa: E402
-from modellego.modelfile import Brick, load, save  # noqa: E402
+from modellego.modelfile import Brick, ClassRef, load, save  # noqa: E402
 from modellego.profiles import Profile, profile as profile_model  # noqa: E402
 
 SHARED_MODELS = Path(os.environ.get("MODELLEGO_SHARED_MODELS", Path(__file__).resolve().parents[1] / "runs" / "models"))
@@ -76,6 +77,13 @@ def source_model(name: str, out_dir: Path = OUT_DIR) -> Path:
     return target
 
 
+@functools.lru_cache(maxsize=4)
+def profile_slice(classes: tuple[ClassRef, ...]):
+    """The PROFILE_SLICE training images per class that profiles are computed on (and index), loaded once per
+    run: the sweeps make dozens of reconstructed components from the same source."""
+    return per_class_slice(pipeline.DataOptions().of(classes, "train"), PROFILE_SLICE, SEED)
+
+
 def source_profile(name: str, out_dir: Path = OUT_DIR) -> Path:
     """The model's profile (50 most confident correct images per class, chosen from PROFILE_SLICE training
     images per class), computed once and cached next to the model."""
@@ -84,8 +92,8 @@ def source_profile(name: str, out_dir: Path = OUT_DIR) -> Path:
     if not target.exists():
         log(f"profiling {name}")
         model, manifest = load(model_path)
-        train = pipeline.DataOptions().of(manifest, "train")
-        result = profile_model(model, per_class_slice(train, PROFILE_SLICE, SEED), samples_per_class=SAMPLES_PER_CLASS)
+        train = profile_slice(tuple(manifest.classes))
+        result = profile_model(model, train, samples_per_class=SAMPLES_PER_CLASS)
         result.dataset = train.name
         result.save(target)
     return target
@@ -94,7 +102,7 @@ def source_profile(name: str, out_dir: Path = OUT_DIR) -> Path:
 def profile_images(manifest, profile: Profile, task: list[int]):
     """The profile's images of the task's classes: what reconstruction re-fits on by default (the profile
     indexes the PROFILE_SLICE training slice it was computed on, see `source_profile`)."""
-    train = per_class_slice(pipeline.DataOptions().of(manifest, "train"), PROFILE_SLICE, SEED)
+    train = profile_slice(tuple(manifest.classes))
     chosen = torch.isin(profile.sample_labels, torch.tensor(task))
     return SampleSubset(train, profile.samples[chosen].sort().values)
 
