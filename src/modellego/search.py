@@ -46,7 +46,10 @@ def search_grid(step: float = GRID_STEP) -> tuple[tuple[float, ...], tuple[float
     SEARCH_ALPHAS × SEARCH_BETAS. A finer step finds components between the coarse grid's points."""
     if not 0.01 <= step <= 0.5:
         raise ModellegoError(f"the grid step must be between 0.01 and 0.5, got {step}")
-    values = lambda top: tuple(round(step * k, 4) for k in range(int(top / step + 1e-9) + 1))  # noqa: E731
+
+    def values(top: float) -> tuple[float, ...]:
+        return tuple(round(step * k, 4) for k in range(int(top / step + 1e-9) + 1))
+
     return values(0.6), values(0.5)
 
 
