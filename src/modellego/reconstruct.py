@@ -5,6 +5,7 @@ paper")."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
@@ -29,48 +30,174 @@ def batchnorm_layers(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
             if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats]
 
 
+BATCHNORM_BATCH = 256  # re-estimation is inference: its batch size is planned for memory, not training's
+IN_MEMORY = 1 << 26    # images up to this many values in all are held as one tensor while the passes read them
+
+
+def in_memory(images: Dataset, shape: tuple[int, ...] | None) -> torch.Tensor | Dataset:
+    """A dataset's images (of `shape`) as one tensor when they hold at most IN_MEMORY values in all, for loops
+    that read them several times; else the dataset itself."""
+    if shape is None or len(images) * math.prod(shape) > IN_MEMORY:
+        return images
+    return torch.stack([images[i][0] for i in range(len(images))])
+
+
+class Moments:
+    """Per-channel count, sum and sum of squares of a BatchNorm layer's inputs about a fixed `shift` (a guess of
+    the mean, which keeps the float64 sums accurate; by default the first batch's mean), over every position of
+    every image: plain sums, so the result does not depend on how the images were batched, and shards add up
+    (`all_reduce`, with the same shift in every process)."""
+
+    def __init__(self, channels: int, shift: torch.Tensor | None = None) -> None:
+        self.shift = shift.detach().double().cpu().clone() if shift is not None else None
+        self.count = torch.zeros(1, dtype=torch.float64)
+        self.sum = torch.zeros(channels, dtype=torch.float64)
+        self.squares = torch.zeros(channels, dtype=torch.float64)
+
+    def add(self, x: torch.Tensor) -> None:
+        dims = [d for d in range(x.dim()) if d != 1]
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        x = x.detach()
+        if self.shift is None:  # no guess given: the first batch's mean
+            self.shift = x.mean(dims).double().cpu()
+        centred = x - self.shift.to(x).view(shape)
+        self.count += x.numel() // x.shape[1]
+        self.sum += centred.sum(dims).double().cpu()
+        self.squares += centred.square().sum(dims).double().cpu()
+
+    def all_reduce(self) -> None:
+        """Under torchrun: the sums over every process's images (all processes must hold the same shift)."""
+        for total in (self.count, self.sum, self.squares):
+            distributed.sum_(total)
+
+    @property
+    def mean(self) -> torch.Tensor:
+        shift = self.shift if self.shift is not None else torch.zeros_like(self.sum)
+        return shift + self.sum / self.count.clamp(min=1)
+
+    def variance(self) -> torch.Tensor:
+        """The unbiased variance (what BatchNorm keeps as its running variance)."""
+        count = self.count.clamp(min=2)
+        return ((self.squares - self.sum.square() / count) / (count - 1)).clamp(min=0)
+
+
+def batchnorm_levels(model: nn.Module, layers: list[nn.Module], example: torch.Tensor) -> list[list[nn.Module]]:
+    """`layers` (BatchNorm layers of `model`) grouped by level: a layer's level is 0 when no other of `layers`
+    feeds its input, else one more than the highest level among those that do (found on `example`'s autograd
+    graph). Each group in execution order; layers that do not run are left out."""
+    chosen = {id(layer): layer for layer in layers}
+    produced: dict[object, int] = {}  # the autograd node of a layer's output → the layer's id
+    reads: dict[int, object] = {}     # a layer's id → the autograd node of its input
+    order: list[int] = []
+
+    def before(layer: nn.Module, args: tuple) -> None:
+        if id(layer) not in reads:
+            order.append(id(layer))
+            reads[id(layer)] = args[0].grad_fn
+
+    def after(layer: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        produced[output.grad_fn] = id(layer)
+
+    handles = [layer.register_forward_pre_hook(before) for layer in layers]
+    handles += [layer.register_forward_hook(after) for layer in layers]
+    try:
+        with torch.enable_grad():
+            model(example.detach().clone().requires_grad_(True))
+    finally:
+        for handle in handles:
+            handle.remove()
+    upstream: dict[object, frozenset[int]] = {}
+
+    def feeding(node) -> frozenset[int]:
+        """The ids of `layers` whose outputs reach autograd node `node` (iterative: graphs can be deep)."""
+        stack = [(node, False)]
+        while stack:
+            current, expanded = stack.pop()
+            if current is None or current in upstream:
+                continue
+            parents = [parent for parent, _ in current.next_functions if parent is not None]
+            if not expanded:
+                stack.append((current, True))
+                stack.extend((parent, False) for parent in parents if parent not in upstream)
+                continue
+            found: set[int] = set()
+            for parent in parents:
+                found |= upstream.get(parent, frozenset())
+                if parent in produced:
+                    found.add(produced[parent])
+            upstream[current] = frozenset(found)
+        return upstream.get(node, frozenset()) if node is not None else frozenset()
+
+    level: dict[int, int] = {}
+    for layer_id in order:  # execution order: every layer feeding this one ran before it
+        sources = feeding(reads[layer_id]) - {layer_id}
+        level[layer_id] = 1 + max((level[source] for source in sources), default=-1)
+    groups: list[list[nn.Module]] = [[] for _ in range(1 + max(level.values(), default=-1))]
+    for layer_id in order:
+        groups[level[layer_id]].append(chosen[layer_id])
+    return groups
+
+
 @torch.no_grad()
 def reestimate_batchnorm(model: nn.Module, dataset: Dataset | torch.Tensor, samples: int = 4096,
-                         batch_size: int = 128, seed: int = 0, progress: bool = False,
-                         only: Iterable[nn.Module] | None = None) -> int:
-    """Recompute every BatchNorm layer's running mean and variance as the average over batches of up to
-    `samples` images of `dataset` (a labelled dataset or a tensor of images; drawn with `seed`); nothing else
-    changes, and every module ends in the mode it was in. Returns the number of images used (0 without BN).
+                         batch_size: int = BATCHNORM_BATCH, seed: int = 0, progress: bool = False) -> int:
+    """Set every BatchNorm layer's running mean and unbiased variance to those of its inputs over up to
+    `samples` images of `dataset` (a labelled dataset or a tensor of images; drawn with `seed`) as the model
+    computes them in eval mode; nothing else changes, and every module ends in the mode it was in. Returns the
+    number of images used (0 without BN).
 
-    Training leaves running statistics that lag the final weights (an exponential average with a small
-    momentum), which can put a model that learned at chance level in eval mode. `only`: just these BN layers."""
+    Layer by layer, so that the result does not depend on `batch_size` (an inference batch, lowered to fit
+    memory): one pass over the images per level of BatchNorm depth (`batchnorm_levels`), each in eval mode and
+    stopped once that level's layers have read their inputs, which every layer before them computes with its
+    final statistics. Batch statistics (train-mode BatchNorm) would normalise each batch by itself, and a mean
+    of per-batch variances leaves out how the batch means move: at small batches of few classes, that drops
+    classes in eval mode."""
     if isinstance(dataset, torch.Tensor):
         dataset = TensorDataset(dataset, torch.zeros(len(dataset)))
     layers = batchnorm_layers(model)
-    if only is not None:
-        chosen = set(only)
-        layers = [layer for layer in layers if layer in chosen]
     if not layers or len(dataset) == 0:
         return 0
     count = min(samples, len(dataset))
+    if count < 2:
+        return 0
     shape = sample_shape_of(dataset)
     if shape is not None:  # a no-grad forward: sized like inference
         batch_size = fit_inference(model, shape, batch_size, "re-estimating BatchNorm statistics", samples=count)
-    if count % batch_size == 1 and count > 1:
-        count -= 1  # a batch of one image has no batch statistics
-    if count < 2:
-        return 0
     positions = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:count].sort().values
-    loader = DataLoader(Subset(dataset, positions.tolist()), batch_size=batch_size, shuffle=False)
+    chosen = in_memory(Subset(dataset, positions.tolist()), shape)  # every pass reads them: decode them once
+    if isinstance(chosen, torch.Tensor):
+        chosen = TensorDataset(chosen, torch.zeros(count))
+    loader = DataLoader(chosen, batch_size=batch_size, shuffle=False)
     device = next(model.parameters()).device
     modes = {module: module.training for module in model.modules()}
-    momenta = [layer.momentum for layer in layers]
-    model.eval()  # dropout and everything else stays in inference mode; only BN computes batch statistics
-    for layer in layers:
-        layer.reset_running_stats()
-        layer.momentum = None  # a cumulative average over all batches
-        layer.train()
+    model.eval()
     try:
-        for images, _ in track(loader, "re-estimating BatchNorm statistics", len(loader), progress):
-            model(images.to(device))
+        example = next(iter(loader))[0][:1].to(device)
+        levels = batchnorm_levels(model, layers, example)
+        for number, level in enumerate(levels):
+            moments = {layer: Moments(layer.num_features) for layer in level}
+            last = level[-1]
+
+            def observe(layer: nn.Module, args: tuple) -> None:
+                moments[layer].add(args[0])
+                if layer is last:
+                    raise _Stop
+
+            handles = [layer.register_forward_pre_hook(observe) for layer in level]
+            try:
+                for images, _ in track(loader, f"re-estimating BatchNorm statistics ({number + 1}/{len(levels)})",
+                                       len(loader), progress):
+                    try:
+                        model(images.to(device))
+                    except _Stop:
+                        pass
+            finally:
+                for handle in handles:
+                    handle.remove()
+            for layer in level:
+                layer.running_mean.copy_(moments[layer].mean.to(layer.running_mean))
+                layer.running_var.copy_(moments[layer].variance().to(layer.running_var))
     finally:
-        for layer, momentum in zip(layers, momenta):
-            layer.momentum = momentum
         for module, training in modes.items():
             module.training = training
     return count
@@ -264,29 +391,19 @@ def following_batchnorm(model: nn.Module, example: torch.Tensor) -> dict[str, st
     return found
 
 
-def _through_batchnorm(y: torch.Tensor, source_norm: nn.Module, norm: nn.Module, source_rows: torch.Tensor,
-                       rows: torch.Tensor | None) -> torch.Tensor:
-    """The source layer's outputs `y` (at `source_rows`) mapped so that the model's BatchNorm gives what the
-    source's BatchNorm gives: (y − μ_s)·σ/σ_s + μ. Equal to `y` while the statistics are the source's."""
-    shape = (1, -1) + (1,) * (y.dim() - 2)
-    source_mean = source_norm.running_mean[source_rows]
-    source_std = (source_norm.running_var[source_rows] + source_norm.eps).sqrt()
-    pick = (lambda t: t) if rows is None else (lambda t: t[rows])
-    mean, std = pick(norm.running_mean), pick((norm.running_var + norm.eps).sqrt())
-    return (y - source_mean.view(shape)) * (std / source_std).view(shape) + mean.view(shape)
-
-
-def _prior_through_batchnorm(prior: torch.Tensor, source_norm: nn.Module, norm: nn.Module,
-                             source_rows: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
-    """The weights (G×d×o, last input = the offset) that `_through_batchnorm` makes of the source's weights."""
-    scale = _through_batchnorm(torch.ones(1, len(source_rows)), source_norm, norm, source_rows, rows)
-    shift = _through_batchnorm(torch.zeros(1, len(source_rows)), source_norm, norm, source_rows, rows)
-    scale, shift = (scale - shift).flatten(), shift.flatten()
-    groups, _, out = prior.shape
-    scale, shift = scale.reshape(groups, 1, out), shift.reshape(groups, out)
-    adjusted = prior * scale.to(prior.dtype)
-    adjusted[:, -1] += shift.to(prior.dtype)
-    return adjusted
+def _batchnorm_map(source_norm: nn.Module, norm: nn.Module, source_rows: torch.Tensor, rows: torch.Tensor | None,
+                   groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The affine map y ↦ y·scale + shift (float64, G×1×o like `_weights`' outputs) that takes the source layer's
+    outputs (at `source_rows`) to what the model's layer must output for the model's BatchNorm to give what the
+    source's BatchNorm gives: (y − μ_s)·σ/σ_s + μ. The identity while the statistics are the source's."""
+    source_mean = source_norm.running_mean[source_rows].double().cpu()
+    source_std = (source_norm.running_var[source_rows].double().cpu() + source_norm.eps).sqrt()
+    mean, variance = norm.running_mean.double().cpu(), norm.running_var.double().cpu()
+    if rows is not None:
+        mean, variance = mean[rows.cpu()], variance[rows.cpu()]
+    scale = (variance + norm.eps).sqrt() / source_std
+    shift = mean - source_mean * scale
+    return scale.reshape(groups, 1, -1), shift.reshape(groups, 1, -1)
 
 
 @torch.no_grad()
@@ -296,9 +413,11 @@ def reconstruct(model: nn.Module, source: nn.Module, fits: dict[str, LayerFit], 
     """Re-fit `model`'s layers named in `fits` (a component of `source`, or `source`'s masked copy) in
     execution order, each by ridge least squares on its inputs as they are now (after the layers before it
     were re-fitted) so that its outputs match `source`'s on `images` (a tensor of images, or a labelled
-    dataset): closed form, no gradients. With `batchnorm`, BatchNorm statistics are first re-estimated on the
-    same images; a layer read by a BatchNorm is fitted so that the BatchNorm's output matches the source's.
-    `source_outputs` (per layer, the source's outputs per batch) saves recomputing them across calls."""
+    dataset): closed form, no gradients. A layer read by a BatchNorm is fitted so that the BatchNorm's output
+    matches the source's; with `batchnorm`, that BatchNorm's statistics are first set to those of the layer's
+    outputs on the same images (the pass that gathers the layer's inputs measures them, as `Moments`: exact
+    and independent of the batch size). `source_outputs` (per layer, the source's outputs per batch) saves
+    recomputing them across calls."""
     if not ridge > 0:
         raise ModellegoError(f"the ridge must be positive, got {ridge}")
     count = len(images)
@@ -312,11 +431,8 @@ def reconstruct(model: nn.Module, source: nn.Module, fits: dict[str, LayerFit], 
     norms = following_batchnorm(model, first[:1].to(device))
     modules = dict(model.named_modules())
     source_modules = dict(source.named_modules())
-    used_for_norms = 0
-    if batchnorm:  # only the BatchNorms after a re-fitted layer: the re-fit makes up for their new statistics
-        used_for_norms = reestimate_batchnorm(model, images, samples=count, batch_size=batch_size,
-                                              only=[modules[norms[name]] for name in fits if name in norms])
     order = [name for name in execution_order(model, first[:1].to(device)) if name in fits]
+    refreshed = False
     for name in track(order, "re-fitting layers", len(order), progress):
         layer, fit = layers[name], fits[name]
         rows = fit.rows
@@ -324,24 +440,34 @@ def reconstruct(model: nn.Module, source: nn.Module, fits: dict[str, LayerFit], 
         norm = modules[norms[name]] if name in norms else None
         offset = layer.bias is not None or norm is not None
         prior = _weights(layer, fit, offset)
-        if norm is not None:  # the prior too is the source's layer seen through the model's BatchNorm
-            prior = _prior_through_batchnorm(prior, source_modules[norms[name]], norm, fit.source_rows, rows)
         equations = NormalEquations(groups, prior.shape[1], prior.shape[2])
+        # the BatchNorm's statistics, about its current mean (the same in every process)
+        moments = Moments(norm.num_features, norm.running_mean) if batchnorm and norm is not None else None
         for index, batch in enumerate(_batches(images, batch_size)):
             if index % distributed.world_size() != distributed.rank():
                 continue  # under torchrun each process adds its share of the batches; the sums are all-reduced
             batch = batch.to(device)
             x = _run_until(model, layer, batch, "input")
+            if moments is not None:
+                moments.add(layer(x))  # what the BatchNorm reads: the layer's outputs before its re-fit
             y = (source_outputs[name][index].to(device) if source_outputs is not None
                  else _run_until(source, source_layers[name], batch, "output"))
             y = y.index_select(1 if isinstance(layer, nn.Conv2d) else y.dim() - 1, fit.source_rows.to(device))
-            if name in norms:
-                y = _through_batchnorm(y, source_modules[norms[name]], modules[norms[name]], fit.source_rows, rows)
             equations.add(_design(layer, x, fit.columns, offset), _targets(layer, y))
         distributed.sum_(equations.gram)
         distributed.sum_(equations.cross)
+        if moments is not None:
+            moments.all_reduce()
+            norm.running_mean.copy_(moments.mean.to(norm.running_mean))
+            norm.running_var.copy_(moments.variance().to(norm.running_var))
+            refreshed = True
+        if norm is not None:  # targets and prior seen through the model's BatchNorm: y·scale + shift
+            scale, shift = _batchnorm_map(source_modules[norms[name]], norm, fit.source_rows, rows, groups)
+            equations.cross = equations.cross * scale + equations.gram[:, :, -1:] * shift
+            prior = prior.double() * scale
+            prior[:, -1:] += shift
         _store(layer, fit, equations.solve(prior, ridge), offset, norm)
-    return Reconstruction(count, ridge, len(order), used_for_norms)
+    return Reconstruction(count, ridge, len(order), count if refreshed else 0)
 
 
 def changed_layers(cut, order: list[str]) -> list[str]:

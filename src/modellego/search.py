@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
 import warnings
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -31,13 +30,12 @@ from modellego.layers import execution_order, example_batch, is_depthwise, is_gr
 from modellego.masks import ComponentMasks, Thresholds, locate
 from modellego.profiles import Profile
 from modellego.progress import track
-from modellego.reconstruct import (RIDGE, LayerFit, Reconstruction, changed_layers, component_fits, reconstruct,
-                                   source_outputs_by_batch)
+from modellego.reconstruct import (RIDGE, LayerFit, Reconstruction, changed_layers, component_fits, in_memory,
+                                   reconstruct, source_outputs_by_batch)
 
 SEARCH_ALPHAS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6)
 SEARCH_BETAS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)
 GRID_STEP = 0.1
-IN_MEMORY = 1 << 26  # reconstruction images up to this many values are held as one tensor during the search
 MIXING_NORMS = (nn.LayerNorm, nn.GroupNorm)  # normalise across channels: masking a channel is not removing it
 
 
@@ -177,8 +175,8 @@ def search_thresholds(model: nn.Module, profile: Profile, classes: str | Sequenc
     shape = tuple(profile.input_shape)
     graph = graph or ChannelGraph(model, shape)
     flops_of = _FlopModel(model, shape)
-    if isinstance(reconstruct_images, Dataset) and len(reconstruct_images) * math.prod(shape) <= IN_MEMORY:
-        reconstruct_images = torch.stack([reconstruct_images[i][0] for i in range(len(reconstruct_images))])
+    if isinstance(reconstruct_images, Dataset):
+        reconstruct_images = in_memory(reconstruct_images, shape)
 
     # 1. every grid point's cut and FLOPs, without a forward pass; equal cuts are one candidate
     profile = _relatives_once(profile)

@@ -6,6 +6,7 @@ import copy
 import math
 import random
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -17,7 +18,7 @@ from modellego import distributed
 
 from modellego.data.task import task_data
 from modellego.errors import ModellegoError
-from modellego.evaluate import predict
+from modellego.evaluate import accuracy_of, predict
 from modellego.memory import plan_training, sample_shape_of
 from modellego.modelfile import Brick, ClassRef, Manifest
 from modellego.models import warn_if_oversized
@@ -125,17 +126,28 @@ class GlobalBatchShards(BatchSampler):
         return (full if self.batch_size >= world else 0) + (1 if rest >= world else 0)
 
 
-def training_accuracy(model: nn.Module, dataset: Dataset, samples: int = TRAINING_CHECK_SAMPLES,
-                      seed: int = 0) -> tuple[float, float, int]:
-    """Eval-mode accuracy of `model` on up to `samples` images of `dataset` (drawn with `seed`), the chance level
-    on them (the share of their most frequent class) and how many images were used."""
+@dataclass
+class TrainingCheck:
+    """Eval-mode accuracy of a trained model on (up to `samples`) of its own training images: overall, per
+    class (keyed by class name), and the chance level on them (the share of their most frequent class)."""
 
+    accuracy: float
+    chance: float
+    samples: int
+    per_class: dict[str, float]
+
+
+def training_accuracy(model: nn.Module, dataset: Dataset, samples: int = TRAINING_CHECK_SAMPLES,
+                      seed: int = 0) -> TrainingCheck:
+    """Eval-mode accuracy of `model` on up to `samples` images of `dataset` (drawn with `seed`), overall and per
+    class, and the chance level on them."""
     count = min(samples, len(dataset))
     positions = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:count].sort().values
     logits, labels = predict(model, Subset(dataset, positions.tolist()))
-    accuracy = (logits.argmax(1) == labels).float().mean().item()
+    names = getattr(dataset, "classes", None) or [str(k) for k in range(logits.shape[1])]
+    result = accuracy_of(logits.argmax(1), labels, list(names))
     chance = torch.bincount(labels).max().item() / count
-    return accuracy, chance, count
+    return TrainingCheck(result.accuracy, chance, count, result.per_class)
 
 
 def warn_if_at_chance(accuracy: float, chance: float, samples: int) -> bool:
@@ -150,12 +162,29 @@ def warn_if_at_chance(accuracy: float, chance: float, samples: int) -> bool:
     return True
 
 
-def _settle(model: nn.Module, dataset: Dataset, batch_size: int, seed: int, progress: bool) -> dict:
-    """After training: re-estimate BatchNorm statistics, then check the model learned; the facts for provenance."""
-    images = reestimate_batchnorm(model, dataset, batch_size=batch_size, seed=seed, progress=progress)
-    accuracy, chance, samples = training_accuracy(model, dataset, seed=seed)
-    warn_if_at_chance(accuracy, chance, samples)
-    return {"batchnorm_reestimated_images": images, "train_accuracy": accuracy, "train_accuracy_images": samples}
+WEAK_CLASS = 0.5  # a class the trained model gets right on fewer than this share of its training images is named
+
+
+def warn_about_weak_classes(per_class: dict[str, float], unit: str = "image") -> list[str]:
+    """Warn, once per class, about every class the model gets right on fewer than half of its own training
+    images (a class at 0% makes `profile` refuse later); returns those classes."""
+    weak = [name for name, value in per_class.items() if value < WEAK_CLASS]
+    for name in weak:
+        warnings.warn(f"class {name!r} is right on only {100 * per_class[name]:.1f}% of its own training {unit}s "
+                      "in eval mode; train longer (more --epochs) or with another --lr, or check its data",
+                      stacklevel=3)
+    return weak
+
+
+def _settle(model: nn.Module, dataset: Dataset, seed: int, progress: bool) -> dict:
+    """After training: re-estimate BatchNorm statistics (at an inference batch size, not training's), then check
+    the model learned, overall and per class; the facts for provenance."""
+    images = reestimate_batchnorm(model, dataset, seed=seed, progress=progress)
+    check = training_accuracy(model, dataset, seed=seed)
+    warn_if_at_chance(check.accuracy, check.chance, check.samples)
+    warn_about_weak_classes(check.per_class)
+    return {"batchnorm_reestimated_images": images, "train_accuracy": check.accuracy,
+            "train_accuracy_images": check.samples}
 
 
 def _processes() -> dict:
@@ -178,7 +207,7 @@ def train_model(builder: str, dataset: Dataset, epochs: int, width: float = 1.0,
     check_supported(model, (dataset.spec.channels, *dataset.spec.size), builder)
     batch_size = distributed.smallest(memory.batch_size if memory is not None else batch_size)
     losses = train(model, dataset, epochs, lr=lr, batch_size=batch_size, seed=seed, progress=progress)
-    settled = _settle(model, dataset, batch_size, seed, progress)
+    settled = _settle(model, dataset, seed, progress)
     root = getattr(dataset, "root", None)
     manifest = Manifest(
         architecture={"builder": builder, "in_channels": dataset.spec.channels,
@@ -207,7 +236,7 @@ def finetune(model: nn.Module, manifest: "Manifest", dataset: Dataset | None = N
               if shape is not None else None)
     batch_size = distributed.smallest(memory.batch_size if memory is not None else batch_size)
     losses = train(model, data, epochs, lr=lr, batch_size=batch_size, seed=seed, progress=progress)
-    settled = _settle(model, data, batch_size, seed, progress)
+    settled = _settle(model, data, seed, progress)
     manifest = copy.deepcopy(manifest)
     history = manifest.provenance.setdefault("finetuned", [])
     history.append({"epochs": epochs, "lr": lr, "batch_size": batch_size, "seed": seed,

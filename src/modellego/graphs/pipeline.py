@@ -29,7 +29,7 @@ from modellego.pipeline import AGREEMENT_GAP, DataOptions, Disassembled, FilePat
     _union, pareto_front
 from modellego.profiles import Profile
 from modellego.search import SEARCH_ALPHAS, SEARCH_BETAS, SearchResult
-from modellego.train import seed_everything, warn_if_at_chance
+from modellego.train import seed_everything, warn_about_weak_classes, warn_if_at_chance
 
 WEIGHT_DECAY = 5e-4
 DROPOUT = 0.5
@@ -119,6 +119,7 @@ def _settle(model: nn.Module, task: TaskGraph, nodes: Tensor) -> dict:
     labels = task.labels[nodes]
     chance = torch.bincount(labels).max().item() / len(labels)
     warn_if_at_chance(result.accuracy, chance, len(labels))
+    warn_about_weak_classes(result.per_class, "node")
     return {"train_accuracy": result.accuracy, "train_accuracy_nodes": len(labels)}
 
 
