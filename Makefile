@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.modellego-installed
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: setup data demo test test-all bench clean
+.PHONY: setup data demo test test-all lint bench clean
 
 setup: $(STAMP)
 
@@ -26,8 +26,12 @@ data:
 demo: setup data
 	$(BIN)/modellego demo
 
-test: setup data
+test: setup data lint
 	$(BIN)/python -m pytest -q
+
+# The lint the code is held to (pyproject.toml's [tool.ruff]); part of `make test`.
+lint: setup
+	$(BIN)/ruff check src tests benchmarks
 
 # Everything, the slow checks too (every torchvision builder through the whole chain: about an hour on 2 cores).
 test-all: setup data

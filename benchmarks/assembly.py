@@ -26,13 +26,13 @@ import torch
 
 import modellego
 from modellego import data
+from modellego.commands import assembly, assembly_base, component, component_metrics
+from modellego.core.evaluate import count_flops, count_params, evaluate
+from modellego.core.locate import locate
+from modellego.core.profile import profile
 from modellego.data.task import task_data
-from modellego.evaluate import count_flops, count_params, evaluate
-from modellego.modelfile import Brick
-from modellego.pipeline import assembly, assembly_base, component, component_metrics
-from modellego.masks import locate
-from modellego.profiles import profile
-from modellego.train import finetune
+from modellego.io.manifest import Brick
+from modellego.kinds.cnn import finetune
 
 ROOT = Path(__file__).resolve().parents[1]
 BEGIN, END = "<!-- assembly:begin -->", "<!-- assembly:end -->"

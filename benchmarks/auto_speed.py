@@ -16,26 +16,24 @@ import argparse
 import json
 import os
 import platform
-import sys
 import time
 import warnings
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
+from modellego import load
+from modellego.core.channels import ChannelGraph
+from modellego.core.cut import disassemble
+from modellego.core.evaluate import count_flops, count_params, predict
+from modellego.core.locate import Thresholds, locate
+from modellego.core.search import SEARCH_ALPHAS, SEARCH_BETAS, search_thresholds, validation_data
+from modellego.data.subsets import resolve_classes
+from modellego.data.task import task_data
+from modellego.io.profiles import load_profile
+from modellego.kinds.cnn import CNN
 
-from modellego import load  # noqa: E402
-from modellego.data.subsets import resolve_classes  # noqa: E402
-from modellego.data.task import task_data  # noqa: E402
-from modellego.disassembly import disassemble  # noqa: E402
-from modellego.evaluate import count_flops, count_params, predict  # noqa: E402
-from modellego.graph import ChannelGraph  # noqa: E402
-from modellego.masks import Thresholds, locate  # noqa: E402
-from modellego.pipeline import reconstruction_images  # noqa: E402
-from modellego.profiles import Profile  # noqa: E402
-from modellego.search import SEARCH_ALPHAS, SEARCH_BETAS, search_thresholds, validation_data  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 BEGIN, END = "<!-- auto-speed:begin -->", "<!-- auto-speed:end -->"
 
@@ -55,7 +53,7 @@ def old_search(model, profile, task, validation, max_drop=1.0):
     for alpha in SEARCH_ALPHAS:
         for beta in SEARCH_BETAS:
             thresholds = Thresholds(alpha, beta, round(min(1.0, alpha + 0.1), 4), round(min(1.0, beta + 0.1), 4))
-            masks = locate(model, profile, **thresholds.as_dict(), graph=graph)
+            masks = locate(model, profile, thresholds, graph=graph)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 component = disassemble(model, masks, task, shape)
@@ -79,11 +77,11 @@ def main() -> None:
 
     load_average = os.getloadavg()[0]  # other jobs on the machine slow both searches alike; the ratio is what counts
     model, manifest = load(args.model)
-    profile = Profile.load(args.profile)
+    profile = load_profile(args.profile)
     task = resolve_classes(profile.classes, args.classes, "the model's classes")
     train = task_data(manifest, "train")
     validation = validation_data(train, task, profile.samples, 0.1, 0)
-    images = reconstruction_images(train, profile, task)
+    images = CNN().reconstruction_samples(train, profile, task)
     shape = tuple(profile.input_shape)
     print(f"{args.model.name}, task {args.classes}: {len(validation)} validation images, {len(images)} "
           f"reconstruction images, {torch.get_num_threads()} threads", flush=True)

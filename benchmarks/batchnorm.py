@@ -79,7 +79,7 @@ def per_class(model: torch.nn.Module, dataset, batch_statistics: bool = False) -
 def run_case(name: str, out_dir: Path) -> dict:
     import modellego
     from modellego import data
-    from modellego.reconstruct import batchnorm_layers, batchnorm_levels, reestimate_batchnorm
+    from modellego.core.reconstruct import batchnorm_layers, batchnorm_levels, reestimate_batchnorm
 
     case = CASES[name]
     folder = out_dir / f"colours{case['colours']}-{case['size']}"
@@ -138,7 +138,7 @@ def precise_bn(model: torch.nn.Module, dataset, batch_size: int) -> None:
     """PreciseBN (Wu & Johnson 2021) as a reference: one pass with train-mode BatchNorm, each layer's input sums
     merged over all images (population mean and variance, not a mean of per-batch variances); the layers after
     the first still see inputs normalised by each batch's own statistics."""
-    from modellego.reconstruct import Moments, batchnorm_layers
+    from modellego.core.reconstruct import Moments, batchnorm_layers
 
     layers = batchnorm_layers(model)
     moments = {layer: Moments(layer.num_features) for layer in layers}  # shift: each one's first batch mean
@@ -161,7 +161,7 @@ def precise_bn(model: torch.nn.Module, dataset, batch_size: int) -> None:
 def per_batch_average(model: torch.nn.Module, dataset, batch_size: int) -> None:
     """The re-estimation modellego had before issue 20, kept as the reference: every BatchNorm in train mode
     with momentum=None (running statistics = the mean over batches of each batch's mean and variance)."""
-    from modellego.reconstruct import batchnorm_layers
+    from modellego.core.reconstruct import batchnorm_layers
 
     layers = batchnorm_layers(model)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import os
+import random
 import shutil
 import time
 import warnings
@@ -30,16 +30,16 @@ import torch
 
 import modellego
 from modellego import data
+from modellego.commands import assembly, assembly_base, choose_calibration, component, component_metrics, own_split
+from modellego.commands.assemble import scaled
+from modellego.core.assemble import assemble
+from modellego.core.evaluate import evaluate, predict
+from modellego.core.gates import CALIBRATIONS, GATES
+from modellego.core.locate import locate
+from modellego.core.profile import profile
 from modellego.data.task import task_data
-from modellego.evaluate import evaluate, predict
-from modellego.gates import CALIBRATIONS, GATES
-from modellego.masks import locate
-from modellego.modelfile import Brick
-from modellego.assembly import assemble
-from modellego.pipeline import (assembly, assembly_base, choose_calibration, component, component_metrics, own_split,
-                                scaled)
-from modellego.profiles import profile
-from modellego.train import finetune
+from modellego.io.manifest import Brick
+from modellego.kinds.cnn import CNN, finetune
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("MODELLEGO_SHARED_MODELS", ROOT / "runs" / "models"))  # benchmarks/train_sources.sh
@@ -181,7 +181,7 @@ def run_row(out_dir: Path, row: dict, finetune_epochs: int) -> dict:
     targets = [manifest.classes.index(ref) for m in members for ref in m.manifest.classes]
     spec = manifest.input
     started = time.monotonic()
-    splits = [own_split(task_data(member.manifest.classes, "train")) for member in scaled_members]
+    splits = [own_split(CNN(), task_data(member.manifest.classes, "train")) for member in scaled_members]
     choice, record = choose_calibration(scaled_members, splits, targets)
     result["auto_seconds"] = time.monotonic() - started
     result["auto_choice"], result["auto_held_out"] = choice, record["held_out_accuracy"]

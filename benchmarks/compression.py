@@ -18,12 +18,30 @@ import argparse
 import copy
 import warnings
 
-from paper_common import (command_line, count_flops, PAPER, Profile, Thresholds, elapsed, human, load, log, make_component, measure, pct,
-                          save_json, source_model, source_profile, test_slice, train_slice, publish)
-from modellego.graph import ChannelGraph
-from modellego.prune import METHODS, matched
-from modellego.reconstruct import reestimate_batchnorm
+from modellego.benchmarking.prune import METHODS, matched
+from modellego.core.channels import ChannelGraph
+from modellego.core.reconstruct import reestimate_batchnorm
+from modellego.io.profiles import load_profile
 from modellego.train import train
+from paper_common import (
+    PAPER,
+    Thresholds,
+    command_line,
+    count_flops,
+    elapsed,
+    human,
+    load,
+    log,
+    make_component,
+    measure,
+    pct,
+    publish,
+    save_json,
+    source_model,
+    source_profile,
+    test_slice,
+    train_slice,
+)
 
 STRONG = Thresholds(alpha_conv=0.5, beta_conv=0.4, alpha_fc=0.5, beta_fc=0.4)
 LABELS = {"mda": "MDA component (all classes), paper's method",
@@ -40,7 +58,7 @@ def finetuned(model, data, epochs: int):
 
 def compress(name: str, per_class: int, tune_per_class: int, tune_epochs: int, variants: list[str]) -> dict:
     source = load(source_model(name))
-    profile = Profile.load(source_profile(name))
+    profile = load_profile(source_profile(name))
     graph = ChannelGraph(source.model, profile.input_shape)
     test_data = test_slice(source.manifest, per_class)
     tune_data = train_slice(source.manifest, tune_per_class)

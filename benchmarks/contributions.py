@@ -1,4 +1,5 @@
-"""Benchmark `modellego.contributions` on a CIFAR-style VGG-16-BN against a literal reference and the forward pass.
+"""Benchmark `modellego.core.contributions` on a CIFAR-style VGG-16-BN against a literal reference and the forward
+pass.
 
     python benchmarks/contributions.py [--batch 64] [--width 1.0] [--repeats 5] [--device cpu]
 
@@ -28,11 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-try:
-    from modellego.contributions import contributions
-except ImportError:  # running from a checkout without the package installed
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-    from modellego.contributions import contributions
+from modellego.core.contributions import contributions
 
 VGG16 = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]
 SPEED_TARGET = 20.0  # naive / ours, total

@@ -260,8 +260,7 @@ def main() -> None:
     parser.add_argument("--no-doc", action="store_true", help="print the table only")
     args = parser.parse_args()
 
-    sys.path.insert(0, str(ROOT / "src"))
-    from modellego.masks import DEFAULT_FLATTEN as default_flatten
+    from modellego.core.locate import DEFAULT_FLATTEN as default_flatten
 
     for setting in args.settings.split(","):
         if setting not in SETTINGS:

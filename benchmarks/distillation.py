@@ -20,14 +20,31 @@ import torch.nn.functional as F
 from matplotlib.figure import Figure
 from torch.utils.data import DataLoader
 
-from paper_common import (command_line, count_flops, Profile, elapsed, figure_path, human, load, log, make_component, measure, pct, save_json,
-                          source_model, source_profile, test_slice, train_slice, publish)
 from compression import STRONG
-from modellego.evaluate import evaluate
-from modellego.graph import ChannelGraph
-from modellego.prune import matched
-from modellego.reconstruct import reestimate_batchnorm
+from modellego.benchmarking.prune import matched
+from modellego.core.channels import ChannelGraph
+from modellego.core.evaluate import evaluate
+from modellego.core.reconstruct import reestimate_batchnorm
+from modellego.io.profiles import load_profile
 from modellego.train import seed_everything
+from paper_common import (
+    command_line,
+    count_flops,
+    elapsed,
+    figure_path,
+    human,
+    load,
+    log,
+    make_component,
+    measure,
+    pct,
+    publish,
+    save_json,
+    source_model,
+    source_profile,
+    test_slice,
+    train_slice,
+)
 
 TEMPERATURE = 4.0
 
@@ -67,7 +84,7 @@ def distil(student, teacher, data, test_data, epochs: int) -> list[float]:
 
 def run(name: str, epochs: int, train_per_class: int, per_class: int, variants: list[str]) -> dict:
     source = load(source_model(name))
-    profile = Profile.load(source_profile(name))
+    profile = load_profile(source_profile(name))
     graph = ChannelGraph(source.model, profile.input_shape)
     test_data = test_slice(source.manifest, per_class)
     data = train_slice(source.manifest, train_per_class)

@@ -1,6 +1,6 @@
 """Figures: decision routes of two Fashion-MNIST classes and two digits classes on LeNet-5, and heat maps of the
 last conv layer of LeNet-5, VGG-16 ×0.25 and ResNet-18 ×0.25 on Fashion-MNIST and on digits — drawn with the
-library's own `pipeline.route` / `pipeline.heatmap` (what `modellego route` / `modellego heatmap` run).
+library's own `commands.route` / `commands.heatmap` (what `modellego route` / `modellego heatmap` run).
 
     python benchmarks/figures.py [--fashion lenet5,vgg16-w0.25,resnet18-w0.25]
                                  [--digits lenet5-digits,vgg16-w0.25-digits,resnet18-w0.25-digits] [--no-doc]
@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import argparse
 
-from paper_common import command_line, elapsed, figure_path, log, pipeline, source_model, source_profile, write_block
+from modellego import commands
+from paper_common import command_line, elapsed, figure_path, log, source_model, source_profile, write_block
 
 ROUTES = {"lenet5": "Trouser,Bag", "lenet5-digits": "3,8", "vgg16-w0.25": "Trouser,Bag"}
 
@@ -31,7 +32,7 @@ def main() -> None:
         dataset = "digits" if name.endswith("-digits") else "Fashion-MNIST"
         if name in ROUTES:
             out = figure_path(f"route-{name}.png")
-            routes = pipeline.route(model, profile, ROUTES[name], out)
+            routes = commands.route(model, profile, ROUTES[name], out)
             rows = routes.table()
             summary = "; ".join(f"{row.layer} {'/'.join(map(str, row.kept))} of {row.channels} "
                                 f"({100 * row.shared:.0f}% shared)" for row in rows)
@@ -39,7 +40,7 @@ def main() -> None:
                             "", f"![routes of {ROUTES[name]} in {name}](figures/{out.name})", ""]
             log(f"{name}: route of {ROUTES[name]}")
         out = figure_path(f"heatmap-{name}.png")
-        drawn = pipeline.heatmap(profile, out, model_path=model)
+        drawn = commands.heatmap(profile, out, model_path=model)
         heat_lines += [f"**{name}** ({dataset}), layer `{drawn.layer}` ({drawn.values.shape[1]} input channels)", "",
                        f"![heat map of {drawn.layer} in {name}](figures/{out.name})", ""]
         log(f"{name}: heat map of {drawn.layer}")

@@ -1,7 +1,7 @@
-"""Fuzz every file reader (model `load`, `read_manifest`, `Profile.load`) with many more cases than the test
+"""Fuzz every file reader (model `load`, `read_manifest`, `load_profile`) with many more cases than the test
 suite, then measure the memory bombs one per fresh process.
 
-    PYTHONPATH=src:tests python benchmarks/fuzz_files.py [--examples 2000]
+    python benchmarks/fuzz_files.py [--examples 2000]      # needs hypothesis (pip install 'modellego[test]')
 
 Prints: cases run, outcomes, the slowest refusal, and the peak RSS of each memory-bomb case (each in a fresh
 Python with a 2 GB address-space allowance beyond what importing torch takes).
@@ -11,31 +11,28 @@ from __future__ import annotations
 
 import argparse
 import collections
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
-
-import safety_helpers  # noqa: E402
-import test_safety  # noqa: E402
+from modellego.benchmarking import hostile
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--examples", type=int, default=2000, help="cases per file kind")
     args = parser.parse_args()
+    junk, tensor_changes = hostile.strategies()
     outcomes: collections.Counter = collections.Counter()
     slowest = (0.0, "")
 
     def record(kind: str, reader: str, path: Path) -> None:
         nonlocal slowest
         started = time.perf_counter()
-        outcome = safety_helpers.read_with(reader, path)  # any other exception stops the run: a bug
+        outcome = hostile.read_with(reader, path)  # any other exception stops the run: a bug
         seconds = time.perf_counter() - started
         outcomes[f"{kind} {reader}: {'loaded' if outcome == 'loaded' else 'refused'}"] += 1
         if outcome != "loaded" and seconds > slowest[0]:
@@ -43,31 +40,31 @@ def main() -> None:
 
     @settings(max_examples=args.examples, deadline=None, database=None,
               suppress_health_check=list(HealthCheck))
-    @given(fields=st.lists(st.tuples(st.sampled_from(test_safety.MODEL_FIELDS),
-                                     st.one_of(test_safety.JUNK, st.just("DELETE"))), max_size=4),
-           change=test_safety.TENSOR_CHANGES)
+    @given(fields=st.lists(st.tuples(st.sampled_from(hostile.MODEL_FIELDS),
+                                     st.one_of(junk, st.just("DELETE"))), max_size=4),
+           change=tensor_changes)
     def models(fields, change):
-        tensors, manifest = safety_helpers.model_parts()
+        tensors, manifest = hostile.model_parts()
         for path, value in fields:
-            test_safety._set(manifest, path, value)
+            hostile.set_path(manifest, path, value)
         with tempfile.TemporaryDirectory() as folder:
-            path = safety_helpers.write_raw(Path(folder) / "m.safetensors",
-                                            test_safety._mutate_tensors(tensors, change), test_safety._text(manifest))
+            path = hostile.write_raw(Path(folder) / "m.safetensors", hostile.mutate_tensors(tensors, change),
+                                     hostile.json_text(manifest))
             record("model", "read_manifest", path)
             record("model", "load", path)
 
     @settings(max_examples=args.examples, deadline=None, database=None,
               suppress_health_check=list(HealthCheck))
-    @given(fields=st.lists(st.tuples(st.sampled_from(test_safety.PROFILE_FIELDS),
-                                     st.one_of(test_safety.JUNK, st.just("DELETE"))), max_size=4),
-           change=test_safety.TENSOR_CHANGES)
+    @given(fields=st.lists(st.tuples(st.sampled_from(hostile.PROFILE_FIELDS),
+                                     st.one_of(junk, st.just("DELETE"))), max_size=4),
+           change=tensor_changes)
     def profiles(fields, change):
-        tensors, header = safety_helpers.profile_parts()
+        tensors, header = hostile.profile_parts()
         for path, value in fields:
-            test_safety._set(header, path, value)
+            hostile.set_path(header, path, value)
         with tempfile.TemporaryDirectory() as folder:
-            path = safety_helpers.write_raw(Path(folder) / "p.safetensors", test_safety._mutate_tensors(tensors, change),
-                                            test_safety._text(header), key="modellego-profile")
+            path = hostile.write_raw(Path(folder) / "p.safetensors", hostile.mutate_tensors(tensors, change),
+                                     hostile.json_text(header), key="modellego-profile")
             record("profile", "profile", path)
 
     started = time.perf_counter()
@@ -81,12 +78,12 @@ def main() -> None:
     print("memory bombs, each in a fresh process (peak RSS includes ~690 MB for importing torch + torchvision):")
     baseline = None
     with tempfile.TemporaryDirectory() as folder:
-        cases = safety_helpers.bombs(Path(folder))
-        good = safety_helpers.write_model(Path(folder), "good.safetensors")
+        cases = hostile.bombs(Path(folder))
+        good = hostile.write_model(Path(folder), "good.safetensors")
         cases = {"(baseline: a valid LeNet-5 file)": ("load", good), **cases}
         worst = (0.0, "")
         for name, (reader, path) in cases.items():
-            result = safety_helpers.measure_in_subprocess(reader, path)
+            result = hostile.measure_in_subprocess(reader, path)
             baseline = baseline or result["peak_rss_mb"]
             outcome = result["outcome"].split(" (")[0].replace(str(path), "FILE")
             print(f"  {name}: {result['seconds']:.3f} s, peak RSS {result['peak_rss_mb']:.0f} MB — {outcome[:110]}")

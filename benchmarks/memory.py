@@ -19,12 +19,10 @@ import json
 import os
 import platform
 import resource
-import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
 
 ZOO = [("lenet5", 1.0), ("vgg11", 0.25), ("vgg16", 0.25), ("resnet18", 0.25), ("resnet50", 0.25),
        ("googlenet", 0.25)]
@@ -46,8 +44,8 @@ def measure_one(builder: str, width: float, size: int, batch: int, work: str) ->
     from torch.utils.data import TensorDataset
 
     from modellego import memory
+    from modellego.core.evaluate import predict
     from modellego.data.spec import InputSpec
-    from modellego.evaluate import predict
     from modellego.models.classifier import classifier
     from modellego.train import train
 
@@ -127,11 +125,11 @@ def main() -> None:
     import torch
 
     from modellego import memory
+    from modellego.core.evaluate import predict  # noqa: F401
     from modellego.data.spec import InputSpec  # noqa: F401 - imported once here, not in every child
-    from modellego.evaluate import predict  # noqa: F401
+    from modellego.models import build
     from modellego.models.classifier import classifier  # noqa: F401
     from modellego.train import train  # noqa: F401
-    from modellego.models import build
 
     # Load torch's meta kernels once in the parent (about 2 s of imports, paid once per process and mostly shared
     # with torch.utils.flop_counter, which every command already uses), so "estimate took" is the marginal cost.

@@ -18,15 +18,19 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
+import modellego
+from modellego import commands
+from modellego import data as datasets
+from modellego.core.evaluate import count_flops, count_params, evaluate
+from modellego.core.locate import PAPER, Thresholds, locate
+from modellego.core.profile import Profile
+from modellego.core.profile import profile as profile_model
+from modellego.data.subsets import SampleSubset, per_class_slice, resolve_classes
+from modellego.data.task import task_data
+from modellego.io.manifest import Brick, ClassRef
+from modellego.io.modelfile import load, save
 
-from modellego import data as datasets, pipeline  # noqa: E402
-from modellego.data.subsets import SampleSubset, per_class_slice, resolve_classes  # noqa: E402
-from modellego.evaluate import count_flops, count_params, evaluate  # noqa: E402
-from modellego.masks import PAPER, Thresholds, locate  # noqa: E402
-from modellego.modelfile import Brick, ClassRef, load, save  # noqa: E402
-from modellego.profiles import Profile, profile as profile_model  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 SHARED_MODELS = Path(os.environ.get("MODELLEGO_SHARED_MODELS", Path(__file__).resolve().parents[1] / "runs" / "models"))
 OUT_DIR = ROOT / "runs" / "paper"
@@ -65,7 +69,7 @@ def source_model(name: str, out_dir: Path = OUT_DIR) -> Path:
         if not target.exists():
             builder, width, epochs, lr = DIGITS[name]
             log(f"training {name} ({builder} ×{width}, digits, {epochs} epochs)")
-            pipeline.train(builder, "digits", target, epochs=epochs, width=width, lr=lr, seed=SEED, progress=False)
+            commands.train(builder, "digits", target, epochs=epochs, width=width, lr=lr, seed=SEED, progress=False)
         return target
     file_name, command = SOURCES[name]
     target = out_dir / file_name
@@ -81,7 +85,7 @@ def source_model(name: str, out_dir: Path = OUT_DIR) -> Path:
 def profile_slice(classes: tuple[ClassRef, ...]):
     """The PROFILE_SLICE training images per class that profiles are computed on (and index), loaded once per
     run: the sweeps make dozens of reconstructed components from the same source."""
-    return per_class_slice(pipeline.DataOptions().of(classes, "train"), PROFILE_SLICE, SEED)
+    return per_class_slice(task_data(classes, "train"), PROFILE_SLICE, SEED)
 
 
 def source_profile(name: str, out_dir: Path = OUT_DIR) -> Path:
@@ -95,7 +99,7 @@ def source_profile(name: str, out_dir: Path = OUT_DIR) -> Path:
         train = profile_slice(tuple(manifest.classes))
         result = profile_model(model, train, samples_per_class=SAMPLES_PER_CLASS)
         result.dataset = train.name
-        result.save(target)
+        modellego.save_profile(result, target)
     return target
 
 
@@ -117,19 +121,19 @@ def make_component(source: Brick, profile: Profile, classes, thresholds: Thresho
     component re-fitted without gradients on the profile's images of its task (issue 10)."""
     if variant not in VARIANTS:
         raise SystemExit(f"unknown component variant {variant!r}; choose from {', '.join(VARIANTS)}")
-    masks = locate(source.model, profile, **thresholds.as_dict(), graph=graph)
+    masks = locate(source.model, profile, thresholds, graph=graph)
     task = resolve_classes(profile.classes, classes, "the model's classes")
     images = profile_images(source.manifest, profile, task) if variant == "reconstructed" else None
-    return pipeline.component(source, masks, task, images, graph=graph)
+    return commands.component(source, masks, task, images, graph=graph)
 
 
 def test_slice(manifest, per_class: int):
     """The task's test split, `per_class` images per class (fixed seed)."""
-    return per_class_slice(pipeline.DataOptions().of(manifest, "test"), per_class, SEED)
+    return per_class_slice(task_data(manifest, "test"), per_class, SEED)
 
 
 def train_slice(manifest, per_class: int):
-    return per_class_slice(pipeline.DataOptions().of(manifest, "train"), per_class, SEED)
+    return per_class_slice(task_data(manifest, "train"), per_class, SEED)
 
 
 def measure(model, manifest, test_data) -> dict:
@@ -191,5 +195,5 @@ def elapsed() -> float:
 
 
 __all__ = ["Brick", "DOCS", "OUT_DIR", "PAPER", "Profile", "Thresholds", "count_flops", "count_params", "datasets",
-           "evaluate", "figure_path", "human", "load", "log", "make_component", "measure", "pct", "pipeline",
+           "evaluate", "figure_path", "human", "load", "log", "make_component", "measure", "pct", "commands",
            "save", "save_json", "source_model", "source_profile", "test_slice", "train_slice", "write_block"]

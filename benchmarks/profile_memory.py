@@ -43,7 +43,8 @@ def source_model(path: Path) -> None:
 
     from modellego.data.datasets import IMAGENET_MEAN, IMAGENET_STD
     from modellego.data.spec import InputSpec
-    from modellego.modelfile import ClassRef, Manifest, save
+    from modellego.io.manifest import ClassRef, Manifest
+    from modellego.io.modelfile import save
     from modellego.models.classifier import classifier
 
     torch.manual_seed(0)
@@ -64,7 +65,7 @@ def generate(model_path: Path, folder: Path, count: int, seed: int) -> None:
     """`count` 32×32 RGB PNGs of smooth random patterns, each filed under the class the model predicts for it."""
     import torch
 
-    from modellego.modelfile import load
+    from modellego.io.modelfile import load
 
     model, _ = load(model_path)
     generator = torch.Generator().manual_seed(seed)

@@ -9,7 +9,6 @@
 set -eu
 cd "$(dirname "$0")/.."
 PYTHON=${1:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
-export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 start=$(date +%s)
 for step in figures sweeps compression distillation; do
     echo "== benchmarks/$step.py"

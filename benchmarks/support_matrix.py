@@ -1,5 +1,6 @@
 """The support matrix: every torchvision classification builder and every zoo model through the whole chain
-(`modellego.selfcheck.check_builder`), each in its own process. Writes docs/support.md and the README's table.
+(`modellego.benchmarking.selfcheck.check_builder`), each in its own process. Writes docs/support.md and the
+README's table.
 
     python benchmarks/support_matrix.py [--jobs 2] [--cache rows.jsonl]   # all builders (about an hour on 2 cores)
     python benchmarks/support_matrix.py resnet18 vgg16   # some builders; prints only, writes nothing
@@ -22,7 +23,7 @@ CHILD = """
 import json, sys, torch
 torch.set_num_threads(1)
 from dataclasses import asdict
-from modellego.selfcheck import check_builder
+from modellego.benchmarking.selfcheck import check_builder
 print("RESULT " + json.dumps(asdict(check_builder(sys.argv[1]))))
 """
 START, END = "<!-- support-matrix:start -->", "<!-- support-matrix:end -->"

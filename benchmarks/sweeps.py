@@ -15,9 +15,25 @@ import warnings
 
 from matplotlib.figure import Figure
 
-from paper_common import (command_line, PAPER, Profile, Thresholds, elapsed, figure_path, load, log, make_component, measure, pct,
-                          save_json, source_model, source_profile, test_slice, publish)
-from modellego.graph import ChannelGraph
+from modellego.core.channels import ChannelGraph
+from modellego.io.profiles import load_profile
+from paper_common import (
+    PAPER,
+    Thresholds,
+    command_line,
+    elapsed,
+    figure_path,
+    load,
+    log,
+    make_component,
+    measure,
+    pct,
+    publish,
+    save_json,
+    source_model,
+    source_profile,
+    test_slice,
+)
 
 VALUES = [round(0.1 * step, 1) for step in range(10)]
 SWEEPS = [("conv", "alpha_conv", "α"), ("conv", "beta_conv", "β"), ("linear", "alpha_fc", "α"), ("linear", "beta_fc", "β")]
@@ -26,7 +42,7 @@ SWEEPS = [("conv", "alpha_conv", "α"), ("conv", "beta_conv", "β"), ("linear", 
 def sweep(name: str, classes: str, per_class: int, variant: str) -> dict:
     model_path, profile_path = source_model(name), source_profile(name)
     source = load(model_path)
-    profile = Profile.load(profile_path)
+    profile = load_profile(profile_path)
     graph = ChannelGraph(source.model, profile.input_shape)
     base = measure(source.model, source.manifest, test_slice(source.manifest, per_class))
     rows = []
@@ -47,7 +63,7 @@ def sweep(name: str, classes: str, per_class: int, variant: str) -> dict:
 
 def restricted_base(source, manifest, test_data) -> float:
     """The source's accuracy on the task's test slice, its logits restricted to the task's classes."""
-    from modellego.evaluate import predict
+    from modellego.core.evaluate import predict
 
     logits, labels = predict(source.model, test_data)
     task = [ref.index for ref in manifest.classes]

@@ -52,7 +52,7 @@ def outcome(result: subprocess.CompletedProcess) -> str:
     if result.returncode == 0:
         return "ok"
     lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
-    clean = result.returncode == 2 and len([l for l in lines if l.startswith("error:")]) == 1 and \
+    clean = result.returncode == 2 and len([line for line in lines if line.startswith("error:")]) == 1 and \
         "Traceback" not in result.stderr
     return ("refused: " if clean else f"FAILED (exit {result.returncode}): ") + (lines[-1] if lines else "")
 

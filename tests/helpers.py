@@ -1,20 +1,68 @@
-"""What several test files share: the literal-definition references, random classifiers with their manifests,
-random masks and profiles. Slow and obvious on purpose: the library is checked against these."""
+"""What several test files share: running the command as a user does (`run_cli` in a subprocess, `invoke` in this
+process, `assert_user_error`), the literal-definition references, random classifiers with their manifests, random
+masks and profiles. Slow and obvious on purpose: the library is checked against these."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
+from safetensors.torch import save_file
 from torch import nn
 
+from modellego.core.hashing import weights_hash
+from modellego.core.locate import ComponentMasks
+from modellego.core.profile import Profile
 from modellego.data.spec import InputSpec
-from modellego.masks import ComponentMasks
-from modellego.modelfile import Brick, ClassRef, Manifest, weights_hash
+from modellego.io.manifest import Brick, ClassRef, Manifest
+from modellego.io.modelfile import save
 from modellego.models.classifier import classifier
-from modellego.profiles import Profile
 
 FASHION = InputSpec(1, (28, 28), (0.286,), (0.353,))
 DIGITS = InputSpec(1, (28, 28), (0.1557,), (0.2773,))
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run `python -m modellego ARGS` in a subprocess and capture its output."""
+    env = dict(os.environ, COLUMNS="200", PYTHONWARNINGS="ignore", OMP_NUM_THREADS=str(torch.get_num_threads()))
+    return subprocess.run([sys.executable, "-m", "modellego", *args], capture_output=True, text=True,
+                          cwd=cwd, env=env, timeout=timeout)
+
+
+def invoke(*args: str) -> subprocess.CompletedProcess:
+    """Run the `modellego` entry point in this process (fast; for the many error cases)."""
+    import contextlib
+    import io
+    from unittest import mock
+
+    from modellego.cli import main
+
+    stdout, stderr = io.StringIO(), io.StringIO()
+    code = 0
+    with mock.patch.object(sys, "argv", ["modellego", *args]), contextlib.redirect_stdout(stdout), \
+            contextlib.redirect_stderr(stderr):
+        try:
+            main()
+        except SystemExit as exit_:
+            code = exit_.code if isinstance(exit_.code, int) else 1
+    return subprocess.CompletedProcess(["modellego", *args], code, stdout.getvalue(), stderr.getvalue())
+
+
+def assert_user_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
+    """Exit code 2, one readable line on stderr naming the problem, no traceback."""
+    assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)
+    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: "), result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    for fragment in fragments:
+        assert fragment.lower() in lines[0].lower(), (fragment, lines[0])
 
 
 def reference_padding(conv: nn.Conv2d) -> tuple[int, int, int, int]:
@@ -112,3 +160,38 @@ def synthetic_profile(model: nn.Module, shape: tuple[int, ...], num_classes: int
     return Profile(contributions=sums, layers=order, classes=[f"c{k}" for k in range(num_classes)],
                    counts=torch.ones(num_classes, dtype=torch.long), samples=torch.arange(num_classes),
                    sample_labels=torch.arange(num_classes), model_hash=weights_hash(model), input_shape=shape)
+
+
+def write_image_folder(root, classes=("cat", "dog"), per_class: int = 3, size=(40, 48)) -> None:
+    """ROOT/train/<class>/*.png and ROOT/test/<class>/*.png; each class has its own colour, plus noise."""
+    rng = np.random.RandomState(0)
+    for split in ("train", "test"):
+        for position, name in enumerate(classes):
+            (root / split / name).mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                pixels = rng.randint(0, 60, (*size, 3)) + np.array([180 * (position % 2), 90 * position % 256, 60])
+                Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(root / split / name / f"{i}.png")
+
+
+def foreign_files(tmp_path: Path) -> dict[str, tuple[Path, str]]:
+    """Files that are not modellego model files (and one that is), each with the fragment its refusal names."""
+    model, manifest = random_classifier("lenet5", 1.0, 4, spread=0.5, variance=(0.5, 2.0))
+    good = tmp_path / "good.safetensors"
+    save(model, good, manifest)
+    pickled = tmp_path / "model.pt"
+    torch.save(model.state_dict(), pickled)
+    random_bytes = tmp_path / "random.safetensors"
+    random_bytes.write_bytes(os.urandom(4096))
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(good.read_bytes()[:-1000])
+    foreign = tmp_path / "foreign.safetensors"
+    save_file({"weight": torch.zeros(3)}, foreign, metadata={"format": "pt"})
+    damaged = tmp_path / "damaged.safetensors"
+    save_file({key: value.contiguous() for key, value in model.state_dict().items()}, damaged,
+              metadata={"modellego": "{not json"})
+    mismatched = tmp_path / "mismatched.safetensors"
+    save_file({"normalize.mean": torch.zeros(1, 1, 1)}, mismatched, metadata={"modellego": manifest.to_json()})
+    return {"pickle": (pickled, "not a readable"), "random bytes": (random_bytes, "not a readable"),
+            "truncated": (truncated, "not a readable"), "foreign safetensors": (foreign, "no modellego manifest"),
+            "damaged manifest": (damaged, "damaged"), "inconsistent": (mismatched, "inconsistent"),
+            "missing": (tmp_path / "absent.safetensors", "no such file")}

@@ -12,13 +12,13 @@ import warnings
 
 import pytest
 import torch
-from conftest import assert_user_error, invoke
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from modellego import memory, support
-from modellego.evaluate import predict
-from modellego.modelfile import load
+from helpers import assert_user_error, invoke
+from modellego import memory
+from modellego.core.evaluate import predict
+from modellego.io.modelfile import load
 from modellego.models import build, warn_if_oversized
 
 
@@ -61,36 +61,36 @@ def test_memory_limits_read_cgroup_files(tmp_path):
     (tmp_path / "memory").mkdir()
     (tmp_path / "memory" / "memory.limit_in_bytes").write_text("3000000\n")
     (tmp_path / "memory" / "memory.usage_in_bytes").write_text("1000000\n")
-    limits = support.memory_limits(cgroup_root=tmp_path)
+    limits = memory.memory_limits(cgroup_root=tmp_path)
     assert limits["cgroup memory.max"] == 600000
     assert limits["cgroup memory.limit_in_bytes"] == 2000000
     assert limits["MemAvailable"] > 0
     (tmp_path / "memory.max").write_text("max\n")
     (tmp_path / "memory" / "memory.limit_in_bytes").write_text(f"{2**63 - 4096}\n")  # v1's "no limit"
-    limits = support.memory_limits(cgroup_root=tmp_path)
+    limits = memory.memory_limits(cgroup_root=tmp_path)
     assert "cgroup memory.max" not in limits and "cgroup memory.limit_in_bytes" not in limits
 
 
 def test_ulimit_v_is_read_as_the_address_space_left():
     code = ("import resource; resource.setrlimit(resource.RLIMIT_AS, (8 * 2**30, resource.RLIM_INFINITY)); "
-            "from modellego import support; l = support.memory_limits(); "
+            "from modellego import memory; l = memory.memory_limits(); "
             "mapped = int(open('/proc/self/status').read().split('VmSize:')[1].split()[0]) * 1024; "
             "print(l['ulimit -v'], 8 * 2**30 - mapped)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     reported, left = map(int, done.stdout.split())
-    assert abs(reported - left) < 64 * 2**20  # the import of `support` itself maps a little in between
+    assert abs(reported - left) < 64 * 2**20  # the import of `memory` itself maps a little in between
 
 
 def _limit(monkeypatch, available: int) -> None:
-    monkeypatch.setattr(support, "memory_limits", lambda: {"test limit": available})
+    monkeypatch.setattr(memory, "memory_limits", lambda: {"test limit": available})
 
 
 def test_training_that_does_not_fit_is_refused_naming_a_batch_size_that_does(monkeypatch):
     model = build("vgg11", 3, 4, 0.125)
     at_8 = memory.estimate(model, (3, 32, 32), 8, training=True)
     _limit(monkeypatch, int(at_8.peak_bytes / memory.USABLE_SHARE) + 1)
-    with pytest.raises(support.ModellegoError) as refused:
+    with pytest.raises(memory.ModellegoError) as refused:
         memory.plan_training(model, (3, 32, 32), 64, name="vgg11")
     message = str(refused.value)
     assert "--batch-size 8 fits" in message and "--auto-batch" in message and "test limit" in message
@@ -98,7 +98,7 @@ def test_training_that_does_not_fit_is_refused_naming_a_batch_size_that_does(mon
     assert chosen.batch_size == 8 and chosen.requested_batch_size == 64 and chosen.fits
     assert memory.plan_training(model, (3, 32, 32), 64, samples=8, name="vgg11").batch_size == 8
     _limit(monkeypatch, 1000)
-    with pytest.raises(support.ModellegoError, match="at batch size 1, more than"):
+    with pytest.raises(memory.ModellegoError, match="at batch size 1, more than"):
         memory.plan_training(model, (3, 32, 32), 64, auto_batch=True, name="vgg11")
 
 

@@ -9,9 +9,10 @@ import torch
 from torch import nn
 
 from modellego import data
+from modellego.core.reconstruct import batchnorm_levels, reestimate_batchnorm
+from modellego.kinds.cnn import train_model
 from modellego.models.classifier import classifier
-from modellego.reconstruct import batchnorm_levels, reestimate_batchnorm
-from modellego.train import train, train_model, training_accuracy
+from modellego.train import train, training_accuracy
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ import logging
 import warnings
 import weakref
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
@@ -23,7 +24,6 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from modellego import support
 from modellego.errors import ModellegoError
 
 log = logging.getLogger("modellego.memory")
@@ -185,13 +185,86 @@ class MemoryEstimate:
         return data
 
 
+# --- what this process may still allocate ---------------------------------------------------------------------
+
+def _read_int(path: Path) -> int | None:
+    try:
+        text = path.read_text().strip()
+        return None if text == "max" else int(text)
+    except (OSError, ValueError):
+        return None
+
+
+def _own_cgroup_dirs(root: Path, hierarchy: str) -> list[Path]:
+    """This process's cgroup folder and its ancestors under `root`, from /proc/self/cgroup ("0::/path" for v2,
+    "N:memory:/path" for v1's memory controller)."""
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        lines = []
+    for line in lines:
+        _, controllers, path = (line.split(":", 2) + ["", ""])[:3]
+        if (hierarchy == "v2" and controllers == "") or (hierarchy == "v1" and "memory" in controllers.split(",")):
+            folder = root / path.strip("/")
+            return [folder, *[parent for parent in folder.parents if parent.is_relative_to(root)]]
+    return [root]
+
+
+def _process_bytes(field: str) -> int | None:
+    """A `Vm...` line of /proc/self/status in bytes (VmSize: the address space this process has mapped)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(f"{field}:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def memory_limits(cgroup_root: Path = Path("/sys/fs/cgroup")) -> dict[str, int]:
+    """Bytes this process may still allocate under each limit that applies, by name: `MemAvailable` (the
+    kernel's estimate for the whole machine), the cgroup's limit minus its usage (v2 `memory.max`, at this
+    process's cgroup and every ancestor; v1 `memory.limit_in_bytes`), and `ulimit -v` (`RLIMIT_AS` minus the
+    address space already mapped) / `ulimit -d` (`RLIMIT_DATA`)."""
+    import resource
+
+    limits: dict[str, int] = {}
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                limits["MemAvailable"] = int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    for folder in _own_cgroup_dirs(cgroup_root, "v2"):
+        limit, used = _read_int(folder / "memory.max"), _read_int(folder / "memory.current")
+        if limit is not None and used is not None:
+            limits["cgroup memory.max"] = min(limits.get("cgroup memory.max", limit - used), limit - used)
+    for folder in _own_cgroup_dirs(cgroup_root / "memory", "v1"):
+        limit, used = _read_int(folder / "memory.limit_in_bytes"), _read_int(folder / "memory.usage_in_bytes")
+        if limit is not None and used is not None and limit < 2**60:  # v1 writes "no limit" as a huge number
+            limits["cgroup memory.limit_in_bytes"] = limit - used
+    for name, which, field in (("ulimit -v", resource.RLIMIT_AS, "VmSize"),
+                               ("ulimit -d", resource.RLIMIT_DATA, "VmData")):
+        soft, _ = resource.getrlimit(which)
+        mapped = _process_bytes(field)
+        if soft != resource.RLIM_INFINITY and mapped is not None:
+            limits[name] = soft - mapped
+    return {name: max(0, value) for name, value in limits.items()}
+
+
+def available_memory() -> int | None:
+    """Bytes this process may still allocate: the smallest of `memory_limits()`, or None when none is known."""
+    limits = memory_limits()
+    return min(limits.values()) if limits else None
+
+
 def gib(count: int) -> str:
     """Bytes as GiB with one decimal (MiB below 1 GiB), for messages."""
     return f"{count / GiB:.1f} GiB" if count >= GiB else f"{count / 2**20:.0f} MiB"
 
 
 def _available() -> tuple[int | None, str | None]:
-    limits = support.memory_limits()
+    limits = memory_limits()
     if not limits:
         return None, None
     name = min(limits, key=limits.get)

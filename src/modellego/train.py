@@ -1,8 +1,8 @@
-"""Training and fine-tuning loops (Adam, cross-entropy), repeatable under a seed."""
+"""Training loops (Adam, cross-entropy, one-cycle), repeatable under a seed, on one process or under torchrun; what
+a trained model is checked for afterwards (BatchNorm re-estimated, accuracy on its own training data)."""
 
 from __future__ import annotations
 
-import copy
 import math
 import random
 import warnings
@@ -15,17 +15,10 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, Subset
 
 from modellego import distributed
-
-from modellego.data.task import task_data
+from modellego.core.evaluate import accuracy_of, predict
+from modellego.core.reconstruct import reestimate_batchnorm
 from modellego.errors import ModellegoError
-from modellego.evaluate import accuracy_of, predict
-from modellego.memory import plan_training, sample_shape_of
-from modellego.modelfile import Brick, ClassRef, Manifest
-from modellego.models import warn_if_oversized
-from modellego.models.classifier import classifier
 from modellego.progress import track
-from modellego.reconstruct import reestimate_batchnorm
-from modellego.support import check_supported
 
 TRAINING_CHECK_SAMPLES = 2000
 
@@ -176,7 +169,7 @@ def warn_about_weak_classes(per_class: dict[str, float], unit: str = "image") ->
     return weak
 
 
-def _settle(model: nn.Module, dataset: Dataset, seed: int, progress: bool) -> dict:
+def settle(model: nn.Module, dataset: Dataset, seed: int, progress: bool) -> dict:
     """After training: re-estimate BatchNorm statistics (at an inference batch size, not training's), then check
     the model learned, overall and per class; the facts for provenance."""
     images = reestimate_batchnorm(model, dataset, seed=seed, progress=progress)
@@ -187,60 +180,6 @@ def _settle(model: nn.Module, dataset: Dataset, seed: int, progress: bool) -> di
             "train_accuracy_images": check.samples}
 
 
-def _processes() -> dict:
+def processes() -> dict:
     """For provenance: how many processes trained (only recorded when several did)."""
     return {"world_size": distributed.world_size()} if distributed.active() else {}
-
-
-def train_model(builder: str, dataset: Dataset, epochs: int, width: float = 1.0, lr: float = 1e-3,
-                batch_size: int = 128, seed: int = 0, progress: bool = True, auto_batch: bool = False) -> Brick:
-    """Build `builder` for `dataset`'s input spec and classes, train it, re-estimate its BatchNorm statistics
-    and describe it in a manifest (warning when it stayed at chance level on its training data). Before the
-    first step, the peak memory at `batch_size` is estimated: too much is refused, or with `auto_batch` the
-    largest batch size that fits is used; the estimate goes into the provenance."""
-    seed_everything(seed)
-    warn_if_oversized(builder, dataset.spec.size)
-    model = classifier(builder, dataset.spec, len(dataset.classes), width)
-    # Memory first: the estimate runs on the meta device, while the support check runs the model for real.
-    memory = plan_training(model, (dataset.spec.channels, *dataset.spec.size), batch_size, auto_batch, builder,
-                           samples=len(dataset))
-    check_supported(model, (dataset.spec.channels, *dataset.spec.size), builder)
-    batch_size = distributed.smallest(memory.batch_size if memory is not None else batch_size)
-    losses = train(model, dataset, epochs, lr=lr, batch_size=batch_size, seed=seed, progress=progress)
-    settled = _settle(model, dataset, seed, progress)
-    root = getattr(dataset, "root", None)
-    manifest = Manifest(
-        architecture={"builder": builder, "in_channels": dataset.spec.channels,
-                      "num_classes": len(dataset.classes), "width": width},
-        classes=[ClassRef(name, dataset.name, index) for name, index in zip(dataset.classes, dataset.class_indices)],
-        input=dataset.spec,
-        provenance={"trained": {"dataset": dataset.name, "samples": len(dataset), "epochs": epochs, "lr": lr,
-                                "batch_size": batch_size, "seed": seed, "final_loss": losses[-1],
-                                "data_root": str(root) if root is not None else None, **settled,
-                                **({"memory": memory.record()} if memory is not None else {}),
-                                **_processes()}},
-    )
-    return Brick(model, manifest)
-
-
-def finetune(model: nn.Module, manifest: "Manifest", dataset: Dataset | None = None, epochs: int = 2,
-             lr: float = 1e-3, batch_size: int = 128, seed: int = 0, root=None, image_size: int | None = None,
-             verify: bool = True, progress: bool = True, auto_batch: bool = False) -> Brick:
-    """Train `model` (typically an assembly, whose zero blocks become trainable) on the training data of
-    all its classes (or `dataset`, labelled by its outputs), then re-estimate its BatchNorm statistics;
-    the manifest keeps its lineage. Memory is planned as in `train_model` (refused, or `auto_batch`)."""
-    data = dataset if dataset is not None else task_data(manifest, "train", root=root, image_size=image_size,
-                                                         verify=verify)
-    shape = sample_shape_of(data)
-    memory = (plan_training(model, shape, batch_size, auto_batch, "the model", samples=len(data))
-              if shape is not None else None)
-    batch_size = distributed.smallest(memory.batch_size if memory is not None else batch_size)
-    losses = train(model, data, epochs, lr=lr, batch_size=batch_size, seed=seed, progress=progress)
-    settled = _settle(model, data, seed, progress)
-    manifest = copy.deepcopy(manifest)
-    history = manifest.provenance.setdefault("finetuned", [])
-    history.append({"epochs": epochs, "lr": lr, "batch_size": batch_size, "seed": seed,
-                    "samples": len(data), "final_loss": losses[-1], **settled,
-                    **({"memory": memory.record()} if memory is not None else {}), **_processes()})
-    manifest.metrics = {}
-    return Brick(model, manifest)

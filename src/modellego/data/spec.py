@@ -1,4 +1,5 @@
-"""What a model expects as input: channels, size and the dataset's normalisation."""
+"""What a model expects as input: images (channels, size and the dataset's normalisation) or graph nodes (their
+number of features)."""
 
 from __future__ import annotations
 
@@ -33,3 +34,20 @@ class InputSpec:
 
     def describe(self) -> str:
         return f"{self.channels}×{self.size[0]}×{self.size[1]}"
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    """Node features of a graph: `features` per node (any number of nodes and edges)."""
+
+    features: int
+
+    def to_dict(self) -> dict:
+        return {"kind": "graph", "features": self.features}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "GraphSpec":
+        return cls(int(data["features"]))
+
+    def describe(self) -> str:
+        return f"graph nodes with {self.features} features"

@@ -3,18 +3,29 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 import torch
 from torch.utils.data import Dataset
 
+from modellego.core.samples import SampleSubset, resolve_classes
 from modellego.data.datasets import RESIZABLE, load
-from modellego.data.subsets import SampleSubset, resolve_classes
 from modellego.errors import ModellegoError
 
 if TYPE_CHECKING:
-    from modellego.modelfile import ClassRef, Manifest
+    from modellego.io.manifest import ClassRef, Manifest
+
+
+@dataclass
+class DataOptions:
+    """Where a command reads a model's data: the folder (`root`), an image size for resizable datasets, and
+    whether CIFAR checksums are verified. None / True: what the model file recorded, else the defaults."""
+
+    root: str | os.PathLike | None = None
+    image_size: int | None = None
+    verify: bool = True
 
 
 class TaskData(Dataset):

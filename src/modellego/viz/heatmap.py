@@ -8,8 +8,8 @@ from dataclasses import dataclass
 import torch
 from matplotlib.figure import Figure
 
+from modellego.core.profile import Profile
 from modellego.errors import ModellegoError
-from modellego.profiles import Profile
 
 
 @dataclass(frozen=True)

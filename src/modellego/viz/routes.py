@@ -13,12 +13,12 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from torch import nn
 
+from modellego.core.channels import ChannelGraph
+from modellego.core.layers import parameter_layers
+from modellego.core.locate import ComponentMasks
+from modellego.core.profile import Profile
 from modellego.data.subsets import resolve_classes
 from modellego.errors import ModellegoError
-from modellego.graph import ChannelGraph
-from modellego.layers import parameter_layers
-from modellego.masks import ComponentMasks
-from modellego.profiles import Profile
 
 INPUT = "input"
 MAX_LINKS = 40  # per class and pair of connected layers: enough to see a route, few enough for 512 channels

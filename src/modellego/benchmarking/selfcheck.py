@@ -1,0 +1,182 @@
+"""The end-to-end self-check behind the support matrix: a randomly initialised classifier whose labels are its own
+predictions goes through profile → locate → disassemble → save/load → assemble (padded and parallel), and every
+step is checked against the source. `check_builder` gives one row of the README's table."""
+
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from modellego.commands.assemble import assembly
+from modellego.commands.disassemble import component
+from modellego.core.layers import CHANNELWISE, execution_order, parameter_layers
+from modellego.core.locate import ComponentMasks, locate
+from modellego.core.profile import profile
+from modellego.core.reconstruct import reestimate_batchnorm
+from modellego.core.support import check_profile_fits, smallest_input_size, unsupported_reason
+from modellego.data.datasets import TensorImages
+from modellego.data.spec import InputSpec
+from modellego.errors import ModellegoError
+from modellego.io.manifest import Brick, ClassRef, Manifest
+from modellego.io.modelfile import load, save
+from modellego.models.classifier import classifier
+
+STATUSES = ("supported", "parallel only", "refused", "failed")
+
+
+@dataclass
+class SupportResult:
+    """One builder's row: `status` is one of STATUSES, `detail` says why (a refusal's reason, a failure's error)."""
+
+    builder: str
+    status: str
+    detail: str
+    input_size: int
+    seconds: float
+
+
+def _randomise_norms(model: nn.Module, images: torch.Tensor, generator: torch.Generator) -> None:
+    """Distinct per-channel affine parameters, and BatchNorm statistics measured on `images` (random statistics
+    saturate deep networks into constant outputs), so that a channel put in the wrong place changes the outputs."""
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, CHANNELWISE) and getattr(module, "weight", None) is not None:
+                module.weight.uniform_(0.5, 1.5, generator=generator)
+                if getattr(module, "bias", None) is not None:
+                    module.bias.uniform_(-0.2, 0.2, generator=generator)
+    reestimate_batchnorm(model, TensorDataset(images, torch.zeros(len(images), dtype=torch.long)),
+                         batch_size=len(images))
+
+
+@torch.no_grad()
+def _balance_head(model: nn.Module, head: nn.Linear, images: torch.Tensor, per_class: int) -> torch.Tensor:
+    """Point the head at the principal directions of its input features (decorrelated, centred, scaled), then
+    nudge the biases until every class is the prediction of at least `per_class` images; returns the predictions,
+    which become the labels (so every class has confident, correct samples without training)."""
+    features: list[torch.Tensor] = []
+    handle = head.register_forward_pre_hook(lambda module, inputs: features.append(inputs[0].flatten(1)))
+    try:
+        model(images)
+    finally:
+        handle.remove()
+    inputs = features[0]
+    centre = inputs.mean(0)
+    directions = torch.linalg.svd(inputs - centre, full_matrices=False).Vh[:head.out_features]
+    scale = ((inputs - centre) @ directions.T).std(0).clamp(min=1e-12)
+    weight = torch.zeros_like(head.weight)
+    weight[:len(directions)] = directions / scale[:, None]
+    head.weight.copy_(weight)
+    if head.bias is None:
+        head.bias = nn.Parameter(torch.zeros(head.out_features))
+    head.bias.zero_()
+    head.bias[:len(directions)] = -(centre @ directions.T) / scale
+    for _ in range(400):
+        logits = model(images)
+        counts = torch.bincount(logits.argmax(1), minlength=head.out_features)
+        if counts.min() >= per_class:
+            break
+        head.bias.sub_(0.05 * torch.log((counts.float() + 1) / (len(images) / head.out_features)))
+    return logits.argmax(1)
+
+
+def _keep_all(masks: ComponentMasks) -> ComponentMasks:
+    kept = {name: torch.ones_like(mask) for name, mask in masks.masks.items()}
+    return dataclasses.replace(masks, masks=kept | {masks.classifier: masks.masks[masks.classifier]})
+
+
+def _relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((actual - expected).abs().max() / expected.abs().max().clamp(min=1e-12)).item()
+
+
+def check_builder(builder: str, num_classes: int = 4, samples_per_class: int = 4, seed: int = 0,
+                  size: int = 32, tolerance: float = 1e-4) -> SupportResult:
+    """Run the whole chain on `builder` (a zoo name or `torchvision:<name>`), at the smallest square input of at
+    least `size` it takes, and say whether it is supported, supported in parallel mode only, refused up front
+    (with the capability check's reason) or failed (a bug: the error)."""
+    started = time.perf_counter()
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    probe = classifier(builder, InputSpec(3, (size, size), (0.5,) * 3, (0.25,) * 3), num_classes).eval()
+    size = smallest_input_size(probe, 3, at_least=size) or size
+    spec = InputSpec(3, (size, size), (0.5,) * 3, (0.25,) * 3)
+    shape = (3, size, size)
+
+    def result(status: str, detail: str) -> SupportResult:
+        return SupportResult(builder, status, detail, size, time.perf_counter() - started)
+
+    reason = unsupported_reason(probe, shape)
+    if reason:
+        return result("refused", reason)
+    try:
+        check_profile_fits(probe, num_classes, builder)
+    except ModellegoError as refusal:
+        return result("refused", str(refusal))
+    model = probe
+    stage = "prepare"
+    try:
+        head = parameter_layers(model)[execution_order(model, shape)[-1]]
+        images = (torch.rand(16 * num_classes, *shape, generator=generator) * 255).to(torch.uint8)
+        _randomise_norms(model, images.float() / 255, generator)
+        labels = _balance_head(model, head, images.float() / 255, samples_per_class)
+        data = TensorImages("random", "train", images, labels, [f"c{k}" for k in range(num_classes)],
+                            spec.mean, spec.std)
+        manifest = Manifest(architecture={"builder": builder, "in_channels": 3, "num_classes": num_classes,
+                                          "width": 1.0},
+                            classes=[ClassRef(f"c{k}", "random", k) for k in range(num_classes)], input=spec)
+        probe_images = torch.rand(3, *shape, generator=generator)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            stage = "profile"
+            class_profile = profile(model, data, samples_per_class=samples_per_class)
+            stage = "locate"
+            masks = locate(model, class_profile)
+            stage = "disassemble (keep all)"
+            whole = component(Brick(model, manifest), _keep_all(masks), list(range(num_classes)))
+            with torch.no_grad():
+                error = _relative_error(whole.model(probe_images), model(probe_images))
+            if error > tolerance:
+                return result("failed", f"keeping every channel changes the logits (relative error {error:.2g})")
+            stage = "disassemble"
+            half = num_classes // 2
+            parts = [component(Brick(model, manifest), masks, list(range(half))),
+                     component(Brick(model, manifest), masks, list(range(half, num_classes)))]
+            members = []
+            with tempfile.TemporaryDirectory() as folder:
+                for index, part in enumerate(parts):
+                    stage = "save/load"
+                    path = Path(folder) / f"component{index}.safetensors"
+                    save(part.model, path, part.manifest)
+                    reloaded, reloaded_manifest = load(path)
+                    with torch.no_grad():
+                        if not torch.equal(reloaded(probe_images), part.model.eval()(probe_images)):
+                            return result("failed", "a saved component loads with other outputs")
+                    members.append((reloaded, reloaded_manifest))
+                stage = "assemble parallel"
+                parallel, _ = assembly(members, "parallel", scale_logits=False)
+                stage = "assemble padded"
+                try:
+                    padded, padded_manifest = assembly(members, "padded", scale_logits=False)
+                except ModellegoError as refusal:
+                    return result("parallel only", str(refusal))
+                with torch.no_grad():
+                    error = _relative_error(padded(probe_images), parallel(probe_images))
+                if error > tolerance:
+                    return result("failed", f"padded and parallel assemblies differ (relative error {error:.2g})")
+                stage = "save/load assembly"
+                path = Path(folder) / "assembly.safetensors"
+                save(padded, path, padded_manifest)
+                with torch.no_grad():
+                    if not torch.equal(load(path)[0](probe_images), padded(probe_images)):
+                        return result("failed", "a saved padded assembly loads with other outputs")
+    except Exception as error:  # the matrix reports every failure as a row instead of stopping
+        lines = str(error).strip().splitlines()
+        return result("failed", f"{stage}: {type(error).__name__}: {lines[0] if lines else ''}")
+    return result("supported", "padded equals parallel; components save and load exactly")

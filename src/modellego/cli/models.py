@@ -1,0 +1,196 @@
+"""The commands on whole models: `train`, `eval`, `info`, `finetune`, `demo`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from modellego import commands
+from modellego.cli.options import (
+    MAX_ROWS,
+    AutoBatchOption,
+    BatchSizeOption,
+    DataOption,
+    DataRootOption,
+    ImageSizeOption,
+    InferenceBatchOption,
+    LrOption,
+    NoVerifyOption,
+    SeedOption,
+    app,
+    check_batch,
+    check_epochs,
+    check_training,
+    check_width,
+    data_options,
+    option_int,
+    option_seed,
+    option_text,
+    out,
+    percent,
+    print_json,
+    safe,
+)
+from modellego.errors import ModellegoError
+from modellego.io.atomic import output_folder
+
+
+@app.command()
+def train(
+    model: str = typer.Option(..., "--model", help="Zoo name (lenet5, vgg11, vgg16, resnet18, resnet50, googlenet), torchvision:<builder>, or gcn (graph data)."),
+    data: str = typer.Option(..., "--data", help="Dataset to train on."),
+    out_path: Path = typer.Option(..., "--out", help="Model file to write (.safetensors)."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="Passes over the training data (default 3; 200 full-graph steps for a GCN)."),
+    classes: Optional[str] = typer.Option(None, "--classes", help="Train on these classes only: names or indices, comma-separated."),
+    width: float = typer.Option(1.0, "--width", help="Channel-width multiplier."),
+    lr: Optional[float] = LrOption,
+    batch_size: Optional[int] = BatchSizeOption,
+    max_per_class: Optional[int] = typer.Option(None, "--max-per-class", help="Use at most this many training samples per class."),
+    data_root: Optional[Path] = DataRootOption,
+    image_size: Optional[int] = ImageSizeOption,
+    no_verify: bool = NoVerifyOption,
+    seed: int = SeedOption,
+    auto_batch: bool = AutoBatchOption,
+) -> None:
+    """Train a model from the zoo on a dataset (or some of its classes) and save it."""
+    check_training(epochs, lr, batch_size, seed)
+    check_width(width)
+    option_text("--classes", classes)
+    if max_per_class is not None:
+        option_int("--max-per-class", max_per_class, 1, 10**7)
+    result = commands.train(model, data, out_path, epochs, classes, width, lr, batch_size, max_per_class,
+                            data_options(data_root, image_size, no_verify), seed, auto_batch=auto_batch)
+    trained = result.brick.manifest.provenance["trained"]
+    out.print(f"trained {model} on {data} ({result.samples} {result.unit}s, {trained['epochs']} epochs): "
+              f"test accuracy {percent(result.metrics['accuracy'])}, {result.metrics['params']:,} params -> {out_path}")
+
+
+@app.command("eval")
+def eval_command(
+    file: Path = typer.Argument(..., help="A modellego model file."),
+    data: Optional[str] = DataOption,
+    data_root: Optional[Path] = DataRootOption,
+    classes: Optional[str] = typer.Option(None, "--classes", help="Evaluate on these of the model's classes only."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
+    against: Optional[Path] = typer.Option(None, "--against", help="The source model: report Base / Restricted base / this model."),
+    batch_size: Optional[int] = InferenceBatchOption,
+    image_size: Optional[int] = ImageSizeOption,
+    no_verify: bool = NoVerifyOption,
+) -> None:
+    """Accuracy overall and per class on the test split, with params and FLOPs."""
+    check_batch(batch_size)
+    option_text("--classes", classes)
+    options = data_options(data_root, image_size, no_verify)
+    if against is not None:
+        if data is not None or classes is not None:
+            raise ModellegoError("--against evaluates on the component's own task; drop --data/--classes")
+        result = commands.compare(file, against, options, batch_size, progress=not as_json)
+        if as_json:
+            print_json(result)
+        else:
+            _print_comparison(file, against, result)
+        return
+    result = commands.evaluate_file(file, data, classes, options, batch_size, progress=not as_json)
+    if as_json:
+        print_json(result)
+        return
+    unit = result["unit"]
+    table = Table(title=safe(f"{file.name} on {result['data']} (test split, {result['samples']} {unit}s)"))
+    table.add_column("class")
+    table.add_column("accuracy", justify="right")
+    for name, value in result["per_class"].items():
+        table.add_row(safe(name), percent(value))
+    table.add_row("[bold]all[/bold]", f"[bold]{percent(result['accuracy'])}[/bold]")
+    out.print(table)
+    out.print(f"params {result['params']:,}   FLOPs {result['flops']:,} per {unit}")
+    if result.get("base") is not None:
+        out.print(f"assembly: accuracy {percent(result['accuracy'])}; mean Base of the source models on the same "
+                  f"classes {percent(result['base'])}")
+
+
+def _print_comparison(file: Path, source: Path, result: dict) -> None:
+    table = Table(title=safe(f"task {', '.join(result['classes'])}: test split, {result['samples']} "
+                             f"{result['unit']}s"))
+    for column in ("model", "accuracy", "params", "FLOPs"):
+        table.add_column(column, justify="left" if column == "model" else "right")
+    table.add_row(safe(f"Base ({source.name}, all classes)"), percent(result["base"]),
+                  f"{result['source_params']:,}", f"{result['source_flops']:,}")
+    table.add_row(safe(f"Restricted base ({source.name}, task classes)"), percent(result["restricted_base"]),
+                  f"{result['source_params']:,}", f"{result['source_flops']:,}")
+    table.add_row(safe(f"Disa ({file.name})"), percent(result["accuracy"]), f"{result['params']:,}",
+                  f"{result['flops']:,}")
+    out.print(table)
+
+
+@app.command()
+def finetune(
+    file: Path = typer.Argument(..., help="A model file, usually an assembly."),
+    out_path: Path = typer.Option(..., "--out", help="Fine-tuned model file to write."),
+    epochs: int = typer.Option(2, "--epochs"),
+    lr: Optional[float] = LrOption,
+    batch_size: Optional[int] = BatchSizeOption,
+    data_root: Optional[Path] = DataRootOption,
+    image_size: Optional[int] = ImageSizeOption,
+    no_verify: bool = NoVerifyOption,
+    seed: int = SeedOption,
+    auto_batch: bool = AutoBatchOption,
+) -> None:
+    """Train a model (an assembly: its zero blocks too) on the training data of all its classes."""
+    check_training(epochs, lr, batch_size, seed)
+    commands.finetune(file, out_path, epochs, lr, batch_size, data_options(data_root, image_size, no_verify), seed,
+                      auto_batch=auto_batch)
+    out.print(safe(f"fine-tuned {file.name} for {epochs} epochs -> {out_path}"))
+
+
+@app.command()
+def info(
+    file: Path = typer.Argument(..., help="A modellego model file."),
+    as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
+) -> None:
+    """Show a model file's manifest: architecture, classes, input, provenance, metrics."""
+    manifest = commands.info(file)
+    if as_json:
+        print_json(json.loads(manifest.to_json()))
+        return
+    table = Table(title=safe(file), show_header=False)
+    table.add_column("field", style="bold")
+    table.add_column("value")
+    for field, value in _info_rows(manifest):
+        table.add_row(safe(field, 200), safe(value))
+    out.print(table)
+
+
+def _info_rows(manifest) -> list[tuple[str, str]]:
+    """The manifest as (field, value) rows; long values are cut when printed, and at most MAX_ROWS
+    provenance/metrics entries are listed."""
+    rows = [("kind", manifest.kind), ("architecture", json.dumps(manifest.architecture)),
+            ("input", f"{manifest.input.describe()}, mean {list(manifest.input.mean)}, std {list(manifest.input.std)}"
+             if hasattr(manifest.input, "mean") else manifest.input.describe()),
+            ("classes", ", ".join(f"{ref.name} ({ref.dataset}#{ref.index})"
+                                  for ref in manifest.classes[:MAX_ROWS * 10])
+             + (f", … ({len(manifest.classes):,} in all)" if len(manifest.classes) > MAX_ROWS * 10 else ""))]
+    for section in ("provenance", "metrics"):
+        entries = getattr(manifest, section)
+        for key, value in list(entries.items())[:MAX_ROWS]:
+            rows.append((f"{section}.{key}", json.dumps(value)))
+        if len(entries) > MAX_ROWS:
+            rows.append((f"{section}", f"… {len(entries) - MAX_ROWS:,} more entries (see --json)"))
+    rows.append(("format", str(manifest.format_version)))
+    return rows
+
+
+@app.command()
+def demo(
+    out_dir: Path = typer.Option(Path("runs/demo"), "--out-dir", help="Folder for the demo's files (created)."),
+    epochs: int = typer.Option(4, "--epochs"),
+    seed: int = SeedOption,
+) -> None:
+    """The whole job on Fashion-MNIST (digits when absent): train, profile, disassemble two tasks, assemble, fine-tune."""
+    check_epochs(epochs)
+    option_seed(seed)
+    output_folder(out_dir)
+    commands.run_demo(out_dir, epochs=epochs, seed=seed, console=out)

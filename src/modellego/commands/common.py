@@ -1,0 +1,73 @@
+"""What the commands share: writing a model file once under torchrun, a model file with its kind, the union of
+components' classes, baselines against a source, an assembly's mean Base."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from modellego import distributed
+from modellego.core.evaluate import baselines_of
+from modellego.errors import ModellegoError
+from modellego.io.manifest import Brick, ClassRef, Manifest
+from modellego.io.modelfile import load, save
+from modellego.kinds import ModelKind, kind_of
+
+FilePath = str | os.PathLike
+
+
+def write(model: nn.Module, out: FilePath, manifest: Manifest) -> None:
+    """Save a model file; under torchrun only the first process writes (all hold the same model)."""
+    if distributed.is_main():
+        save(model, out, manifest)
+
+
+def open_model(path: FilePath) -> tuple[Brick, ModelKind]:
+    """A model file and the kind of model it holds."""
+    brick = load(path)
+    return brick, kind_of(brick.manifest.architecture)
+
+
+def union(manifests: Sequence[Manifest]) -> tuple[list[ClassRef], list[int]]:
+    """The classes of several models in order, a class two of them share (same dataset, same class) once, and
+    for each of their outputs (concatenated) the class it answers."""
+    classes: list[ClassRef] = []
+    targets: list[int] = []
+    for manifest in manifests:
+        for ref in manifest.classes:
+            if ref not in classes:
+                classes.append(ref)
+            targets.append(classes.index(ref))
+    return classes, targets
+
+
+def source_baselines(kind: ModelKind, source: Brick, classes: Sequence[ClassRef], samples: Any,
+                     batch_size: int = 256, progress: bool = False) -> dict:
+    """Base (the source, argmax over all its classes) and Restricted base (its logits restricted to `classes`)
+    on `samples` of those classes (labelled by position in `classes`), overall and per class."""
+    positions = []
+    for ref in classes:
+        if ref not in source.manifest.classes:
+            raise ModellegoError(f"the source model does not predict class {ref.name!r} of {ref.dataset}, "
+                                 "so it is not this component's source")
+        positions.append(source.manifest.classes.index(ref))
+    logits, labels = kind.predict(source.model, samples, batch_size, progress)
+    return baselines_of(logits, labels, torch.tensor(positions), [ref.name for ref in classes])
+
+
+def assembly_base(manifest: Manifest) -> float | None:
+    """The mean Base of the source models on an assembly's classes, from what each component recorded when it
+    was disassembled (per class, weighted by test samples); None when a component did not record it."""
+    total, weight = 0.0, 0
+    for record in manifest.provenance.get("assembled", {}).get("components", []):
+        metrics = record.get("metrics", {})
+        per_class, counts = metrics.get("base_per_class"), metrics.get("test_samples_per_class")
+        if not per_class or not counts:
+            return None
+        for name, value in per_class.items():
+            total += value * counts[name]
+            weight += counts[name]
+    return total / weight if weight else None

@@ -1,0 +1,176 @@
+"""Component locating: per layer and class, which channels matter (α/β on relative contributions), walked from
+the classifier back to the input through the real channel graph (DESIGN.md, "Component locating")."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+from enum import StrEnum
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from modellego.core.channels import ChannelGraph, Feed
+from modellego.core.profile import Profile
+from modellego.errors import ModellegoError
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """α (relative-contribution threshold) and β (vote threshold) for conv and linear layers; the defaults are
+    the paper's, written here and nowhere else. Each must lie in [0, 1] (fractions of a normalised range):
+    checked when the thresholds are made, so that every function taking them can trust them."""
+
+    alpha_conv: float = 0.3
+    beta_conv: float = 0.2
+    alpha_fc: float = 0.4
+    beta_fc: float = 0.3
+
+    def __post_init__(self) -> None:
+        for item in fields(self):
+            value = getattr(self, item.name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                    or not 0.0 <= value <= 1.0:
+                flag = "--" + item.name.replace("_", "-")
+                raise ModellegoError(f"{item.name} must be between 0 and 1 ({flag}), got {value}")
+
+    def as_dict(self) -> dict[str, float]:
+        return {"alpha_conv": self.alpha_conv, "beta_conv": self.beta_conv, "alpha_fc": self.alpha_fc,
+                "beta_fc": self.beta_fc}
+
+    def pair(self, layer_kind: str) -> tuple[float, float]:
+        """(α, β) for a layer of kind "conv" or "linear"."""
+        return (self.alpha_conv, self.beta_conv) if layer_kind == "conv" else (self.alpha_fc, self.beta_fc)
+
+    def settings(self, layer_kinds: set[str]) -> dict[str, float]:
+        """The thresholds that layers of `layer_kinds` use, as a component records them."""
+        record = {}
+        if "conv" in layer_kinds:
+            record.update(alpha_conv=self.alpha_conv, beta_conv=self.beta_conv)
+        if "linear" in layer_kinds:
+            record.update(alpha_fc=self.alpha_fc, beta_fc=self.beta_fc)
+        return record
+
+
+PAPER = Thresholds()
+
+
+class FlattenRule(StrEnum):
+    """What the walk does where a conv's channels are flattened into a Linear layer's features (several
+    features per channel): keep a channel if any of its features is kept, or keep every channel there (what
+    the paper's official code does in effect)."""
+
+    ANY_FEATURE = "any-feature"
+    KEEP_ALL = "keep-all"
+
+    @classmethod
+    def parse(cls, value: str) -> "FlattenRule":
+        try:
+            return cls(value)
+        except ValueError:
+            raise ModellegoError(f"flatten (--flatten) must be {' or '.join(rule.value for rule in cls)}, "
+                                 f"got {value!r}") from None
+
+
+DEFAULT_FLATTEN = FlattenRule.ANY_FEATURE  # what `disassemble` uses unless told otherwise (docs/results.md)
+
+
+@dataclass
+class ComponentMasks:
+    """Per parameter layer, `masks[layer][k, o]`: class k routes through output channel o; `scores` are the
+    normalised votes behind the masks (how relevant each channel is, used to break ties and avoid empty layers)."""
+
+    masks: dict[str, torch.Tensor]
+    scores: dict[str, torch.Tensor]
+    classes: list[str]
+    classifier: str
+    settings: dict[str, float] = field(default_factory=dict)
+    profile_hash: str = ""
+    input_shape: tuple[int, ...] = ()
+
+    def task_channels(self, layer: str, task: list[int]) -> torch.Tensor:
+        """Output channels of `layer` kept for task `task` (class positions): the union over its classes."""
+        return self.masks[layer][task].any(dim=0)
+
+    def kept_fraction(self, task: list[int]) -> dict[str, float]:
+        """Per layer, the fraction of output channels the task keeps (before coupling)."""
+        return {name: self.task_channels(name, task).float().mean().item() for name in self.masks}
+
+
+class Feeds(Protocol):
+    """Which producer channels feed a layer's inputs: a ChannelGraph, or a model kind's own graph."""
+
+    def feeds(self, layer: str) -> list[Feed]: ...
+
+
+def minmax(values: torch.Tensor, dim: int) -> torch.Tensor:
+    """(v − min) / (max − min + 1e-5) along `dim`, the normalisation DESIGN.md uses for R and for votes."""
+    low = values.amin(dim=dim, keepdim=True)
+    high = values.amax(dim=dim, keepdim=True)
+    return (values - low) / (high - low + 1e-5)
+
+
+def input_mask(relative: torch.Tensor, output_mask: torch.Tensor, alpha: float, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """One layer's step: relevant = R > α; votes[k,i] = Σ_o M[k,o]·relevant[k,o,i]; Min = minmax_i(votes) > β.
+    Returns (Min, minmax_i(votes)), both K×I."""
+    relevant = (relative > alpha).float()
+    votes = torch.einsum("ko,koi->ki", output_mask.float(), relevant)
+    normalised = minmax(votes, dim=1)
+    return normalised > beta, normalised
+
+
+def walk(profile: Profile, graph: Feeds, thresholds: Thresholds, layer_kinds: dict[str, str],
+         flatten: FlattenRule = DEFAULT_FLATTEN) -> ComponentMasks:
+    """The masks of every class in every profiled layer, from the classifier (the profile's last layer, whose
+    output k is class k) back to the input: each layer's input mask (its kind's α/β) becomes the output mask
+    of the layers `graph` says produce those inputs (the OR over everything that reads a channel). The method
+    itself, for any model kind: a kind gives the profile, the graph and each layer's kind."""
+    order = profile.layers
+    classifier = order[-1]
+    num_classes = len(profile.classes)
+    outputs = {name: profile.contributions[name].shape[1] for name in order}
+    # Masks are kept as 0/1 floats during the walk so that scatter-max gives the OR over repeated channels.
+    masks = {name: torch.zeros(num_classes, outputs[name]) for name in order}
+    scores = {name: torch.zeros(num_classes, outputs[name]) for name in order}
+    masks[classifier] = torch.eye(num_classes)
+    scores[classifier] = torch.eye(num_classes)
+    for name in reversed(order):
+        alpha, beta = thresholds.pair(layer_kinds[name])
+        kept, normalised = input_mask(profile.relative(name), masks[name] > 0, alpha, beta)
+        for feed in graph.feeds(name):
+            # A producer channel is kept if any input position it feeds is kept (flatten, concat, adds).
+            index = feed.channels.expand(num_classes, -1)
+            if flatten == FlattenRule.KEEP_ALL and len(feed.channels.unique()) < len(feed.channels):
+                masks[feed.producer][:, feed.channels] = 1.0
+                scores[feed.producer][:, feed.channels] = 1.0
+                continue
+            masks[feed.producer].scatter_reduce_(1, index, kept[:, feed.inputs].float(), "amax")
+            scores[feed.producer].scatter_reduce_(1, index, normalised[:, feed.inputs], "amax")
+    return ComponentMasks(masks={name: mask > 0 for name, mask in masks.items()}, scores=scores,
+                          classes=list(profile.classes), classifier=classifier,
+                          settings=thresholds.settings(set(layer_kinds.values())),
+                          profile_hash=profile.digest(), input_shape=tuple(profile.input_shape))
+
+
+def locate(model: nn.Module, profile: Profile, thresholds: Thresholds = PAPER, *,
+           example_input: torch.Tensor | tuple[int, ...] | None = None, graph: ChannelGraph | None = None,
+           flatten: FlattenRule | str = DEFAULT_FLATTEN) -> ComponentMasks:
+    """Find every class's channels in every Conv2d/Linear layer of `model`, from `profile` (of this model), with
+    `thresholds` (the paper's by default; conv layers use the conv pair, Linear layers the linear pair).
+
+    `graph` (a ChannelGraph of this model) can be passed to reuse its traced graph across calls. `flatten`: where
+    a conv's channels are flattened into a Linear layer's features (several features per channel),
+    "any-feature" keeps a channel if any of its features is kept; "keep-all" keeps every channel there (what
+    the paper's official code does in effect) and walks on from the conv as if all its outputs were kept."""
+    flatten = FlattenRule.parse(flatten)
+    profile.check_model(model)
+    layers = {name: module for name, module in model.named_modules() if isinstance(module, (nn.Conv2d, nn.Linear))}
+    classifier_name = profile.layers[-1]
+    classifier = layers[classifier_name]
+    if not isinstance(classifier, nn.Linear) or classifier.out_features != len(profile.classes):
+        raise ModellegoError(f"the last layer to run, {classifier_name}, is not a Linear classifier with "
+                             f"{len(profile.classes)} outputs; modellego disassembles classifiers ending in nn.Linear")
+    graph = graph or ChannelGraph(model, example_input if example_input is not None else profile.input_shape)
+    layer_kinds = {name: "conv" if isinstance(layers[name], nn.Conv2d) else "linear" for name in profile.layers}
+    return walk(profile, graph, thresholds, layer_kinds, flatten)
