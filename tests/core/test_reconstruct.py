@@ -243,7 +243,7 @@ def test_keep_all_keeps_every_channel_at_a_flatten():
     kept = locate(model, fake, Thresholds(alpha_conv=0.9, beta_conv=0.9, alpha_fc=0.9, beta_fc=0.9), flatten="keep-all")
     assert kept.masks["conv"].all() and not strict.masks["conv"].all()
     assert torch.equal(kept.masks["fc"], strict.masks["fc"])
-    with pytest.raises(modellego.ModellegoError, match="must be any-feature or keep-all"):
+    with pytest.raises(modellego.ModellegoError, match="choose any-feature or keep-all"):
         locate(model, fake, flatten="some")
 
 
@@ -364,7 +364,7 @@ def test_cli_refuses_bad_reconstruction_options(files, tmp_path):
     _, source, profile_path = files
     out = tmp_path / "c.safetensors"
     base = ["disassemble", str(source), "--profile", str(profile_path), "--classes", "Bag", "--out", str(out)]
-    assert_user_error(invoke(*base, "--flatten", "sometimes"), "(--flatten) must be any-feature or keep-all")
+    assert_user_error(invoke(*base, "--flatten", "sometimes"), "choose any-feature or keep-all")
     assert_user_error(invoke(*base, "--reconstruct-samples", "0"), "--reconstruct-samples")
     assert_user_error(invoke(*base, "--reconstruct-samples", "5", "--no-reconstruct"), "--no-reconstruct")
     assert_user_error(invoke(*base, "--ridge", "0"), "--ridge")

@@ -7,7 +7,6 @@ from __future__ import annotations
 import copy
 import warnings
 from collections import OrderedDict
-from enum import StrEnum
 from typing import Sequence
 
 import torch
@@ -15,6 +14,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from modellego.core.channels import ChannelGraph
+from modellego.core.choice import Choice
 from modellego.core.evaluate import predict
 from modellego.core.gates import (
     DEFAULT_TEMPERATURE,
@@ -34,7 +34,7 @@ from modellego.core.shapes import conform
 from modellego.errors import ModellegoError
 
 
-class AssemblyMode(StrEnum):
+class AssemblyMode(Choice):
     """`padded`: one dense network with block-diagonal weights (the paper's alignment padding); `parallel`: the
     components side by side. Both give the same logits before fine-tuning."""
 
@@ -42,11 +42,8 @@ class AssemblyMode(StrEnum):
     PARALLEL = "parallel"
 
     @classmethod
-    def parse(cls, value: str) -> "AssemblyMode":
-        try:
-            return cls(value)
-        except ValueError:
-            raise ModellegoError(f"unknown assembly mode {value!r}; choose 'padded' or 'parallel'") from None
+    def label(cls) -> str:
+        return "assembly mode (--mode)"
 
 
 MODES = tuple(mode.value for mode in AssemblyMode)

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from enum import StrEnum
 from typing import Any, Sequence
 
 import torch
@@ -43,12 +42,13 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, SequentialSample
 
 from modellego import distributed
 from modellego.core.channels import ChannelGraph
+from modellego.core.choice import Choice
 from modellego.core.contributions import window_sums
 from modellego.core.layers import example_batch, execution_order, head, parameter_layers
 from modellego.errors import ModellegoError
 
 
-class Calibration(StrEnum):
+class Calibration(Choice):
     """How an assembly decides between its components: nothing (`none`), the paper's parameter scaling
     (`scale`), a gate, or `auto` (the one that answers the components' own held-out training images best)."""
 
@@ -61,14 +61,6 @@ class Calibration(StrEnum):
     PATTERN = "pattern"
     NEAREST = "nearest"
     AUTO = "auto"
-
-    @classmethod
-    def parse(cls, value: str) -> "Calibration":
-        try:
-            return cls(value)
-        except ValueError:
-            raise ModellegoError(f"unknown calibration {value!r}; choose one of "
-                                 f"{', '.join(item.value for item in cls)}") from None
 
     @property
     def is_gate(self) -> bool:

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, fields
-from enum import StrEnum
 from typing import Protocol
 
 import torch
 from torch import nn
 
 from modellego.core.channels import ChannelGraph, Feed
+from modellego.core.choice import Choice
 from modellego.core.profile import Profile
 from modellego.errors import ModellegoError
 
@@ -56,7 +56,7 @@ class Thresholds:
 PAPER = Thresholds()
 
 
-class FlattenRule(StrEnum):
+class FlattenRule(Choice):
     """What the walk does where a conv's channels are flattened into a Linear layer's features (several
     features per channel): keep a channel if any of its features is kept, or keep every channel there (what
     the paper's official code does in effect)."""
@@ -65,12 +65,8 @@ class FlattenRule(StrEnum):
     KEEP_ALL = "keep-all"
 
     @classmethod
-    def parse(cls, value: str) -> "FlattenRule":
-        try:
-            return cls(value)
-        except ValueError:
-            raise ModellegoError(f"flatten (--flatten) must be {' or '.join(rule.value for rule in cls)}, "
-                                 f"got {value!r}") from None
+    def label(cls) -> str:
+        return "flatten rule (--flatten)"
 
 
 DEFAULT_FLATTEN = FlattenRule.ANY_FEATURE  # what `disassemble` uses unless told otherwise (docs/results.md)
