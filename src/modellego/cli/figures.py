@@ -72,6 +72,8 @@ def heatmap(
     beta_conv: float = typer.Option(PAPER.beta_conv, "--beta-conv", help="With --model: β for conv layers."),
     alpha_fc: float = typer.Option(PAPER.alpha_fc, "--alpha-fc", help="With --model: α for linear layers."),
     beta_fc: float = typer.Option(PAPER.beta_fc, "--beta-fc", help="With --model: β for linear layers."),
+    classes: Optional[str] = typer.Option(None, "--classes", help="Draw these of the profile's classes only "
+                                          "(names or indices, comma-separated; default: all it holds)."),
 ) -> None:
     """Heat map of one layer's soft relative contribution: classes (rows) × input channels (columns)."""
     if list_layers:
@@ -84,7 +86,9 @@ def heatmap(
         return
     if out_path is None:
         raise ModellegoError("heatmap needs --out FILE.png (or .svg); --layers lists the layers instead")
-    result = commands.heatmap(profile_path, out_path, layer, model, Thresholds(alpha_conv, beta_conv, alpha_fc, beta_fc))
+    option_text("--classes", classes)
+    result = commands.heatmap(profile_path, out_path, layer, model, Thresholds(alpha_conv, beta_conv, alpha_fc, beta_fc),
+                              classes)
     out.print(safe(f"heat map of {result.layer}: {len(result.classes)} classes × {result.values.shape[1]} input "
                     f"channels -> {out_path}"))
     strongest = result.values.argmax(dim=1).tolist()

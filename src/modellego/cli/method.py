@@ -24,6 +24,7 @@ from modellego.cli.options import (
     SeedOption,
     app,
     check_batch,
+    classes_option,
     data_options,
     option_int,
     option_seed,
@@ -41,8 +42,16 @@ from modellego.kinds import kind_of
 @app.command()
 def profile(
     model: Path = typer.Argument(..., help="The model file to profile."),
-    out_path: Path = typer.Option(..., "--out", help="Profile file to write (.safetensors)."),
+    out_path: Optional[Path] = typer.Option(None, "--out", help="Profile file to write (.safetensors)."),
     samples_per_class: int = typer.Option(50, "--samples-per-class", help="Most confident correct training samples per class."),
+    classes: Optional[str] = typer.Option(None, "--classes", help="Profile these classes only: names or indices, "
+                                          "comma-separated (default: all)."),
+    classes_file: Optional[Path] = typer.Option(None, "--classes-file", help="Profile the classes named in this "
+                                                "file, one name or index per line."),
+    append: Optional[Path] = typer.Option(None, "--append", help="Add the classes to this profile of the model "
+                                          "(written in place, atomically) instead of writing --out."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="float32 (default), or float16 (half the file); "
+                                        "classes appended take the profile's."),
     data: Optional[str] = DataOption,
     data_root: Optional[Path] = DataRootOption,
     image_size: Optional[int] = ImageSizeOption,
@@ -52,10 +61,17 @@ def profile(
     """Per-class contributions of every parameter layer, on the model's training data."""
     option_int("--samples-per-class", samples_per_class, 1, MAX_SAMPLES_PER_CLASS)
     check_batch(batch_size)
-    result = commands.profile(model, out_path, samples_per_class, data, data_options(data_root, image_size, no_verify),
-                              batch_size)
-    out.print(f"profiled {len(result.layers)} layers on {int(result.counts.sum())} samples "
-              f"({samples_per_class} per class asked) -> {out_path}")
+    option_text("--classes", classes)
+    if (out_path is None) == (append is None):
+        raise ModellegoError("give --out FILE (a new profile) or --append PROFILE (add classes to it), one of them")
+    asked = classes_option(classes, classes_file)
+    result = commands.profile(model, append or out_path, samples_per_class, data,
+                              data_options(data_root, image_size, no_verify), batch_size, classes=asked,
+                              append=append is not None, dtype=dtype)
+    held = [name for _, name, *_ in result.records]
+    out.print(safe(f"profiled {len(result.layers)} layers on {sum(count for _, _, count, _ in result.records)} "
+                   f"samples of {len(held)} classes ({samples_per_class} per class asked, {result.dtype}) -> "
+                   f"{append or out_path}"))
 
 
 @app.command()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Optional
 
@@ -26,6 +27,7 @@ from modellego.cli.options import (
     check_epochs,
     check_training,
     check_width,
+    classes_option,
     data_options,
     option_int,
     option_seed,
@@ -35,6 +37,7 @@ from modellego.cli.options import (
     print_json,
     safe,
 )
+from modellego.data.datasets import check_image_size
 from modellego.errors import ModellegoError
 from modellego.io.atomic import output_folder
 
@@ -151,8 +154,12 @@ def info(
     file: Path = typer.Argument(..., help="A modellego model file."),
     as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
 ) -> None:
-    """Show a model file's manifest: architecture, classes, input, provenance, metrics."""
+    """Show a model file's manifest (architecture, classes, input, provenance, metrics), or what a profile file
+    holds (the classes, layers, dtype)."""
     manifest = commands.info(file)
+    if isinstance(manifest, commands.ProfileInfo):
+        _print_profile_info(file, manifest, as_json)
+        return
     if as_json:
         print_json(json.loads(manifest.to_json()))
         return
@@ -160,6 +167,29 @@ def info(
     table.add_column("field", style="bold")
     table.add_column("value")
     for field, value in _info_rows(manifest):
+        table.add_row(safe(field, 200), safe(value))
+    out.print(table)
+
+
+def _print_profile_info(file: Path, profile: commands.ProfileInfo, as_json: bool) -> None:
+    if as_json:
+        print_json({"format_version": profile.format_version, "model_hash": profile.model_hash,
+                    "num_outputs": profile.num_outputs, "layers": profile.layers, "dtype": profile.dtype,
+                    "dataset": profile.dataset, "samples_per_class": profile.samples_per_class,
+                    "classes": [{"position": k, "name": name, "samples": count} for k, name, count in profile.classes],
+                    "digest": profile.digest, "bytes": profile.bytes})
+        return
+    table = Table(title=safe(f"{file} (profile, format {profile.format_version})"), show_header=False)
+    table.add_column("field", style="bold")
+    table.add_column("value")
+    shown = ", ".join(f"{name} (#{k}, {count})" for k, name, count in profile.classes[:MAX_ROWS * 10])
+    more = f", … ({len(profile.classes):,} in all)" if len(profile.classes) > MAX_ROWS * 10 else ""
+    for field, value in (("classes held", f"{len(profile.classes):,} of the model's {profile.num_outputs:,}"),
+                         ("classes (output, samples)", shown + more), ("layers", f"{len(profile.layers)}"),
+                         ("sums", profile.dtype), ("dataset", profile.dataset or "-"),
+                         ("samples per class asked", str(profile.samples_per_class)),
+                         ("model hash", profile.model_hash), ("digest", profile.digest),
+                         ("size", f"{profile.bytes:,} bytes")):
         table.add_row(safe(field, 200), safe(value))
     out.print(table)
 
@@ -181,6 +211,47 @@ def _info_rows(manifest) -> list[tuple[str, str]]:
             rows.append((f"{section}", f"… {len(entries) - MAX_ROWS:,} more entries (see --json)"))
     rows.append(("format", str(manifest.format_version)))
     return rows
+
+
+@app.command("import")
+def import_command(
+    builder: str = typer.Argument(..., help="A zoo name, torchvision:<builder> or timm:<name>."),
+    weights: Path = typer.Option(..., "--weights", help="The network's state dict: a .pth (read with "
+                                 "torch.load(weights_only=True), no code runs) or a .safetensors file."),
+    out_path: Path = typer.Option(..., "--out", help="Model file to write (.safetensors)."),
+    classes: Optional[str] = typer.Option(None, "--classes", help="The class names, comma-separated, in the "
+                                          "weights' output order."),
+    classes_file: Optional[Path] = typer.Option(None, "--classes-file", help="The class names, one per line, in "
+                                                "the weights' output order."),
+    image_size: int = typer.Option(224, "--image-size", help="Input images are N×N."),
+    mean: str = typer.Option("0.485,0.456,0.406", "--mean", help="The normalisation's mean per channel (the "
+                             "weights' documentation gives it; ImageNet's by default)."),
+    std: str = typer.Option("0.229,0.224,0.225", "--std", help="The normalisation's deviation per channel."),
+    dataset: str = typer.Option("imagefolder", "--dataset", help="Where the classes' images are: an ImageFolder "
+                                "whose folders are named like the classes, by default."),
+    width: float = typer.Option(1.0, "--width", help="The builder's width multiplier the weights were trained at."),
+) -> None:
+    """Bring a pretrained classifier in: a model file from a builder and its weights, no download."""
+    check_width(width)
+    check_image_size(image_size)
+    names = classes_option(classes, classes_file)
+    if names is None:
+        raise ModellegoError("give the class names: --classes-file NAMES (one per line) or --classes a,b,...")
+    brick = commands.import_model(builder, weights, names, out_path, image_size, numbers("--mean", mean),
+                                  numbers("--std", std), dataset, width)
+    out.print(safe(f"imported {builder} with {weights.name}: {len(names):,} classes, {brick.manifest.metrics['params']:,} "
+                   f"params, {image_size}×{image_size} inputs -> {out_path}"))
+
+
+def numbers(flag: str, text: str) -> list[float]:
+    """A comma-separated list of finite numbers."""
+    try:
+        values = [float(item) for item in text.split(",") if item.strip()]
+    except ValueError:
+        raise ModellegoError(f"{flag} takes numbers separated by commas, got {text!r}") from None
+    if not values or not all(math.isfinite(value) for value in values):
+        raise ModellegoError(f"{flag} takes finite numbers separated by commas, got {text!r}")
+    return values
 
 
 @app.command()

@@ -76,6 +76,22 @@ def option_text(flag: str, value: str | None) -> str | None:
     return value
 
 
+def classes_option(classes: str | None, classes_file: Path | None) -> list[str] | None:
+    """`--classes` or `--classes-file` (one name or index per line; blank lines and `#` comments skipped)."""
+    if classes is not None and classes_file is not None:
+        raise ModellegoError("give --classes or --classes-file, not both")
+    if classes_file is None:
+        return None if classes is None else [item.strip() for item in classes.split(",") if item.strip()]
+    try:
+        text = classes_file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise ModellegoError(f"cannot read --classes-file {classes_file} ({error})") from None
+    names = [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("#")]
+    if not names:
+        raise ModellegoError(f"--classes-file {classes_file} names no class")
+    return names
+
+
 MAX_EPOCHS = 10_000
 MAX_BATCH = 65_536
 MAX_SAMPLES_PER_CLASS = 100_000

@@ -12,16 +12,17 @@ from modellego.commands.disassemble import (
                                             disassemble,
                                             pareto_front,
 )
-from modellego.commands.evaluate import compare, evaluate_file, info
+from modellego.commands.evaluate import ProfileInfo, compare, evaluate_file, info
 from modellego.commands.figures import Heatmap, heatmap, profile_layers, route
+from modellego.commands.imported import import_model
 from modellego.commands.profile import profile
 from modellego.commands.train import finetune, train
 from modellego.data.task import DataOptions
 from modellego.kinds import Trained
 
 __all__ = [
-    "Assembled", "DataOptions", "Disassembled", "Heatmap", "ProfileSampleCheck", "Trained", "assemble", "assembly",
+    "Assembled", "DataOptions", "Disassembled", "Heatmap", "ProfileInfo", "ProfileSampleCheck", "Trained", "assemble", "assembly",
     "assembly_base", "choose_calibration", "compare", "component", "component_metrics", "disassemble",
-    "evaluate_file", "finetune", "heatmap", "info", "own_split", "pareto_front", "profile", "profile_layers",
+    "evaluate_file", "finetune", "heatmap", "import_model", "info", "own_split", "pareto_front", "profile", "profile_layers",
     "route", "run_demo", "scaled", "train", "union",
 ]

@@ -71,9 +71,11 @@ def _component(source: Brick, masks: ComponentMasks, classes: str | Sequence[str
     """`component`, and the re-fit; `built`: the component and re-fit an α/β search made already (nothing is cut
     or re-fitted twice)."""
     kind = kind_of(source.manifest.architecture)
-    if [ref.name for ref in source.manifest.classes] != masks.classes:
+    names = [ref.name for ref in source.manifest.classes]
+    if [names[k] for k in masks.output_positions(range(len(masks.classes)))] != masks.classes:
         raise ModellegoError("the masks were located for a model with other classes than this manifest describes")
     task = resolve_classes(masks.classes, classes, "the model's classes")
+    positions = masks.output_positions(task)
     if built is None:  # without `graph`, the kind traces the copy it cuts (a traced graph is costly to copy)
         model, cut = kind.cut(source.model, masks, task, graph, source.manifest.input)
         refit = kind.reconstruct(model, source.model, cut, reconstruct_samples, ridge) \
@@ -82,23 +84,23 @@ def _component(source: Brick, masks: ComponentMasks, classes: str | Sequence[str
         model, refit = built
     record: dict[str, Any] = {
         "source_hash": weights_hash(source.model), "source_provenance": source.manifest.provenance,
-        "task": [source.manifest.classes[k].name for k in task], "task_positions": task,
+        "task": [source.manifest.classes[k].name for k in positions], "task_positions": positions,
         "profile_hash": masks.profile_hash, **masks.settings}
     if FlattenRule.parse(flatten) != DEFAULT_FLATTEN:  # the default is recorded by its absence
         record["flatten"] = FlattenRule.parse(flatten).value
     if refit is not None:
         record["reconstruction"] = refit.record()
     manifest = Manifest(architecture=kind.component_architecture(source.manifest, model, task),
-                        classes=[source.manifest.classes[k] for k in task], input=source.manifest.input,
+                        classes=[source.manifest.classes[k] for k in positions], input=source.manifest.input,
                         kind="component", provenance={"disassembled": record})
     return Brick(model, manifest), refit
 
 
 def profile_sample_accuracy(kind: ModelKind, component_model: nn.Module, source: nn.Module, task: list[int],
                             train: Any, profile: Profile, batch_size: int = 256) -> ProfileSampleCheck:
-    """Accuracy of a component (outputs = the task, in order) and of `source` restricted to `task` on the
-    profile's samples of the task; `train` is the training data the profile was computed on (positions =
-    `profile.samples`). Cheap: at most the profile's N per class."""
+    """Accuracy of a component (outputs = the task, in order) and of `source` restricted to `task` (rows of the
+    profile) on the profile's samples of the task; `train` is the training data the profile was computed on
+    (positions = `profile.samples`). Cheap: at most the profile's N per class."""
     labels = task_labels(profile.sample_labels, task, len(profile.classes))
     chosen = labels >= 0
     if not chosen.any():
@@ -106,7 +108,8 @@ def profile_sample_accuracy(kind: ModelKind, component_model: nn.Module, source:
     subset = kind.subset(train, profile.samples[chosen], labels[chosen])
     source_logits, labels = kind.predict(source, subset, batch_size)
     component_logits, _ = kind.predict(component_model, subset, batch_size)
-    restricted = (source_logits[:, torch.tensor(task)].argmax(1) == labels).float().mean().item()
+    outputs = torch.tensor([profile.output_positions[row] for row in task])
+    restricted = (source_logits[:, outputs].argmax(1) == labels).float().mean().item()
     own = (component_logits.argmax(1) == labels).float().mean().item()
     return ProfileSampleCheck(own, restricted, len(labels))
 
@@ -172,15 +175,17 @@ def disassemble(model_path: FilePath, profile_path: FilePath, classes: str | Seq
                         "--beta-fc": thresholds.beta_fc != PAPER.beta_fc,
                         "--image-size": data is not None and data.image_size is not None,
                         "--no-verify": data is not None and not data.verify})
-    profile = load_profile(profile_path)
+    positions = resolve_classes(source.manifest.class_names, classes, "the model's classes")
+    names = [source.manifest.class_names[k] for k in positions]
+    profile = load_profile(profile_path, positions, names)  # only the task's records are read
     kind.check_profile(source.model, profile)
-    task = resolve_classes(profile.classes, classes, "the model's classes")
+    task = list(range(len(positions)))  # the profile's rows: the task's classes, in the task's order
     train = kind.data(source.manifest, "train", data)
     samples = kind.reconstruction_samples(train, profile, task, reconstruct_samples, seed) if reconstruct else None
     graph = kind.channels(source.model, source.manifest.input)  # traced once: search, locate, cut
     search, built, auto_record = None, None, None
     if auto:
-        search = kind.search(source.model, profile, task, kind.validation(train, task, profile, seed), max_drop,
+        search = kind.search(source.model, profile, task, kind.validation(train, positions, profile, seed), max_drop,
                              grid_of(*search_grid(grid_step)), samples, ridge, flatten, graph, progress)
         thresholds, masks = search.thresholds, search.masks
         built = (search.component, search.reconstruction)

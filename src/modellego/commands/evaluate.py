@@ -3,6 +3,9 @@ FLOPs), a component against its source (Base / Restricted base / the component),
 
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass
+
 from modellego.commands.common import FilePath, assembly_base, open_model, source_baselines
 from modellego.core.evaluate import accuracy_of, count_params
 from modellego.data.subsets import per_class_slice
@@ -10,6 +13,8 @@ from modellego.data.task import DataOptions
 from modellego.errors import ModellegoError
 from modellego.io.manifest import Manifest
 from modellego.io.modelfile import read_manifest
+from modellego.io.profiles import PROFILE_KEY, ProfileFile
+from modellego.io.safetensors import read_raw
 
 
 def _limited(samples, max_per_class: int | None):
@@ -58,6 +63,35 @@ def compare(component_path: FilePath, source_path: FilePath, data: DataOptions |
             "classes": part.manifest.class_names, "data": test.name, "unit": kind.unit}
 
 
-def info(path: FilePath) -> Manifest:
-    """A model file's manifest, without loading its weights."""
-    return read_manifest(path)
+@dataclass
+class ProfileInfo:
+    """What a profile file holds, from its header alone: the format, the model it profiles (hash, number of
+    outputs), the layers, the dtype of its sums, the dataset and the classes held (model output, name, number of
+    samples), its digest and size on disk."""
+
+    format_version: int
+    model_hash: str
+    num_outputs: int
+    layers: list[str]
+    dtype: str
+    dataset: str
+    samples_per_class: int
+    classes: list[tuple[int, str, int]]
+    digest: str
+    bytes: int
+
+
+def info(path: FilePath) -> Manifest | ProfileInfo:
+    """A model file's manifest, without loading its weights; for a profile file, what it holds (from its header;
+    a profile of format 1 is read whole)."""
+    if PROFILE_KEY not in read_raw(path, "modellego file", with_data=False).metadata:
+        return read_manifest(path)
+    with ProfileFile(path) as opened:
+        header = opened.header
+        classes = opened.classes()
+        if header is None:
+            whole = opened.read()
+            return ProfileInfo(1, whole.model_hash, whole.outputs, whole.layers, "float32", whole.dataset,
+                               whole.samples_per_class, classes, whole.digest(), os.path.getsize(path))
+        return ProfileInfo(2, header.model_hash, header.num_outputs, header.layers, header.dtype, header.dataset,
+                           header.samples_per_class, classes, header.digest(), os.path.getsize(path))

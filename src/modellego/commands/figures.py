@@ -11,9 +11,10 @@ import torch
 
 from modellego.commands.common import FilePath, open_model
 from modellego.core.locate import DEFAULT_FLATTEN, PAPER, Thresholds, locate
+from modellego.core.samples import resolve_classes
 from modellego.errors import ModellegoError
 from modellego.io.atomic import atomic_write, check_output_path
-from modellego.io.profiles import load_profile
+from modellego.io.profiles import ProfileFile, load_profile
 
 if TYPE_CHECKING:  # matplotlib is imported only by the commands that draw
     from matplotlib.figure import Figure
@@ -52,10 +53,11 @@ def route(model_path: FilePath, profile_path: FilePath, classes: str | Sequence[
     if kind.name != "cnn":
         raise ModellegoError(f"route draws the channel graphs of CNNs; {model_path} is a {kind.name.upper()} model "
                              "(heatmap draws its profile's layers)")
-    class_profile = load_profile(profile_path)
+    positions = resolve_classes(source.manifest.class_names, classes, "the model's classes")
+    class_profile = load_profile(profile_path, positions, [source.manifest.class_names[k] for k in positions])
     class_profile.check_model(source.model)
     masks = locate(source.model, class_profile, thresholds)
-    routes = viz.decision_routes(source.model, class_profile, masks, classes, max_links)
+    routes = viz.decision_routes(source.model, class_profile, masks, list(range(len(positions))), max_links)
     settings = ", ".join(f"{key} {value:g}" for key, value in thresholds.as_dict().items())
     title = (f"Decision routes of {', '.join(routes.classes)} in {os.path.basename(os.fspath(model_path))}\n"
              f"({source.manifest.architecture.get('builder', 'model')}, {settings}; "
@@ -74,22 +76,34 @@ class Heatmap:
 
 
 def profile_layers(profile_path: FilePath) -> list[viz.LayerInfo]:
-    """The layers of a profile file, in execution order (what `heatmap --layer` accepts)."""
+    """The layers of a profile file, in execution order (what `heatmap --layer` accepts), from its header."""
     from modellego import viz
 
-    return viz.profile_layers(load_profile(profile_path))
+    with ProfileFile(profile_path) as opened:
+        header = opened.header
+        if header is None:  # format 1: the layers' sizes are the sums' shapes
+            return viz.profile_layers(opened.read())
+        return [viz.LayerInfo(name, header.kinds.get(name, ""), inputs, outputs)
+                for name, (outputs, inputs) in zip(header.layers, header.sizes)]
 
 
 def heatmap(profile_path: FilePath, out: FilePath, layer: str | None = None, model_path: FilePath | None = None,
-            thresholds: Thresholds = PAPER) -> Heatmap:
+            thresholds: Thresholds = PAPER, classes: str | Sequence[str | int] | None = None) -> Heatmap:
     """Draw the soft relative contribution (classes × input channels) of one layer of a profile file — by
-    default its last conv layer — into `out` (.png or .svg). With the profiled model (`model_path`), each
+    default its last conv layer — into `out` (.png or .svg), for every class it holds or `classes` (names or
+    positions among the classes held; only their records are read). With the profiled model (`model_path`), each
     class's row averages only over the layer's outputs that the class keeps (masks located with `thresholds`),
     which is what makes the rows differ; without it, over all outputs (the classifier: the class's own row)."""
     from modellego import viz
 
     check_figure_path(out, inputs=[profile_path, model_path])
-    class_profile = load_profile(profile_path)
+    with ProfileFile(profile_path) as opened:
+        held = opened.classes()
+        positions = None
+        if classes is not None:
+            rows = resolve_classes([name for _, name, _ in held], classes, "the profile's classes")
+            positions = [held[row][0] for row in rows]
+        class_profile = opened.read(positions)
     layer = layer if layer is not None else viz.default_layer(class_profile)
     if layer not in class_profile.contributions:
         viz.heatmap_values(class_profile, layer)  # refuses it, naming the profile's layers

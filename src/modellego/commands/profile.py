@@ -1,26 +1,61 @@
 """`modellego profile`: the per-class contributions of every parameter layer, summed over each class's most
-confident correct training samples, written to a profile file — for any model kind."""
+confident correct training samples, written to a profile file one class's record at a time — all the model's
+classes or some of them (`classes`), into a new file or added to one (`append`) — for any model kind."""
 
 from __future__ import annotations
 
+from typing import Sequence
+
 from modellego import distributed
 from modellego.commands.common import FilePath, open_model
-from modellego.core.profile import Profile
 from modellego.data.task import DataOptions
+from modellego.errors import ModellegoError
 from modellego.io.atomic import check_output_path
-from modellego.io.profiles import save_profile
+from modellego.io.profiles import (
+    DTYPES,
+    ProfileFile,
+    ProfileHeader,
+    append_profile,
+    check_disk,
+    header_of,
+    write_profile,
+)
 
 
 def profile(model_path: FilePath, out: FilePath, samples_per_class: int = 50, dataset: str | None = None,
-            data: DataOptions | None = None, batch_size: int | None = None, progress: bool = True) -> Profile:
-    """Profile a model file on its training data (or `dataset`'s, matched by class names) and save the profile."""
+            data: DataOptions | None = None, batch_size: int | None = None, progress: bool = True,
+            classes: str | Sequence[str | int] | None = None, append: bool = False,
+            dtype: str | None = None) -> ProfileHeader:
+    """Profile a model file on its training data (or `dataset`'s, matched by class names) and write the profile:
+    every class, or `classes` (names or output positions; only their samples are read where the data knows its
+    labels); with `append`, `out` is an existing profile of the model and gains these classes. `dtype` stores the
+    sums as float32 (a new file's default) or float16 (half the file; appended classes take the file's). Returns
+    the profile's header (layers, classes held)."""
     data = data or DataOptions()
+    if dtype is not None and dtype not in DTYPES:
+        raise ModellegoError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if append:
+        with ProfileFile(out) as existing:  # refused before any work: not a profile, or of format 1
+            if existing.header is None:
+                raise ModellegoError(f"{out} is a profile of format 1 (before per-class records); profile again to "
+                                     "append classes to it")
+            if dtype not in (None, existing.header.dtype):
+                raise ModellegoError(f"{out} stores {existing.header.dtype} sums; drop --dtype or pass "
+                                     f"--dtype {existing.header.dtype}")
+            dtype = existing.header.dtype
+    dtype = dtype or "float32"
     check_output_path(out, inputs=[model_path])
     (model, manifest), kind = open_model(model_path)
     kind.check_options({"--batch-size": batch_size is not None, "--image-size": data.image_size is not None,
                         "--no-verify": not data.verify})
-    result = kind.profile(model, kind.data(manifest, "train", data, dataset=dataset), samples_per_class,
-                          batch_size or 64, progress)
-    if distributed.is_main():
-        save_profile(result, out)
-    return result
+    asked = len(manifest.classes) if classes is None else len(classes if not isinstance(classes, str)
+                                                                  else [c for c in classes.split(",") if c.strip()])
+    check_disk(out, asked * (kind.pairs(model) * DTYPES[dtype][1].itemsize + 8 * samples_per_class))
+    # only the asked classes' data: a folder need hold no other class's images
+    train = kind.data(manifest, "train", data, dataset=dataset, only=classes)
+    plan, records = kind.profile_stream(model, train, samples_per_class, batch_size or 64, progress, classes)
+    if not distributed.is_main():  # under torchrun every process computes each class's (all-reduced) sums
+        for _ in records:
+            pass
+        return header_of(plan, dtype)
+    return append_profile(out, plan, records) if append else write_profile(out, plan, records, dtype)

@@ -93,7 +93,7 @@ def plan_cut(model: nn.Module, masks: ComponentMasks, task: list[int], graph: Ch
             else:
                 removed_in[names[target]][gone] = True
     outputs = {name: torch.nonzero(~gone).flatten() for name, gone in removed_out.items()}
-    outputs[masks.classifier] = torch.tensor(task)
+    outputs[masks.classifier] = torch.tensor(masks.output_positions(task))
     inputs = {name: torch.nonzero(~gone).flatten() for name, gone in removed_in.items()}
     sizes = {name: (output_channels(layer), input_channels(layer)) for name, layer in layers.items()}
     return Cut(outputs, inputs, list(task), masks.classifier, plans, empty, sizes)
@@ -143,7 +143,7 @@ def disassemble_with_cut(model: nn.Module, masks: ComponentMasks, classes: str |
     for module, handler, pruned in cut.plans:
         graph.dependency.get_pruning_group(module, handler, pruned).prune()
     head = parameter_layers(component)[masks.classifier]
-    rows = torch.tensor(task)
+    rows = torch.tensor(masks.output_positions(task))
     head.weight = nn.Parameter(head.weight.detach()[rows].clone())
     if head.bias is not None:
         head.bias = nn.Parameter(head.bias.detach()[rows].clone())

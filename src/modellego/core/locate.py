@@ -84,6 +84,11 @@ class ComponentMasks:
     settings: dict[str, float] = field(default_factory=dict)
     profile_hash: str = ""
     input_shape: tuple[int, ...] = ()
+    positions: list[int] | None = None  # the model output of each row (None: row k is output k)
+
+    def output_positions(self, rows: list[int]) -> list[int]:
+        """The model outputs (classifier rows) of the masks' rows `rows`."""
+        return list(rows) if self.positions is None else [self.positions[row] for row in rows]
 
     def task_channels(self, layer: str, task: list[int]) -> torch.Tensor:
         """Output channels of `layer` kept for task `task` (class positions): the union over its classes."""
@@ -129,8 +134,10 @@ def walk(profile: Profile, graph: Feeds, thresholds: Thresholds, layer_kinds: di
     # Masks are kept as 0/1 floats during the walk so that scatter-max gives the OR over repeated channels.
     masks = {name: torch.zeros(num_classes, outputs[name]) for name in order}
     scores = {name: torch.zeros(num_classes, outputs[name]) for name in order}
-    masks[classifier] = torch.eye(num_classes)
-    scores[classifier] = torch.eye(num_classes)
+    own = torch.zeros(num_classes, outputs[classifier])  # class k's output of the classifier, wherever it is
+    own[torch.arange(num_classes), torch.tensor(profile.output_positions, dtype=torch.long)] = 1.0
+    masks[classifier] = own
+    scores[classifier] = own.clone()
     for name in reversed(order):
         alpha, beta = thresholds.pair(layer_kinds[name])
         kept, normalised = input_mask(profile.relative(name), masks[name] > 0, alpha, beta)
@@ -146,7 +153,8 @@ def walk(profile: Profile, graph: Feeds, thresholds: Thresholds, layer_kinds: di
     return ComponentMasks(masks={name: mask > 0 for name, mask in masks.items()}, scores=scores,
                           classes=list(profile.classes), classifier=classifier,
                           settings=thresholds.settings(set(layer_kinds.values())),
-                          profile_hash=profile.digest(), input_shape=tuple(profile.input_shape))
+                          profile_hash=profile.digest(), input_shape=tuple(profile.input_shape),
+                          positions=profile.positions)
 
 
 def locate(model: nn.Module, profile: Profile, thresholds: Thresholds = PAPER, *,
@@ -164,9 +172,9 @@ def locate(model: nn.Module, profile: Profile, thresholds: Thresholds = PAPER, *
     layers = {name: module for name, module in model.named_modules() if isinstance(module, (nn.Conv2d, nn.Linear))}
     classifier_name = profile.layers[-1]
     classifier = layers[classifier_name]
-    if not isinstance(classifier, nn.Linear) or classifier.out_features != len(profile.classes):
+    if not isinstance(classifier, nn.Linear) or classifier.out_features != profile.outputs:
         raise ModellegoError(f"the last layer to run, {classifier_name}, is not a Linear classifier with "
-                             f"{len(profile.classes)} outputs; modellego disassembles classifiers ending in nn.Linear")
+                             f"{profile.outputs} outputs; modellego disassembles classifiers ending in nn.Linear")
     graph = graph or ChannelGraph(model, example_input if example_input is not None else profile.input_shape)
     layer_kinds = {name: "conv" if isinstance(layers[name], nn.Conv2d) else "linear" for name in profile.layers}
     return walk(profile, graph, thresholds, layer_kinds, flatten)

@@ -19,12 +19,13 @@ class SampleSubset(Dataset):
         self.dataset = dataset
         self.positions = positions.long()
         self.targets = dataset.targets[self.positions] if targets is None else targets.long()
-        self.classes = list(dataset.classes if classes is None else classes)
+        self.classes = list(getattr(dataset, "classes", []) if classes is None else classes)
         # The class indices of the underlying named dataset, one per class of this view.
-        self.class_indices = list(dataset.class_indices if class_indices is None else class_indices)
-        self.name = dataset.name
-        self.split = dataset.split
-        self.spec = dataset.spec
+        self.class_indices = list(getattr(dataset, "class_indices", range(len(self.classes)))
+                                  if class_indices is None else class_indices)
+        self.name = getattr(dataset, "name", "")
+        self.split = getattr(dataset, "split", "")
+        self.spec = getattr(dataset, "spec", None)
         self.root = getattr(dataset, "root", None)
 
     def __len__(self) -> int:

@@ -107,13 +107,15 @@ def profile_bytes(model: nn.Module, num_classes: int) -> int:
     return num_classes * pairs * 12
 
 
-def check_profile_fits(model: nn.Module, num_classes: int, name: str = "the model") -> None:
-    """Refuse, before any work, a profile that cannot fit in the memory this machine has available."""
+def check_profile_fits(model: nn.Module, num_classes: int = 1, name: str = "the model") -> None:
+    """Refuse, before any work, a profile whose sums for `num_classes` classes at once (profiling holds one)
+    cannot fit in the memory this machine has available."""
     needed, available = profile_bytes(model, num_classes), available_memory()
     if available is not None and needed > available:
-        raise ModellegoError(f"profiling {name} needs about {needed / 2**30:.1f} GiB ({num_classes} classes × every "
-                             f"channel pair of its layers), more than the {available / 2**30:.1f} GiB available; "
-                             "profile fewer classes or use a machine with more memory")
+        held = "one class's sums" if num_classes == 1 else f"{num_classes} classes' sums"
+        raise ModellegoError(f"profiling {name} needs about {needed / 2**30:.1f} GiB ({held}: every channel pair "
+                             f"of its layers), more than the {available / 2**30:.1f} GiB available; use a machine "
+                             "with more memory")
 
 
 def check_supported(model: nn.Module, input_shape: tuple[int, ...], name: str = "the model") -> None:

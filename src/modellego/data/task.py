@@ -118,7 +118,14 @@ def task_data(classes: "Manifest | Sequence[ClassRef]", split: str, root: str | 
             size = image_size if image_size is not None else (default_size if source in RESIZABLE else None)
             loaded[source] = load(source, split, resolve_root(source, root, hints.get(source)), image_size=size,
                                   verify=verify)
-        if dataset is None:
+        if dataset is None and source in RESIZABLE:  # folders: a class is its folder's name, wherever it sorts
+            matches = [i for i, name in enumerate(loaded[source].classes) if name == ref.name]
+            if not matches:
+                raise ModellegoError(f"'{source}' has no folder of this model's class {ref.name!r}; its folders are "
+                                     f"{', '.join(loaded[source].classes[:10])}{' …' if len(loaded[source].classes) > 10 else ''}"
+                                     " (--data-root names where they are)")
+            index = matches[0]
+        elif dataset is None:
             index = ref.index
             if not 0 <= index < len(loaded[source].classes):
                 raise ModellegoError(f"this model's class {ref.name!r} has index {index} in '{source}', which has "

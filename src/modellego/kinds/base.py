@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -21,7 +21,7 @@ from modellego.core.assemble import AssemblyMode
 from modellego.core.cut import Cut
 from modellego.core.gates import Calibration
 from modellego.core.locate import ComponentMasks, Feeds, FlattenRule, Thresholds
-from modellego.core.profile import Profile
+from modellego.core.profile import ClassRecord, Profile, ProfilePlan, as_records
 from modellego.core.reconstruct import Reconstruction
 from modellego.core.search import SearchResult
 from modellego.data.task import DataOptions
@@ -158,8 +158,20 @@ class ModelKind(ABC):
 
     @abstractmethod
     def profile(self, model: nn.Module, samples: Any, samples_per_class: int = 50, batch_size: int = 64,
-                progress: bool = False) -> Profile:
-        """Select each class's most confident correct samples and sum its contributions over them."""
+                progress: bool = False, classes: Sequence[str | int] | None = None) -> Profile:
+        """Select each class's most confident correct samples and sum its contributions over them; `classes`
+        (names or output positions): only those."""
+
+    def profile_stream(self, model: nn.Module, samples: Any, samples_per_class: int = 50, batch_size: int = 64,
+                       progress: bool = False, classes: Sequence[str | int] | None = None
+                       ) -> tuple[ProfilePlan, Iterator[ClassRecord]]:
+        """`profile` as its plan and its classes' records, computed as they are consumed (what a profile file is
+        written from); by default the profile computed whole."""
+        return as_records(self.profile(model, samples, samples_per_class, batch_size, progress, classes))
+
+    @abstractmethod
+    def pairs(self, model: nn.Module) -> int:
+        """(output, input) channel pairs of the layers a profile sums over: the values of one class's record."""
 
     @abstractmethod
     def check_profile(self, model: nn.Module, profile: Profile) -> None:
@@ -190,8 +202,9 @@ class ModelKind(ABC):
         """Re-fit the component's layers, without gradients, to the source's outputs on `samples`."""
 
     @abstractmethod
-    def validation(self, train: Any, task: list[int], profile: Profile, seed: int = 0) -> Any:
-        """Samples of the task that `--auto` judges α/β on: never test samples, never the profile's."""
+    def validation(self, train: Any, positions: list[int], profile: Profile, seed: int = 0) -> Any:
+        """Samples of the task (model outputs `positions`) that `--auto` judges α/β on: never test samples,
+        never the profile's."""
 
     @abstractmethod
     def search(self, model: nn.Module, profile: Profile, task: list[int], validation: Any, max_drop: float,
@@ -225,14 +238,14 @@ class ModelKind(ABC):
                                seed: int = 0) -> Any:
         """The samples reconstruction re-fits on: by default the profile's own samples of the task's classes (no
         more data than profiling used); with `per_class`, that many of each task class drawn with `seed` from
-        the training samples (all of a class when it has fewer)."""
+        the training samples (all of a class when it has fewer). `task`: rows of the profile."""
         if per_class is None and profile.dataset == train.name:
             chosen = torch.isin(profile.sample_labels, torch.tensor(task))
             return self.subset(train, profile.samples[chosen].sort().values)
         count = per_class or profile.samples_per_class
         generator = torch.Generator().manual_seed(seed)
         picked = []
-        for label in task:
+        for label in (profile.output_positions[row] for row in task):
             members = torch.nonzero(train.targets == label).flatten()
             picked.append(members[torch.randperm(len(members), generator=generator)[:count]])
         return self.subset(train, self.positions(train, torch.cat(picked).sort().values))

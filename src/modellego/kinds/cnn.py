@@ -5,7 +5,8 @@ verbs are the core's functions on images."""
 from __future__ import annotations
 
 import copy
-from typing import Any, Sequence
+import warnings
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -18,9 +19,10 @@ from modellego.core.channels import ChannelGraph
 from modellego.core.cut import Cut, disassemble_with_cut
 from modellego.core.evaluate import count_flops, count_params, evaluate, predict
 from modellego.core.gates import Calibrated, Calibration, Gate
+from modellego.core.layers import input_channels, output_channels, parameter_layers
 from modellego.core.locate import ComponentMasks, FlattenRule, Thresholds, locate
 from modellego.core.modules import MergeOutputs, Parallel
-from modellego.core.profile import Profile, profile
+from modellego.core.profile import ClassRecord, Profile, ProfilePlan, class_records, plan_profile, profile
 from modellego.core.reconstruct import Reconstruction, reconstruct_component
 from modellego.core.samples import SampleSubset
 from modellego.core.search import ImageCandidates, SearchResult, restricted_base, search, validation_data
@@ -209,8 +211,21 @@ class CNN(ModelKind):
     # --- the method ------------------------------------------------------------------------------------------------
 
     def profile(self, model: nn.Module, samples: Dataset, samples_per_class: int = 50, batch_size: int = 64,
-                progress: bool = False) -> Profile:
-        return profile(model, samples, samples_per_class=samples_per_class, batch_size=batch_size, progress=progress)
+                progress: bool = False, classes: Sequence[str | int] | None = None) -> Profile:
+        return profile(model, samples, samples_per_class=samples_per_class, batch_size=batch_size, progress=progress,
+                       classes=classes)
+
+    def profile_stream(self, model: nn.Module, samples: Dataset, samples_per_class: int = 50, batch_size: int = 64,
+                       progress: bool = False, classes: Sequence[str | int] | None = None
+                       ) -> tuple[ProfilePlan, Iterator[ClassRecord]]:
+        plan = plan_profile(model, samples, classes=classes, samples_per_class=samples_per_class,
+                            batch_size=batch_size, progress=progress)
+        for note in plan.selection.notes:
+            warnings.warn(note, stacklevel=3)
+        return plan, class_records(model, samples, plan, progress)
+
+    def pairs(self, model: nn.Module) -> int:
+        return sum(output_channels(layer) * input_channels(layer) for layer in parameter_layers(model).values())
 
     def check_profile(self, model: nn.Module, profile: Profile) -> None:
         profile.check_model(model)
@@ -233,14 +248,15 @@ class CNN(ModelKind):
                     ridge: float) -> Reconstruction:
         return reconstruct_component(component, source, cut, samples, ridge)
 
-    def validation(self, train: Dataset, task: list[int], profile: Profile, seed: int = 0) -> SampleSubset:
-        return validation_data(train, task, profile.samples, 0.1, seed)
+    def validation(self, train: Dataset, positions: list[int], profile: Profile, seed: int = 0) -> SampleSubset:
+        return validation_data(train, positions, profile.samples, 0.1, seed)
 
     def search(self, model: nn.Module, profile: Profile, task: list[int], validation: Dataset, max_drop: float,
                grid: Sequence[Thresholds], samples: Dataset | None, ridge: float, flatten: FlattenRule,
                graph: ChannelGraph, progress: bool = False) -> SearchResult:
         logits, labels = predict(model.eval(), validation)
-        labels, restricted = restricted_base(logits, labels, task, len(profile.classes))
+        labels, restricted = restricted_base(logits, labels, [profile.output_positions[k] for k in task],
+                                             profile.outputs)
         candidates = ImageCandidates(model, profile, task, validation, graph, flatten, samples, ridge)
         return search(candidates, grid, labels, restricted, max_drop, progress)
 

@@ -239,7 +239,7 @@ def plan_cut(model: nn.Module, masks: ComponentMasks, task: list[int]) -> tuple[
     for name, conv in layers:
         inputs[name] = kept_inputs
         if name == masks.classifier:
-            outputs[name] = torch.tensor(task)
+            outputs[name] = torch.tensor(masks.output_positions(task))
             break
         kept = masks.task_channels(name, task)
         if not kept.any():
@@ -503,22 +503,25 @@ class GCN(ModelKind):
     @torch.no_grad()
     @single_threaded
     def profile(self, model: nn.Module, samples: Nodes, samples_per_class: int = 50, batch_size: int = 64,
-                progress: bool = False) -> Profile:
-        """Per class, the most confident correctly classified nodes of `samples` (the training nodes), then the
-        positive contributions of every GCNConv summed over them."""
+                progress: bool = False, classes: Sequence[str | int] | None = None) -> Profile:
+        """Per class (of `classes`, default all), the most confident correctly classified nodes of `samples`
+        (the training nodes), then the positive contributions of every GCNConv summed over them."""
         if samples_per_class < 1:
             raise ModellegoError(f"samples per class must be at least 1, got {samples_per_class}")
         model.eval()
         layers = gcn_layers(model)
         graph = samples.task.graph
         logits = logits_of(model, graph.x, graph.edge_index)
-        classes = samples.classes
-        if logits.shape[1] != len(classes):
-            raise ModellegoError(f"the model has {logits.shape[1]} outputs but {len(classes)} classes were given")
+        names = samples.classes
+        if logits.shape[1] != len(names):
+            raise ModellegoError(f"the model has {logits.shape[1]} outputs but {len(names)} classes were given")
+        wanted = None if classes is None else resolve_classes(names, classes, "the model's classes")
         kept: dict = {}
         candidates = samples.index[samples.targets >= 0]
+        if wanted is not None:
+            candidates = candidates[torch.isin(samples.task.labels[candidates], torch.tensor(wanted))]
         keep_candidates(kept, logits[candidates], samples.task.labels[candidates], candidates, samples_per_class)
-        selection = selection_of(kept, classes, samples_per_class, unit="node")
+        selection = selection_of(kept, names, samples_per_class, unit="node", wanted=wanted)
         for note in selection.notes:
             warnings.warn(note, stacklevel=2)
         nodes, labels = selection.positions, selection.labels
@@ -529,7 +532,7 @@ class GCN(ModelKind):
             def hook(module: nn.Module, inputs: tuple) -> None:
                 order.append(name)
                 mixed = propagated(module, inputs[0], inputs[1])[nodes.to(inputs[0].device)]
-                sums[name] = class_sums(_as_linear(module), mixed, labels, len(classes)).cpu()
+                sums[name] = class_sums(_as_linear(module), mixed, labels, len(selection.classes)).cpu()
             return hook
 
         handles = [module.register_forward_pre_hook(accumulate(name)) for name, module in layers.items()]
@@ -539,10 +542,14 @@ class GCN(ModelKind):
             for handle in handles:
                 handle.remove()
         return Profile(contributions={name: sums[name].float() for name in order}, layers=order,
-                       classes=list(classes), counts=torch.bincount(labels, minlength=len(classes)), samples=nodes,
-                       sample_labels=labels, model_hash=weights_hash(model), input_shape=(int(graph.x.shape[1]),),
-                       dataset=graph.name, samples_per_class=samples_per_class, notes=selection.notes,
-                       kinds={name: "conv" for name in order})
+                       classes=list(selection.classes), counts=torch.bincount(labels, minlength=len(selection.classes)),
+                       samples=nodes, sample_labels=labels, model_hash=weights_hash(model),
+                       input_shape=(int(graph.x.shape[1]),), dataset=graph.name, samples_per_class=samples_per_class,
+                       notes=selection.notes, kinds={name: "conv" for name in order}, positions=wanted,
+                       num_outputs=None if wanted is None else len(names))
+
+    def pairs(self, model: nn.Module) -> int:
+        return sum(conv.lin.weight.numel() for conv in gcn_layers(model).values())
 
     def check_profile(self, model: nn.Module, profile: Profile) -> None:
         sizes = {name: tuple(conv.lin.weight.shape) for name, conv in gcn_layers(model).items()}
@@ -572,10 +579,10 @@ class GCN(ModelKind):
                     ridge: float) -> Reconstruction:
         return reconstruct(component, source, cut, samples, ridge)
 
-    def validation(self, train: Nodes, task: list[int], profile: Profile, seed: int = 0) -> Nodes:
+    def validation(self, train: Nodes, positions: list[int], profile: Profile, seed: int = 0) -> Nodes:
         """The task's validation nodes (the graph's own split: never test nodes, never the profile's)."""
         validation = nodes_of(train.task, "val")
-        chosen = torch.isin(validation.targets, torch.tensor(task))
+        chosen = torch.isin(validation.targets, torch.tensor(positions))
         if not chosen.any():
             raise ModellegoError("the graph has no validation node of the task's classes, so --auto cannot judge α/β")
         return self.subset(train, validation.index[chosen])
@@ -584,7 +591,8 @@ class GCN(ModelKind):
                grid: Sequence[Thresholds], samples: Nodes | None, ridge: float, flatten: FlattenRule,
                graph: ChainGraph, progress: bool = False) -> SearchResult:
         logits, labels = self.predict(model, validation)
-        labels, restricted = restricted_base(logits, labels, task, len(profile.classes))
+        labels, restricted = restricted_base(logits, labels, [profile.output_positions[k] for k in task],
+                                             profile.outputs)
         candidates = GraphCandidates(model, profile, task, validation, graph, samples, ridge)
         return single_threaded(search)(candidates, grid, labels, restricted, max_drop, progress)
 

@@ -44,7 +44,7 @@ def heatmap_values(profile: Profile, layer: str, output_masks: torch.Tensor | No
     R[k,o,i] = minmax_i(A[k,o,i]) of input channel i, averaged over the output channels o that class k keeps
     (`output_masks[k, o]`, the layer's masks from `locate`; a class keeping none gets a row of zeros). Without
     masks every output counts, except in the classifier (the profile's last layer), where class k's own
-    output o = k is the one that matters: H[k, i] = R[k, k, i]. With masks this is the soft form of the votes
+    output is the one that matters: H[k, i] = R[k, o_k, i]. With masks this is the soft form of the votes
     that decide which input channels a class keeps (DESIGN.md, "Component locating")."""
     if layer not in profile.contributions:
         shown = ", ".join(profile.layers[:12]) + (", ..." if len(profile.layers) > 12 else "")
@@ -52,8 +52,9 @@ def heatmap_values(profile: Profile, layer: str, output_masks: torch.Tensor | No
     relative = profile.relative(layer)
     classes, outputs = relative.shape[:2]
     if output_masks is None:
-        if layer == profile.layers[-1] and outputs == classes:
-            output_masks = torch.eye(classes)
+        if layer == profile.layers[-1]:  # each class's own output of the classifier
+            output_masks = torch.zeros(classes, outputs)
+            output_masks[torch.arange(classes), torch.tensor(profile.output_positions)] = 1.0
         else:
             output_masks = torch.ones(classes, outputs)
     if tuple(output_masks.shape) != (classes, outputs):

@@ -17,7 +17,7 @@ from modellego.core.channels import ChannelGraph
 from modellego.core.layers import parameter_layers
 from modellego.core.locate import ComponentMasks
 from modellego.core.profile import Profile
-from modellego.data.subsets import resolve_classes
+from modellego.core.samples import resolve_classes
 from modellego.errors import ModellegoError
 
 INPUT = "input"
