@@ -1,9 +1,10 @@
-"""The support matrix: every torchvision classification builder and every zoo model through the whole chain
+"""The support matrix: every torchvision classification builder, every zoo model and one representative of each
+timm family (`modellego.models.timm_models.TIMM_FAMILIES`, with the `timm` extra installed) through the whole chain
 (`modellego.benchmarking.selfcheck.check_builder`), each in its own process. Writes docs/support.md and the
 README's table.
 
-    python benchmarks/support_matrix.py [--jobs 2] [--cache rows.jsonl]   # all builders (about an hour on 2 cores)
-    python benchmarks/support_matrix.py resnet18 vgg16   # some builders; prints only, writes nothing
+    python benchmarks/support_matrix.py [--jobs 2] [--cache rows.jsonl]   # all builders (over an hour on 2 cores)
+    python benchmarks/support_matrix.py resnet18 timm:mixnet_s   # some builders; prints only, writes nothing
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from modellego.benchmarking.selfcheck import matrix_builders
+
 ROOT = Path(__file__).resolve().parent.parent
 CHILD = """
 import json, sys, torch
@@ -27,13 +30,6 @@ from modellego.benchmarking.selfcheck import check_builder
 print("RESULT " + json.dumps(asdict(check_builder(sys.argv[1]))))
 """
 START, END = "<!-- support-matrix:start -->", "<!-- support-matrix:end -->"
-
-
-def builders() -> list[str]:
-    from modellego.models import model_names
-    from modellego.models.tv import torchvision_classifiers
-
-    return model_names() + [f"torchvision:{name}" for name in torchvision_classifiers()]
 
 
 def run_one(builder: str, timeout: int = 1800) -> dict:
@@ -72,7 +68,8 @@ def main() -> None:
                                                    "appended, so an interrupted run resumes")
     args = parser.parse_args()
     chosen = args.builders
-    names = [name if name in builders() else f"torchvision:{name}" for name in chosen] if chosen else builders()
+    names = [name if ":" in name or name in matrix_builders() else f"torchvision:{name}" for name in chosen] if chosen \
+        else matrix_builders()
     done = {}
     if args.cache and args.cache.exists():
         done = {row["builder"]: row for row in map(json.loads, args.cache.read_text().splitlines())}

@@ -21,7 +21,7 @@ from helpers import random_masks as full_masks
 from modellego import commands
 from modellego.core import search as search_module
 from modellego.core.channels import ChannelGraph
-from modellego.core.cut import disassemble, disassemble_with_cut
+from modellego.core.cut import disassemble, disassemble_with_cut, zero_removed_inputs
 from modellego.core.evaluate import count_flops, count_params
 from modellego.core.hashing import weights_hash
 from modellego.core.layers import execution_order, parameter_layers
@@ -200,7 +200,7 @@ def test_a_shared_graph_prunes_a_copy_and_masking_equals_cutting(builder, width)
     assert search_module._FlopModel(model, SHAPE).of(cut) == count_flops(shared, SHAPE)
     order = execution_order(model, SHAPE)
     masked, masked_graph = copy.deepcopy((model, graph))
-    search_module._mask(masked, cut)
+    zero_removed_inputs(masked, cut)
     images = torch.rand(5, *SHAPE)
     with torch.no_grad():
         torch.testing.assert_close(masked(images)[:, [1, 4]], shared(images), rtol=1e-4, atol=1e-6)

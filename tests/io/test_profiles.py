@@ -99,6 +99,13 @@ def test_appending_classes_equals_profiling_them_at_once(source, tmp_path):
     assert first.digest() == second.digest() and first.classes == second.classes == ["Trouser", "Bag", "Sandal"]
     for layer in first.layers:
         assert torch.equal(first.contributions[layer], second.contributions[layer])
+    everything = tmp_path / "all.safetensors"
+    assert invoke("profile", str(model_file(source, tmp_path)), "--samples-per-class", "5", "--out",
+                  str(everything)).returncode == 0
+    whole_file = load_profile(everything)
+    for row, name in enumerate(first.classes):  # sample positions index the model's whole training set
+        assert torch.equal(first.samples[first.sample_labels == row],
+                           whole_file.samples[whole_file.sample_labels == whole_file.classes.index(name)])
     listed = json.loads(invoke("info", str(path), "--json").stdout)
     assert [c["name"] for c in listed["classes"]] == ["Trouser", "Bag", "Sandal"] and listed["format_version"] == 2
     assert_user_error(invoke("profile", str(model_file(source, tmp_path)), "--classes", "Bag", "--append",

@@ -11,20 +11,20 @@ import torch
 
 import modellego
 from helpers import assert_user_error, invoke
-from modellego.benchmarking.selfcheck import check_builder
+from modellego.benchmarking.selfcheck import check_builder, matrix_builders
 from modellego.core import profile as profiles
 from modellego.core.support import check_supported
 from modellego.errors import ModellegoError
-from modellego.models import build, model_names
-from modellego.models.tv import torchvision_classifiers
+from modellego.models import build
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 # One small builder of each family (and each kind of refusal), fast enough for `make test`.
 FAST = ["lenet5", "googlenet", "torchvision:resnet18", "torchvision:densenet121", "torchvision:mobilenet_v3_small",
         "torchvision:efficientnet_b0", "torchvision:regnet_x_400mf", "torchvision:mnasnet0_5",
         "torchvision:convnext_tiny", "torchvision:alexnet", "torchvision:squeezenet1_1",
-        "torchvision:shufflenet_v2_x0_5", "torchvision:swin_t", "torchvision:vit_b_16"]
-ALL = model_names() + [f"torchvision:{name}" for name in torchvision_classifiers()]
+        "torchvision:shufflenet_v2_x0_5", "torchvision:swin_t", "torchvision:vit_b_16", "timm:resnet18",
+        "timm:mixnet_s", "timm:cspresnet50", "timm:ecaresnet26t"]
+ALL = matrix_builders()
 SLOW = [name for name in ALL if name not in FAST]
 
 

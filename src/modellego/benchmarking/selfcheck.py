@@ -27,9 +27,19 @@ from modellego.data.spec import InputSpec
 from modellego.errors import ModellegoError
 from modellego.io.manifest import Brick, ClassRef, Manifest
 from modellego.io.modelfile import load, save
+from modellego.models import model_names
 from modellego.models.classifier import classifier
+from modellego.models.timm_models import TIMM_FAMILIES, TIMM_PREFIX, timm_classifiers
+from modellego.models.tv import torchvision_classifiers
 
 STATUSES = ("supported", "parallel only", "refused", "failed")
+
+
+def matrix_builders() -> list[str]:
+    """Every builder the support matrix checks: the zoo, every torchvision classifier and, with the timm extra
+    installed, one timm model per family."""
+    timm = [f"{TIMM_PREFIX}{name}" for name in TIMM_FAMILIES] if timm_classifiers() else []
+    return model_names() + [f"torchvision:{name}" for name in torchvision_classifiers()] + timm
 
 
 @dataclass
@@ -57,17 +67,23 @@ def _randomise_norms(model: nn.Module, images: torch.Tensor, generator: torch.Ge
 
 
 @torch.no_grad()
-def _balance_head(model: nn.Module, head: nn.Linear, images: torch.Tensor, per_class: int) -> torch.Tensor:
-    """Point the head at the principal directions of its input features (decorrelated, centred, scaled), then
-    nudge the biases until every class is the prediction of at least `per_class` images; returns the predictions,
-    which become the labels (so every class has confident, correct samples without training)."""
+def head_inputs(model: nn.Module, head: nn.Linear, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """What `head` receives (flattened) when `model` runs on `images`, batch by batch."""
     features: list[torch.Tensor] = []
     handle = head.register_forward_pre_hook(lambda module, inputs: features.append(inputs[0].flatten(1)))
     try:
-        model(images)
+        for start in range(0, len(images), batch_size):
+            model(images[start:start + batch_size])
     finally:
         handle.remove()
-    inputs = features[0]
+    return torch.cat(features)
+
+
+@torch.no_grad()
+def balance_head(head: nn.Linear, inputs: torch.Tensor, per_class: int) -> torch.Tensor:
+    """Point the head at the principal directions of its `inputs` (decorrelated, centred, scaled), then nudge
+    the biases until every class is the prediction of at least `per_class` inputs; returns the head's
+    predictions, which become the labels (so every class has confident, correct samples without training)."""
     centre = inputs.mean(0)
     directions = torch.linalg.svd(inputs - centre, full_matrices=False).Vh[:head.out_features]
     scale = ((inputs - centre) @ directions.T).std(0).clamp(min=1e-12)
@@ -79,12 +95,19 @@ def _balance_head(model: nn.Module, head: nn.Linear, images: torch.Tensor, per_c
     head.bias.zero_()
     head.bias[:len(directions)] = -(centre @ directions.T) / scale
     for _ in range(400):
-        logits = model(images)
-        counts = torch.bincount(logits.argmax(1), minlength=head.out_features)
+        predictions = head(inputs).argmax(1)
+        counts = torch.bincount(predictions, minlength=head.out_features)
         if counts.min() >= per_class:
             break
-        head.bias.sub_(0.05 * torch.log((counts.float() + 1) / (len(images) / head.out_features)))
-    return logits.argmax(1)
+        head.bias.sub_(0.05 * torch.log((counts.float() + 1) / (len(inputs) / head.out_features)))
+    return head(inputs).argmax(1)
+
+
+@torch.no_grad()
+def _balance_head(model: nn.Module, head: nn.Linear, images: torch.Tensor, per_class: int) -> torch.Tensor:
+    """`balance_head` on what the head receives from `images`; the labels are the whole model's predictions."""
+    balance_head(head, head_inputs(model, head, images, batch_size=len(images)), per_class)
+    return model(images).argmax(1)
 
 
 def _keep_all(masks: ComponentMasks) -> ComponentMasks:

@@ -51,8 +51,9 @@ def profile(model_path: FilePath, out: FilePath, samples_per_class: int = 50, da
     asked = len(manifest.classes) if classes is None else len(classes if not isinstance(classes, str)
                                                                   else [c for c in classes.split(",") if c.strip()])
     check_disk(out, asked * (kind.pairs(model) * DTYPES[dtype][1].itemsize + 8 * samples_per_class))
-    # only the asked classes' data: a folder need hold no other class's images
-    train = kind.data(manifest, "train", data, dataset=dataset, only=classes)
+    # the model's whole training set, so that sample positions mean the same in every profile of the model; only
+    # the asked classes' samples are read (the data's targets say which)
+    train = kind.data(manifest, "train", data, dataset=dataset)
     plan, records = kind.profile_stream(model, train, samples_per_class, batch_size or 64, progress, classes)
     if not distributed.is_main():  # under torchrun every process computes each class's (all-reduced) sums
         for _ in records:

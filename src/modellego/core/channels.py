@@ -28,7 +28,7 @@ def dependency_graph(model: nn.Module, example_input: torch.Tensor | tuple[int, 
     """Trace `model` on `example_input` (a batch, or a shape C, H, W for one zero input) into a torch-pruning
     DependencyGraph."""
     example = example_batch(model, example_input)
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), torch.enable_grad():  # the tracer follows autograd's graph
         # Per-channel parameters outside a module (ConvNeXt's layer_scale, C×1×1) are pruned on their channel
         # dimension, which is what torch-pruning does by default; its notice about them is not for the user.
         warnings.filterwarnings("ignore", message="Unwrapped parameters detected")

@@ -14,7 +14,7 @@ from torch.utils.data import Dataset
 
 from modellego.core.channels import ChannelGraph
 from modellego.core.layers import input_channels, is_depthwise, is_grouped, output_channels, parameter_layers
-from modellego.core.locate import ComponentMasks
+from modellego.core.masks import ComponentMasks
 from modellego.core.reconstruct import RIDGE, reconstruct_component
 from modellego.core.samples import resolve_classes
 from modellego.errors import ModellegoError
@@ -99,6 +99,18 @@ def plan_cut(model: nn.Module, masks: ComponentMasks, task: list[int], graph: Ch
     return Cut(outputs, inputs, list(task), masks.classifier, plans, empty, sizes)
 
 
+@torch.no_grad()
+def zero_removed_inputs(model: nn.Module, cut: Cut) -> None:
+    """Zero every weight that reads a channel the cut removes: the model then computes what the cut component
+    computes on the channels it keeps (BatchNorm and activations act per channel)."""
+    for name, layer in parameter_layers(model).items():
+        if is_grouped(layer) or is_depthwise(layer):
+            continue  # kept whole, or cut with its producer (whose removed channels its consumers no longer read)
+        dropped = torch.ones(layer.weight.shape[1], dtype=torch.bool)
+        dropped[cut.inputs[name]] = False
+        layer.weight[:, dropped] = 0
+
+
 def disassemble(model: nn.Module, masks: ComponentMasks, classes: str | Sequence[str | int],
                 example_input: torch.Tensor | tuple[int, ...] | None = None,
                 graph: ChannelGraph | None = None, images: torch.Tensor | Dataset | None = None,
@@ -130,13 +142,17 @@ def disassemble_with_cut(model: nn.Module, masks: ComponentMasks, classes: str |
     task = resolve_classes(masks.classes, classes, "the model's classes")
     if graph is not None and graph.model is not model:
         raise ModellegoError("the graph was traced on another model; pass the ChannelGraph of this model")
+    shared = graph
+    graph = None
+    if shared is not None:
+        try:  # one deepcopy of both keeps the copied graph pointing at the copied modules (a shared memo)
+            component, graph = copy.deepcopy((model, shared))
+        except RecursionError:  # a deep model's traced graph nests deeper than Python recurses: trace the copy
+            graph = None
     if graph is None:
-        component = copy.deepcopy(model).eval()
+        component = copy.deepcopy(model)
         graph = ChannelGraph(component, example_input if example_input is not None else masks.input_shape)
-    else:
-        # One deepcopy of both keeps the copied graph pointing at the copied modules (a shared memo).
-        component, graph = copy.deepcopy((model, graph))
-        component.eval()
+    component.eval()
     cut = plan_cut(component, masks, task, graph)
     for name in cut.empty:
         warnings.warn(f"no channel of {name} is relevant to the task; keeping its most relevant one", stacklevel=3)

@@ -4,7 +4,7 @@ the classifier back to the input through the real channel graph (DESIGN.md, "Com
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from typing import Protocol
 
 import torch
@@ -12,6 +12,7 @@ from torch import nn
 
 from modellego.core.channels import ChannelGraph, Feed
 from modellego.core.choice import Choice
+from modellego.core.masks import ComponentMasks
 from modellego.core.profile import Profile
 from modellego.errors import ModellegoError
 
@@ -70,33 +71,6 @@ class FlattenRule(Choice):
 
 
 DEFAULT_FLATTEN = FlattenRule.ANY_FEATURE  # what `disassemble` uses unless told otherwise (docs/results.md)
-
-
-@dataclass
-class ComponentMasks:
-    """Per parameter layer, `masks[layer][k, o]`: class k routes through output channel o; `scores` are the
-    normalised votes behind the masks (how relevant each channel is, used to break ties and avoid empty layers)."""
-
-    masks: dict[str, torch.Tensor]
-    scores: dict[str, torch.Tensor]
-    classes: list[str]
-    classifier: str
-    settings: dict[str, float] = field(default_factory=dict)
-    profile_hash: str = ""
-    input_shape: tuple[int, ...] = ()
-    positions: list[int] | None = None  # the model output of each row (None: row k is output k)
-
-    def output_positions(self, rows: list[int]) -> list[int]:
-        """The model outputs (classifier rows) of the masks' rows `rows`."""
-        return list(rows) if self.positions is None else [self.positions[row] for row in rows]
-
-    def task_channels(self, layer: str, task: list[int]) -> torch.Tensor:
-        """Output channels of `layer` kept for task `task` (class positions): the union over its classes."""
-        return self.masks[layer][task].any(dim=0)
-
-    def kept_fraction(self, task: list[int]) -> dict[str, float]:
-        """Per layer, the fraction of output channels the task keeps (before coupling)."""
-        return {name: self.task_channels(name, task).float().mean().item() for name in self.masks}
 
 
 class Feeds(Protocol):

@@ -172,6 +172,16 @@ def _batches(data: Dataset | DataLoader, batch_size: int) -> DataLoader:
     return DataLoader(data, batch_size=batch_size, shuffle=False)
 
 
+def _first_inputs(data: Dataset | DataLoader, batch_size: int) -> torch.Tensor:
+    """One batch of inputs to learn the input shape from: a dataset's first sample (one image read), a
+    DataLoader's first batch."""
+    if isinstance(data, DataLoader):
+        return next(iter(data))[0]
+    if len(data) == 0:
+        raise ModellegoError("the data holds no samples of the asked classes")
+    return next(iter(_batches(Subset(data, [0]), 1)))[0]
+
+
 @torch.no_grad()
 def _outputs_of(model: nn.Module, inputs: torch.Tensor) -> int:
     return model(inputs[:1].to(next(model.parameters()).device)).shape[1]
@@ -415,7 +425,7 @@ def plan_profile(model: nn.Module, data: Dataset | DataLoader, *, num_classes: i
     names = getattr(_dataset(data), "classes", None)
     wanted = _wanted(classes, [str(name) for name in names]) if names is not None else None
     selection_data, index = _restricted(data, wanted)  # the first batch too: no other class's sample is read
-    first_inputs, _ = next(iter(_batches(selection_data, batch_size)))
+    first_inputs = _first_inputs(selection_data, batch_size)
     shape = tuple(first_inputs.shape[1:])
     check_supported(model, shape)
     outputs = num_classes or _outputs_of(model, first_inputs)

@@ -487,7 +487,10 @@ def component_fits(cut, order: list[str]) -> dict[str, LayerFit]:
 def reconstruct_component(component: nn.Module, source: nn.Module, cut, images: torch.Tensor | Dataset,
                           ridge: float = RIDGE, batch_size: int = 64, batchnorm: bool = True) -> Reconstruction:
     """Reconstruct a component cut out of `source` (`cut` from `disassemble_with_cut`) on `images`: every layer
-    from the first one the cut changes on, re-fitted to the source's outputs (see `reconstruct`)."""
+    from the first one the cut changes on, re-fitted to the source's outputs (see `reconstruct`). Images read
+    from files are decoded once, when they fit in memory: every layer's pass reads them again."""
+    if not isinstance(images, torch.Tensor) and len(images):
+        images = in_memory(images, tuple(images[0][0].shape))
     example = next(_batches(images, batch_size))[:1].to(next(source.parameters()).device)
     return reconstruct(component, source, component_fits(cut, execution_order(source, example)), images, ridge,
                        batch_size, batchnorm)

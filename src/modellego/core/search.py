@@ -24,9 +24,9 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from modellego.core.channels import ChannelGraph
-from modellego.core.cut import Cut, disassemble_with_cut, plan_cut
+from modellego.core.cut import Cut, disassemble_with_cut, plan_cut, zero_removed_inputs
 from modellego.core.evaluate import count_flops, predict
-from modellego.core.layers import example_batch, execution_order, is_depthwise, is_grouped, parameter_layers
+from modellego.core.layers import example_batch, execution_order, parameter_layers
 from modellego.core.locate import DEFAULT_FLATTEN, ComponentMasks, FlattenRule, Thresholds, locate
 from modellego.core.profile import Profile
 from modellego.core.reconstruct import (
@@ -132,18 +132,6 @@ def _fits(model: nn.Module, cut: Cut, order: list[str]) -> dict[str, LayerFit]:
         else:
             fits[name] = LayerFit(cut.outputs[name], cut.inputs[name], cut.outputs[name])
     return fits
-
-
-@torch.no_grad()
-def _mask(model: nn.Module, cut: Cut) -> None:
-    """Zero every weight that reads a channel the cut removes: the model then computes what the cut component
-    computes on the channels it keeps (BatchNorm and activations act per channel)."""
-    for name, layer in parameter_layers(model).items():
-        if is_grouped(layer) or is_depthwise(layer):
-            continue  # kept whole, or cut with its producer (whose removed channels its consumers no longer read)
-        dropped = torch.ones(layer.weight.shape[1], dtype=torch.bool)
-        dropped[cut.inputs[name]] = False
-        layer.weight[:, dropped] = 0
 
 
 def _relatives_once(profile: Profile) -> Profile:
@@ -288,7 +276,7 @@ class ImageCandidates:
         cut = candidate.cut
         if self.exact_masking:
             self.work.load_state_dict(self.state)
-            _mask(self.work, cut)
+            zero_removed_inputs(self.work, cut)
             record = None
             if self.images is not None:
                 record = reconstruct(self.work, self.model, _fits(self.work, cut, self.order), self.images,

@@ -1,14 +1,18 @@
 """What modellego can take apart, decided before any work: an unsupported model is refused with one line
-saying why (attention, a head that is not nn.Linear, channels torch-pruning cannot follow, an input size the
-model cannot take)."""
+saying why (attention, a head that is not nn.Linear, channels torch-pruning cannot follow, a trial cut that
+does not compute what the model computes on the channels it keeps, an input size the model cannot take)."""
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 from torch import nn
 
 from modellego.core.channels import ChannelGraph
+from modellego.core.cut import disassemble_with_cut, zero_removed_inputs
 from modellego.core.layers import execution_order, input_channels, output_channels, parameter_layers
+from modellego.core.masks import ComponentMasks
 from modellego.errors import ModellegoError
 from modellego.memory import available_memory
 
@@ -26,6 +30,19 @@ def _attention(model: nn.Module) -> str | None:
         if isinstance(module, nn.MultiheadAttention) or "Attention" in type(module).__name__:
             return (f"attention layers are not supported ({type(module).__name__} at {name}): modellego "
                     "disassembles convolutional classifiers")
+    return None
+
+
+# Layers with weights across channels or time that modellego neither profiles nor cuts.
+FOREIGN = (nn.Conv1d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+
+
+def _foreign(model: nn.Module) -> str | None:
+    for name, module in model.named_modules():
+        if isinstance(module, FOREIGN):
+            return (f"it has a {type(module).__name__} at {name}, whose channels modellego neither profiles nor "
+                    "cuts (an efficient channel attention, ECA, convolves across channels with one); modellego "
+                    "disassembles networks of Conv2d and Linear layers")
     return None
 
 
@@ -66,7 +83,7 @@ def smallest_input_size(model: nn.Module, channels: int, at_least: int = 1) -> i
 def unsupported_reason(model: nn.Module, input_shape: tuple[int, ...]) -> str | None:
     """Why modellego cannot profile, locate and disassemble `model` on inputs of `input_shape` (C, H, W),
     or None when it can. Cheap: one forward pass of one image and one trace of the channel graph."""
-    reason = _attention(model)
+    reason = _attention(model) or _foreign(model)
     if reason:
         return reason
     layers = parameter_layers(model)
@@ -91,12 +108,105 @@ def unsupported_reason(model: nn.Module, input_shape: tuple[int, ...]) -> str | 
                 "disassembles classifiers whose logits come from an nn.Linear")
     try:
         with torch.enable_grad():
-            ChannelGraph(model, input_shape)
+            graph = ChannelGraph(model, input_shape)
     except Exception as error:  # torch-pruning's tracer raises many types on graphs it cannot follow
         if out_of_memory(error):
             raise _memory_error("trace its channels", input_shape, error) from None
         return (f"torch-pruning cannot follow its channels ({_first_line(error)}); models that reorder channels, "
                 "such as ShuffleNet's channel shuffle, are not supported")
+    return _feeds_reason(model, graph, layers) or _trial_cut_reason(model, input_shape, graph, order)
+
+
+SPLITS = ("models that split, slice or mix channels outside torch-pruning's view (CSPNet and Res2Net blocks, "
+          "MixNet's mixed kernels, GhostNet's sliced concatenation, ECA's convolution across channels) are not "
+          "supported")
+
+
+def _feeds_reason(model: nn.Module, graph: ChannelGraph, layers: dict[str, nn.Module]) -> str | None:
+    """Why the channel graph's links cannot be right: a link to a channel beyond its layer's width."""
+    for name, layer in layers.items():
+        for feed in graph.feeds(name):
+            producer = layers.get(feed.producer)
+            if producer is None:
+                continue
+            beyond = (feed.inputs.numel() and not 0 <= int(feed.inputs.min()) <= int(feed.inputs.max()) < input_channels(layer)) \
+                or (feed.channels.numel() and
+                    not 0 <= int(feed.channels.min()) <= int(feed.channels.max()) < output_channels(producer))
+            if beyond:
+                return (f"torch-pruning links channels of {feed.producer} to {name} beyond their widths; {SPLITS}")
+    return None
+
+
+TRIAL_TOLERANCE = 1e-3  # relative; an exact cut differs from the masked model by float rounding only (~1e-6)
+
+
+def _outputs(model: nn.Module, names: list[str], images: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The outputs of the layers `names` of `model` on `images`, channels first (a Linear's are its last dim)."""
+    captured: dict[str, torch.Tensor] = {}
+    modules = dict(model.named_modules())
+    handles = [modules[name].register_forward_hook(
+        lambda module, inputs, output, name=name: captured.__setitem__(
+            name, output if isinstance(module, nn.Conv2d) else output.movedim(-1, 1)))
+        for name in names]
+    try:
+        model(images)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return captured
+
+
+@torch.no_grad()
+def _trial_cut_reason(model: nn.Module, input_shape: tuple[int, ...], graph: ChannelGraph,
+                      order: list[str]) -> str | None:
+    """Why cutting `model` is not exact: cut a copy for its first output with about half of every layer's
+    channels (seeded; all the channels a LayerNorm or GroupNorm normalises together, whose statistics a cut
+    changes by design) and compare every layer's kept channels with the model's whose weights reading the
+    removed channels are zeroed (what the cut must compute). Costs one copy of the model, one cut and two
+    forward passes of two inputs."""
+    layers = parameter_layers(model)
+    generator = torch.Generator().manual_seed(0)
+    head = order[-1]
+    masks = {name: torch.rand(1, output_channels(layers[name]), generator=generator) < 0.5 for name in order}
+    masks[head] = torch.zeros(1, output_channels(layers[head]), dtype=torch.bool)
+    masks[head][0, 0] = True
+    for name, module in model.named_modules():  # a norm across channels sees the channels a cut removes: keep them
+        if isinstance(module, nn.LayerNorm) or (isinstance(module, nn.GroupNorm)
+                                                and module.num_groups < module.num_channels):
+            for feed in graph.feeds(name):
+                if feed.producer in masks and feed.producer != head:
+                    masks[feed.producer][0, feed.channels] = True
+    scores = {name: torch.rand(mask.shape, generator=generator) for name, mask in masks.items()}
+    trial = ComponentMasks(masks, scores, ["trial"], head, input_shape=tuple(input_shape))
+    device = next(model.parameters()).device
+    images = torch.rand(2, *input_shape, generator=generator).to(device)
+    was_training = model.training
+    saved = {name: layer.weight.detach().clone() for name, layer in layers.items()}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            component, cut = disassemble_with_cut(model, trial, [0], input_shape, graph)
+            got = _outputs(component, order, images)
+        model.eval()
+        zero_removed_inputs(model, cut)
+        expected = _outputs(model, order, images)
+    except Exception as error:  # a cut torch-pruning cannot make raises anything from anywhere
+        if out_of_memory(error):
+            raise _memory_error("try cutting it", input_shape, error) from None
+        return f"a trial cut of its channels fails ({_first_line(error)}); {SPLITS}"
+    finally:
+        for name, layer in layers.items():
+            layer.weight.copy_(saved[name])
+        model.train(was_training)
+    errors = {}
+    for name in order:
+        kept = expected[name].index_select(1, cut.outputs[name].to(device))
+        errors[name] = ((got[name] - kept).abs().max() / kept.abs().max().clamp(min=1e-12)).item() \
+            if got[name].shape == kept.shape else float("inf")
+    worst = max(errors, key=lambda name: (errors[name], -order.index(name)))  # the first of the worst
+    if not errors[worst] <= TRIAL_TOLERANCE:
+        return (f"a trial cut of its channels computes other outputs than the model at {worst} on the channels "
+                f"it keeps (relative error {errors[worst]:.2g}); {SPLITS}")
     return None
 
 

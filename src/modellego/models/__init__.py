@@ -1,4 +1,5 @@
-"""The model zoo: CIFAR-style LeNet-5, VGG, ResNet and GoogLeNet builders, plus any torchvision classifier.
+"""The model zoo: CIFAR-style LeNet-5, VGG, ResNet and GoogLeNet builders, plus any torchvision classifier and,
+with the `timm` extra, any timm model.
 
 Every builder is ``builder(in_channels=3, num_classes=10, width=1.0) -> nn.Module`` and returns the
 bare network (normalisation is added elsewhere). Channel counts are ``max(1, round(c * width))``.
@@ -16,10 +17,11 @@ from modellego.errors import ModellegoError
 from modellego.models.googlenet import googlenet
 from modellego.models.lenet import lenet5
 from modellego.models.resnet import resnet18, resnet50
+from modellego.models.timm_models import TIMM_PREFIX, build_timm
 from modellego.models.tv import build_torchvision, torchvision_classifiers
 from modellego.models.vgg import vgg11, vgg16
 
-__all__ = ["ZOO", "TORCHVISION_PREFIX", "build", "list_models", "model_names", "warn_if_oversized"]
+__all__ = ["ZOO", "TIMM_PREFIX", "TORCHVISION_PREFIX", "build", "list_models", "model_names", "warn_if_oversized"]
 
 TORCHVISION_PREFIX = "torchvision:"
 
@@ -34,17 +36,18 @@ ZOO: dict[str, Callable[..., nn.Module]] = {
 
 
 def model_names() -> list[str]:
-    """The zoo's model names (``torchvision:<builder>`` names are accepted by ``build`` too)."""
+    """The zoo's model names (``torchvision:<builder>`` and ``timm:<name>`` are accepted by ``build`` too)."""
     return list(ZOO)
 
 
 def list_models() -> list[str]:
-    """Every name `build` accepts: the zoo's, then `torchvision:<builder>` for torchvision's classifiers."""
+    """The names `build` accepts: the zoo's, then `torchvision:<builder>` for torchvision's classifiers (and
+    `timm:<name>` for any of `timm.list_models()`, not listed: there are over a thousand)."""
     return model_names() + [f"{TORCHVISION_PREFIX}{name}" for name in torchvision_classifiers()]
 
 
 def build(name: str, in_channels: int = 3, num_classes: int = 10, width: float = 1.0) -> nn.Module:
-    """Build model ``name`` with random weights: a zoo name or ``torchvision:<builder>``."""
+    """Build model ``name`` with random weights: a zoo name, ``torchvision:<builder>`` or ``timm:<name>``."""
     if isinstance(width, bool) or not isinstance(width, (int, float)) or not math.isfinite(width) or width <= 0:
         raise ModellegoError(f"width must be a positive number, got {width!r}")
     if isinstance(in_channels, bool) or not isinstance(in_channels, int) or in_channels < 1:
@@ -53,10 +56,13 @@ def build(name: str, in_channels: int = 3, num_classes: int = 10, width: float =
         raise ModellegoError(f"num_classes must be an integer >= 1, got {num_classes!r}")
     if isinstance(name, str) and name.startswith(TORCHVISION_PREFIX):
         return build_torchvision(name[len(TORCHVISION_PREFIX):], in_channels, num_classes, width)
+    if isinstance(name, str) and name.startswith(TIMM_PREFIX):
+        return build_timm(name[len(TIMM_PREFIX):], in_channels, num_classes, width)
     if not isinstance(name, str) or name not in ZOO:
         raise ModellegoError(
             f"unknown model {name!r}; choose one of {', '.join(ZOO)} "
-            f"or {TORCHVISION_PREFIX}<builder> (e.g. {TORCHVISION_PREFIX}resnet18)"
+            f"or {TORCHVISION_PREFIX}<builder> (e.g. {TORCHVISION_PREFIX}resnet18) or {TIMM_PREFIX}<name> "
+            f"(e.g. {TIMM_PREFIX}efficientnet_b0, with the timm extra)"
         )
     return ZOO[name](in_channels=in_channels, num_classes=num_classes, width=float(width))
 
