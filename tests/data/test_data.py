@@ -17,6 +17,7 @@ from helpers import write_image_folder
 from modellego import data
 from modellego.data.idx import read_idx
 from modellego.errors import ModellegoError
+from modellego.io.manifest import ClassRef
 
 
 def write_idx(path, array: np.ndarray) -> None:
@@ -232,3 +233,20 @@ def test_data_root_precedence(tmp_path, monkeypatch):
                                                                           "data_root": "/a"}}}}},
         {"provenance": {"trained": {"dataset": "cifar10", "data_root": None}}}]}}
     assert data_root_hints(nested) == {"imagefolder": "/a"}
+
+
+def test_naming_the_models_own_folder_dataset_reads_the_same_samples(tmp_path):
+    # ImageNet has "Cardigan" (a dog) and "cardigan" (a sweater): matching names without case once gave both of
+    # the model's classes the dog's folder and dropped the sweater's images, so every sample position after it
+    # pointed at another image than in a run without --data (a component re-fitted on another class's images).
+    classes = ["cardigan", "Cardigan", "tabby", "Afghan hound"]
+    write_image_folder(tmp_path, classes, per_class=2, size=(16, 16))
+    refs = [ClassRef(name, "imagefolder", index) for index, name in enumerate(classes)]
+    plain = data.task_data(refs, "train", root=tmp_path, image_size=16)
+    named = data.task_data(refs, "train", root=tmp_path, image_size=16, dataset="imagefolder")
+    assert len(plain) == len(named) == 8
+    assert plain.targets.tolist() == named.targets.tolist()
+    assert all(torch.equal(plain[i][0], named[i][0]) for i in range(len(plain)))
+    by_label = {int(label): plain.parts[0].positions[i] for i, label in enumerate(plain.targets)}
+    folder = data.load("imagefolder", "train", tmp_path, image_size=16)
+    assert [folder.classes[folder.targets[int(by_label[k])]] for k in range(4)] == classes

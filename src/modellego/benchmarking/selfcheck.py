@@ -80,21 +80,25 @@ def head_inputs(model: nn.Module, head: nn.Linear, images: torch.Tensor, batch_s
 
 
 @torch.no_grad()
-def balance_head(head: nn.Linear, inputs: torch.Tensor, per_class: int) -> torch.Tensor:
-    """Point the head at the principal directions of its `inputs` (decorrelated, centred, scaled), then nudge
-    the biases until every class is the prediction of at least `per_class` inputs; returns the head's
-    predictions, which become the labels (so every class has confident, correct samples without training)."""
+def balance_head(head: nn.Linear, inputs: torch.Tensor, per_class: int, steps: int = 400) -> torch.Tensor:
+    """Point the head at the principal directions of its `inputs` (decorrelated, centred, scaled; classes beyond
+    their number at random unit mixtures of them), then nudge the biases, at most `steps` times, until every
+    class is the prediction of at least `per_class` inputs; returns the head's predictions, which become the
+    labels (so every class has confident, correct samples without training)."""
     centre = inputs.mean(0)
     directions = torch.linalg.svd(inputs - centre, full_matrices=False).Vh[:head.out_features]
     scale = ((inputs - centre) @ directions.T).std(0).clamp(min=1e-12)
-    weight = torch.zeros_like(head.weight)
-    weight[:len(directions)] = directions / scale[:, None]
-    head.weight.copy_(weight)
+    # whitened coordinates z = (x - centre) @ directions.T / scale; class k's logit is mixture[k] · z
+    mixture = torch.eye(head.out_features, len(directions))
+    extra = head.out_features - len(directions)
+    if extra > 0:  # more classes than features (ResNet-18's 512 for 1000 classes)
+        mixture[len(directions):] = torch.randn(extra, len(directions), generator=torch.Generator().manual_seed(0))
+        mixture[len(directions):] /= mixture[len(directions):].norm(dim=1, keepdim=True)
+    head.weight.copy_(mixture @ (directions / scale[:, None]))
     if head.bias is None:
         head.bias = nn.Parameter(torch.zeros(head.out_features))
-    head.bias.zero_()
-    head.bias[:len(directions)] = -(centre @ directions.T) / scale
-    for _ in range(400):
+    head.bias.copy_(-(mixture @ ((centre @ directions.T) / scale)))
+    for _ in range(steps):
         predictions = head(inputs).argmax(1)
         counts = torch.bincount(predictions, minlength=head.out_features)
         if counts.min() >= per_class:

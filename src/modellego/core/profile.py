@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import warnings
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
@@ -413,6 +414,16 @@ def _restricted(data: Dataset | DataLoader, wanted: list[int] | None) -> tuple[D
     return SampleSubset(data, index), index
 
 
+# Input values per batch of the selection pass: 256 images up to 3×64×64, fewer larger ones (20 at 3×224×224),
+# so that the memory profiling takes does not grow with the number of images it chooses from.
+SELECTION_VALUES = 256 * 3 * 64 * 64
+
+
+def selection_batch_size(input_shape: Sequence[int]) -> int:
+    """The selection pass's batch for inputs of `input_shape`: at most 256, at most SELECTION_VALUES values."""
+    return max(1, min(256, SELECTION_VALUES // math.prod(input_shape)))
+
+
 @torch.no_grad()
 def plan_profile(model: nn.Module, data: Dataset | DataLoader, *, num_classes: int | None = None,
                  classes: Sequence[str | int] | str | None = None, samples_per_class: int = 50,
@@ -433,7 +444,7 @@ def plan_profile(model: nn.Module, data: Dataset | DataLoader, *, num_classes: i
         wanted = _wanted(classes, class_names(data, outputs))
         selection_data, index = _restricted(data, wanted)
     check_profile_fits(model, 1)  # one class's sums are held at a time
-    selection_batch = 256
+    selection_batch = selection_batch_size(shape)
     if not isinstance(data, DataLoader):  # a DataLoader's batches are the caller's to size
         selection_batch = fit_inference(model, shape, selection_batch, "selecting profile samples",
                                         samples=len(selection_data))

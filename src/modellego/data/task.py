@@ -118,20 +118,25 @@ def task_data(classes: "Manifest | Sequence[ClassRef]", split: str, root: str | 
             size = image_size if image_size is not None else (default_size if source in RESIZABLE else None)
             loaded[source] = load(source, split, resolve_root(source, root, hints.get(source)), image_size=size,
                                   verify=verify)
-        if dataset is None and source in RESIZABLE:  # folders: a class is its folder's name, wherever it sorts
+        same = dataset is None or dataset == ref.dataset  # `--data` naming the model's own dataset changes nothing
+        if same and source in RESIZABLE:  # folders: a class is its folder's name, wherever it sorts
             matches = [i for i, name in enumerate(loaded[source].classes) if name == ref.name]
             if not matches:
                 raise ModellegoError(f"'{source}' has no folder of this model's class {ref.name!r}; its folders are "
                                      f"{', '.join(loaded[source].classes[:10])}{' …' if len(loaded[source].classes) > 10 else ''}"
                                      " (--data-root names where they are)")
             index = matches[0]
-        elif dataset is None:
+        elif same:
             index = ref.index
             if not 0 <= index < len(loaded[source].classes):
                 raise ModellegoError(f"this model's class {ref.name!r} has index {index} in '{source}', which has "
                                      f"classes 0..{len(loaded[source].classes) - 1}; the model file is damaged")
-        else:
-            matches = [i for i, name in enumerate(loaded[source].classes) if name.lower() == ref.name.lower()]
+        else:  # the same name, else the one name that differs only in case ("Cardigan" the dog, "cardigan")
+            matches = [i for i, name in enumerate(loaded[source].classes) if name == ref.name] or \
+                [i for i, name in enumerate(loaded[source].classes) if name.lower() == ref.name.lower()]
+            if len(matches) > 1:
+                raise ModellegoError(f"dataset '{source}' has {len(matches)} classes named like {ref.name!r} but "
+                                     "differing in case; name the class exactly as the dataset does")
             if not matches:
                 raise ModellegoError(f"dataset '{source}' has no class named {ref.name!r}, which this model predicts")
             index = matches[0]
@@ -141,6 +146,9 @@ def task_data(classes: "Manifest | Sequence[ClassRef]", split: str, root: str | 
         data = loaded[source]
         relabel = torch.full((len(data.classes),), -1, dtype=torch.long)
         for index, position in pairs:
+            if relabel[index] >= 0:  # two of the model's classes read from one class of the data: refused
+                raise ModellegoError(f"the model's classes {names[int(relabel[index])]!r} and {names[position]!r} "
+                                     f"both match class {data.classes[index]!r} of '{source}'")
             relabel[index] = position
         targets = relabel[data.targets]
         positions = torch.nonzero(targets >= 0).flatten()
