@@ -252,10 +252,19 @@ def document(results: dict, out_dir: Path) -> str:
         lines.append(f"- The 2-class component read {row['profile_read']:,} of the profile's {row['profile_bytes']:,} "
                      f"bytes ({100 * row['profile_read'] / row['profile_bytes']:.2f}%): the header and the task's two "
                      "records, never the whole file.")
+    flat = [(name, row) for name, row in steps.items() if name.startswith("resnet50 profile") and row["code"] == 0]
+    if len(flat) > 1:
+        first, last = flat[-2][1], flat[-1][1]
+        lines.append("- Peak RSS by classes profiled (ResNet-50): " + ", ".join(
+            f"{row['asked']}: {gib(row['peak_rss'])}" for _, row in flat) + f"; from {first['asked']} to "
+            f"{last['asked']} classes {100 * (last['peak_rss'] / first['peak_rss'] - 1):+.1f}%: memory holds one "
+            "batch and one class's sums, whatever the number of classes. Only the asked classes' images are read.")
     for name, row in steps.items():
         if name.endswith("on /dev/shm"):
             lines.append(f"- `{name}`: exit {row['code']} after {row['seconds']:.1f} s, nothing left behind: "
                          f"{not row['left_behind']}. {row['stderr'].splitlines()[-1] if row['stderr'] else ''}")
+    lines.append("- Times are wall-clock seconds on a 2-core machine that ran other benchmarks at the same time: "
+                 "they are noisy. Memory, images read and bytes are what this page measures.")
     return "\n".join(lines) + "\n"
 
 

@@ -208,12 +208,24 @@ def _padded(models: list[nn.Module], targets: list[int], example: torch.Tensor
     shared_input = all(torch.equal(state[key], states[0][key]) for state in states for key in normalizers)
     image_layers = {name for name in layers if not graphs[0].feeds(name)}
 
+    # One-element tensors of modules that are neither layers nor per-channel (timm's LearnableAffineBlock scale
+    # and bias): scalars every member shares, never stacked.
+    plain = {name for name, module in modules[0].items()
+             if name not in layers and not isinstance(module, (*CHANNELWISE, Normalize))}
+    scalars = {key for key, tensor in states[0].items()
+               if tensor.ndim <= 1 and tensor.numel() == 1 and key.rsplit(".", 1)[0] in plain}
+    for key in scalars:
+        if any(state[key].shape != states[0][key].shape or not torch.equal(state[key], states[0][key])
+               for state in states):
+            raise ModellegoError(f"padded mode cannot merge {key}: a scalar the components do not share; "
+                                 "use --mode parallel")
+
     merged_shapes, groups = {}, {}
     for key, tensor in states[0].items():
         sizes = [state[key].shape for state in states]
         if key in normalizers:
             merged_shapes[key] = tensor.shape if shared_input else torch.Size([sum(s[0] for s in sizes), *tensor.shape[1:]])
-        elif tensor.ndim == 0:
+        elif tensor.ndim == 0 or key in scalars:
             merged_shapes[key] = tensor.shape
         else:
             merged_shapes[key] = torch.Size([sum(s[0] for s in sizes), *tensor.shape[1:]])
@@ -246,7 +258,7 @@ def _padded(models: list[nn.Module], targets: list[int], example: torch.Tensor
         owner_name = key.rsplit(".", 1)[0]
         if key in normalizers and shared_input:
             values[key] = states[0][key]
-        elif states[0][key].ndim == 0:
+        elif states[0][key].ndim == 0 or key in scalars:
             values[key] = states[0][key]
         elif owner_name in channelwise and merged_graph.feeds(owner_name):
             # A BatchNorm after a concat sees the merged channels interleaved per concat slot, not member by member.

@@ -17,6 +17,7 @@ from modellego.core.layers import input_channels, is_depthwise, is_grouped, outp
 from modellego.core.masks import ComponentMasks
 from modellego.core.reconstruct import RIDGE, reconstruct_component
 from modellego.core.samples import resolve_classes
+from modellego.core.shapes import resize_shape_attributes
 from modellego.errors import ModellegoError
 
 
@@ -156,8 +157,14 @@ def disassemble_with_cut(model: nn.Module, masks: ComponentMasks, classes: str |
     cut = plan_cut(component, masks, task, graph)
     for name in cut.empty:
         warnings.warn(f"no channel of {name} is relevant to the task; keeping its most relevant one", stacklevel=3)
+    before = {name: tensor.shape for name, tensor in component.named_parameters()}
     for module, handler, pruned in cut.plans:
         graph.dependency.get_pruning_group(module, handler, pruned).prune()
+    for name, module in component.named_modules():  # view shapes kept beside parameters follow them
+        prefix = f"{name}." if name else ""
+        for attribute, tensor in module.named_parameters(recurse=False):
+            if tensor.ndim and prefix + attribute in before:
+                resize_shape_attributes(module, before[prefix + attribute][0], tensor.shape[0])
     head = parameter_layers(component)[masks.classifier]
     rows = torch.tensor(masks.output_positions(task))
     head.weight = nn.Parameter(head.weight.detach()[rows].clone())

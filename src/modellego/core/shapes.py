@@ -15,6 +15,17 @@ def layer_facts(model: nn.Module) -> dict[str, dict[str, Any]]:
             if isinstance(module, nn.Conv2d) and module.groups != 1}
 
 
+def resize_shape_attributes(module: nn.Module, old: int, new: int) -> None:
+    """A module that keeps the view shape of its per-channel parameter, as (C, 1, 1) or (C,) in an attribute
+    (timm's metaformer `Scale`), gets that shape with the parameter's new channel count."""
+    if old == new or type(module).__module__.startswith("torch.nn"):
+        return
+    for attribute, value in list(vars(module).items()):
+        if isinstance(value, tuple) and value and value[0] == old and all(isinstance(v, int) for v in value) \
+                and all(v == 1 for v in value[1:]):
+            setattr(module, attribute, (new, *value[1:]))
+
+
 def conform(model: nn.Module, shapes: dict[str, torch.Size], layers: dict[str, dict[str, Any]]) -> None:
     """Resize every parameter and buffer of `model` to `shapes` (by state-dict key) and set the layers' sizes to
     match (`layers`: the structure shapes alone cannot tell, from `layer_facts`): how a pruned or padded model is
@@ -25,6 +36,7 @@ def conform(model: nn.Module, shapes: dict[str, torch.Size], layers: dict[str, d
             shape = shapes.get(prefix + attribute)
             if shape is not None and tuple(shape) != tuple(tensor.shape):
                 setattr(module, attribute, nn.Parameter(torch.empty(shape, dtype=tensor.dtype)))
+                resize_shape_attributes(module, tensor.shape[0], shape[0])
         for attribute, tensor in list(module.named_buffers(recurse=False)):
             shape = shapes.get(prefix + attribute)
             if tensor is not None and shape is not None and tuple(shape) != tuple(tensor.shape):

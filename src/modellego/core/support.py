@@ -8,6 +8,7 @@ import warnings
 
 import torch
 from torch import nn
+from torch_pruning import ops as tp_ops
 
 from modellego.core.channels import ChannelGraph
 from modellego.core.cut import disassemble_with_cut, zero_removed_inputs
@@ -114,12 +115,24 @@ def unsupported_reason(model: nn.Module, input_shape: tuple[int, ...]) -> str | 
             raise _memory_error("trace its channels", input_shape, error) from None
         return (f"torch-pruning cannot follow its channels ({_first_line(error)}); models that reorder channels, "
                 "such as ShuffleNet's channel shuffle, are not supported")
-    return _feeds_reason(model, graph, layers) or _trial_cut_reason(model, input_shape, graph, order)
+    return _slices_reason(graph) or _feeds_reason(model, graph, layers) or \
+        _trial_cut_reason(model, input_shape, graph, order)
 
 
 SPLITS = ("models that split, slice or mix channels outside torch-pruning's view (CSPNet and Res2Net blocks, "
-          "MixNet's mixed kernels, GhostNet's sliced concatenation, ECA's convolution across channels) are not "
-          "supported")
+          "MixNet's mixed kernels, ReXNet's channel slices, GhostNet's sliced concatenation, ECA's convolution "
+          "across channels) are not supported")
+
+
+def _slices_reason(graph: ChannelGraph) -> str | None:
+    """Why a cut cannot be planned: the model slices its channels (`x[:, a:b]`, ReXNet's partial residuals).
+    torch-pruning's grouping of the channels around such a slice ran for over 16 minutes on timm's rexnet_100
+    without ending, so such models are refused before it is tried."""
+    for module in graph.dependency.module2node:
+        if isinstance(module, tp_ops._SliceOp) and module.dim == 1:
+            end = "" if module.end is None or module.end >= 2**62 else module.end
+            return f"it slices its channels (x[:, {module.start or ''}:{end}] in the forward pass); {SPLITS}"
+    return None
 
 
 def _feeds_reason(model: nn.Module, graph: ChannelGraph, layers: dict[str, nn.Module]) -> str | None:
