@@ -8,6 +8,7 @@ from typing import Sequence
 
 from modellego import distributed
 from modellego.commands.common import FilePath, open_model
+from modellego.core.samples import resolve_classes
 from modellego.data.task import DataOptions
 from modellego.errors import ModellegoError
 from modellego.io.atomic import check_output_path
@@ -48,8 +49,8 @@ def profile(model_path: FilePath, out: FilePath, samples_per_class: int = 50, da
     (model, manifest), kind = open_model(model_path)
     kind.check_options({"--batch-size": batch_size is not None, "--image-size": data.image_size is not None,
                         "--no-verify": not data.verify})
-    asked = len(manifest.classes) if classes is None else len(classes if not isinstance(classes, str)
-                                                                  else [c for c in classes.split(",") if c.strip()])
+    asked = len(manifest.classes) if classes is None else \
+        len(resolve_classes(manifest.class_names, classes, "the model's classes"))
     check_disk(out, asked * (kind.pairs(model) * DTYPES[dtype][1].itemsize + 8 * samples_per_class))
     # the model's whole training set, so that sample positions mean the same in every profile of the model; only
     # the asked classes' samples are read (the data's targets say which)

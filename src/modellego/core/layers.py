@@ -29,6 +29,11 @@ def input_channels(layer: nn.Module) -> int:
     return layer.in_channels if isinstance(layer, nn.Conv2d) else layer.in_features
 
 
+def channel_pairs(model: nn.Module) -> int:
+    """(output, input) channel pairs of every Conv2d/Linear layer: the values of one class's profile sums."""
+    return sum(output_channels(layer) * input_channels(layer) for layer in parameter_layers(model).values())
+
+
 def is_depthwise(module: nn.Module) -> bool:
     """A grouped conv with one input channel per group (depthwise, any channel multiplier)."""
     return isinstance(module, nn.Conv2d) and module.groups > 1 and module.groups == module.in_channels

@@ -12,7 +12,7 @@ from torch_pruning import ops as tp_ops
 
 from modellego.core.channels import ChannelGraph
 from modellego.core.cut import disassemble_with_cut, zero_removed_inputs
-from modellego.core.layers import execution_order, input_channels, output_channels, parameter_layers
+from modellego.core.layers import channel_pairs, execution_order, input_channels, output_channels, parameter_layers
 from modellego.core.masks import ComponentMasks
 from modellego.errors import ModellegoError
 from modellego.memory import available_memory
@@ -226,8 +226,7 @@ def _trial_cut_reason(model: nn.Module, input_shape: tuple[int, ...], graph: Cha
 def profile_bytes(model: nn.Module, num_classes: int) -> int:
     """Memory a profile of `model` holds: per class, one float64 sum and one float32 copy per (output, input)
     channel pair of every Conv2d/Linear layer."""
-    pairs = sum(output_channels(layer) * input_channels(layer) for layer in parameter_layers(model).values())
-    return num_classes * pairs * 12
+    return num_classes * channel_pairs(model) * 12
 
 
 def check_profile_fits(model: nn.Module, num_classes: int = 1, name: str = "the model") -> None:

@@ -96,13 +96,7 @@ def _validate_index(meta: dict, entries: dict[str, tuple[str, tuple[int, ...]]])
 def _validate_values(meta: dict, tensors: dict[str, torch.Tensor]) -> None:
     """Sums are sums of positive parts: finite, never negative, not all zero. Labels and counts agree."""
     for name in meta["layers"]:
-        sums = tensors[f"A/{name}"]
-        if not torch.isfinite(sums).all():
-            raise Invalid(f"sums of layer {name} hold NaN or infinite values")
-        if (sums < 0).any():
-            raise Invalid(f"sums of layer {name} hold negative values; contributions are sums of positive parts")
-        if not (sums > 0).any():
-            raise Invalid(f"sums of layer {name} are all zero")
+        _check_sums(tensors[f"A/{name}"], f"sums of layer {name}")
     counts, labels = tensors["counts"], tensors["sample_labels"]
     if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= len(meta["classes"])):
         raise Invalid("sample_labels name classes the profile does not have")
@@ -448,14 +442,19 @@ def _header(checked: dict) -> ProfileHeader:
                          checked["records"])
 
 
+def _check_sums(sums: torch.Tensor, what: str) -> None:
+    """Sums of positive parts (`what`: whose, for the message) are finite, never negative, not all zero."""
+    if not torch.isfinite(sums).all():
+        raise Invalid(f"{what} hold NaN or infinite values")
+    if (sums < 0).any():
+        raise Invalid(f"{what} hold negative values; contributions are sums of positive parts")
+    if not (sums > 0).any():
+        raise Invalid(f"{what} are all zero")
+
+
 def _check_record(flat: torch.Tensor, position: int) -> None:
     """A class's sums are sums of positive parts: finite, never negative, not all zero."""
-    if not torch.isfinite(flat).all():
-        raise Invalid(f"the sums of class {position} hold NaN or infinite values")
-    if (flat < 0).any():
-        raise Invalid(f"the sums of class {position} hold negative values; contributions are sums of positive parts")
-    if not (flat > 0).any():
-        raise Invalid(f"the sums of class {position} are all zero")
+    _check_sums(flat, f"the sums of class {position}")
 
 
 def load_profile(path: str | os.PathLike, positions: list[int] | None = None,

@@ -19,7 +19,7 @@ from modellego.core.channels import ChannelGraph
 from modellego.core.cut import Cut, disassemble_with_cut
 from modellego.core.evaluate import count_flops, count_params, evaluate, predict
 from modellego.core.gates import Calibrated, Calibration, Gate
-from modellego.core.layers import input_channels, output_channels, parameter_layers
+from modellego.core.layers import channel_pairs
 from modellego.core.locate import ComponentMasks, FlattenRule, Thresholds, locate
 from modellego.core.modules import MergeOutputs, Parallel
 from modellego.core.profile import ClassRecord, Profile, ProfilePlan, class_records, plan_profile, profile
@@ -225,7 +225,7 @@ class CNN(ModelKind):
         return plan, class_records(model, samples, plan, progress)
 
     def pairs(self, model: nn.Module) -> int:
-        return sum(output_channels(layer) * input_channels(layer) for layer in parameter_layers(model).values())
+        return channel_pairs(model)
 
     def check_profile(self, model: nn.Module, profile: Profile) -> None:
         profile.check_model(model)
