@@ -250,3 +250,10 @@ def test_naming_the_models_own_folder_dataset_reads_the_same_samples(tmp_path):
     by_label = {int(label): plain.parts[0].positions[i] for i, label in enumerate(plain.targets)}
     folder = data.load("imagefolder", "train", tmp_path, image_size=16)
     assert [folder.classes[folder.targets[int(by_label[k])]] for k in range(4)] == classes
+
+
+def test_class_names_differing_only_in_case_are_told_apart():
+    classes = ["tabby", "Cardigan", "cardigan"]
+    assert data.resolve_classes(classes, "Cardigan,cardigan,TABBY") == [1, 2, 0]
+    with pytest.raises(ModellegoError, match="matches 'Cardigan', 'cardigan'"):
+        data.resolve_classes(classes, "CARDIGAN")

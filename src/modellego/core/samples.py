@@ -48,17 +48,27 @@ class SampleSubset(Dataset):
 def resolve_classes(classes: Sequence[str], selection: str | Sequence[str | int], dataset: str = "dataset") -> list[int]:
     """Turn 'Trouser,Bag', '0,1,2' or a list of names/indices into class indices, in the order given.
 
-    Names match case-insensitively and win over indices (digits' names are their indices anyway).
+    Names match exactly, else case-insensitively (ImageNet has both "Cardigan" and "cardigan"), and win over
+    indices (digits' names are their indices anyway).
     """
     items = [part.strip() for part in selection.split(",")] if isinstance(selection, str) else list(selection)
     items = [item for item in items if not (isinstance(item, str) and item == "")]
     if not items:
         raise ModellegoError("no classes given; name at least one class, e.g. --classes 0,1")
-    lowered = {name.lower(): position for position, name in enumerate(classes)}
+    exact = {name: position for position, name in enumerate(classes)}
+    lowered: dict[str, list[int]] = {}
+    for position, name in enumerate(classes):
+        lowered.setdefault(name.lower(), []).append(position)
     indices: list[int] = []
     for item in items:
-        if isinstance(item, str) and item.lower() in lowered:
-            index = lowered[item.lower()]
+        if isinstance(item, str) and item in exact:
+            index = exact[item]
+        elif isinstance(item, str) and item.lower() in lowered:
+            matches = lowered[item.lower()]
+            if len(matches) > 1:
+                raise ModellegoError(f"class {item!r} matches {', '.join(repr(classes[k]) for k in matches)} in "
+                                     f"{dataset}; write it exactly as one of them")
+            index = matches[0]
         elif isinstance(item, int) or (isinstance(item, str) and item.lstrip("-").isdigit()):
             index = int(item)
             if not 0 <= index < len(classes):
