@@ -1,6 +1,7 @@
 """The package's layout holds (docs/architecture.md): no import cycle among its modules, counting imports inside
 functions, and imports that point down only — cli → commands → io (files) → kinds → (models, data, train) → the
-manifest's types and io's primitives → core → the foundation (memory, distributed, progress, errors)."""
+manifest's types and io's primitives → core → the foundation (memory, runtime, distributed, progress,
+errors)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ PACKAGE = "modellego"
 # Each layer may import itself and the layers after it in this list, never one before it.
 LAYERS = ["__main__", "cli", "benchmarking", "commands", "viz", "io.modelfile", "io.profiles", "io.masks", "io.artifacts", "kinds",
           "models", "data", "train", "io.manifest", "io.safetensors", "io.atomic", "io.fields", "core", "memory",
-          "distributed", "progress", "errors", "io"]  # io: its package module, which imports nothing
+          "runtime", "distributed", "progress", "errors", "io"]  # io: its package module, which imports nothing
 
 
 def modules() -> dict[str, Path]:

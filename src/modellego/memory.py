@@ -76,7 +76,7 @@ def _step_peak(model: nn.Module, sample_shape: Sequence[int], batch_size: int, t
     def twin(tensor: torch.Tensor) -> torch.Tensor:
         if device == "meta":
             return torch.empty_like(tensor, device="meta")
-        return tensor.detach().clone()
+        return tensor.detach().to(device, copy=True)
 
     state = {name: twin(p).requires_grad_(training and p.requires_grad) for name, p in model.named_parameters()}
     state.update({name: twin(b) for name, b in model.named_buffers()})
@@ -160,6 +160,7 @@ class MemoryEstimate:
     method: str
     available_bytes: int | None = None
     limit: str | None = None
+    device: str = "cpu"
 
     @property
     def fits(self) -> bool:
@@ -169,17 +170,18 @@ class MemoryEstimate:
         """One line: the estimate, the memory available and how it was obtained."""
         available = ("no memory limit known" if self.available_bytes is None
                      else f"{gib(self.available_bytes)} available ({self.limit})")
+        where = f" on {self.device}" if self.device != "cpu" else ""
         shape = "×".join(str(n) for n in self.input_shape)
         changed = (f" (lowered from {self.requested_batch_size})"
                    if self.batch_size != self.requested_batch_size else "")
-        return (f"memory: {self.work} at batch size {self.batch_size}{changed} on {shape} inputs needs about "
+        return (f"memory{where}: {self.work} at batch size {self.batch_size}{changed} on {shape} inputs needs about "
                 f"{gib(self.peak_bytes)} at its peak ({gib(self.tensor_bytes)} of tensors by {self.method}, "
                 f"{gib(self.state_bytes)} kept across steps, allocator overhead); {available}")
 
     def record(self) -> dict:
         """The machine-independent part, for a manifest's provenance (a file must not depend on free memory)."""
         data = asdict(self)
-        for machine_dependent in ("available_bytes", "limit"):
+        for machine_dependent in ("available_bytes", "limit", "device"):
             data.pop(machine_dependent)
         data["input_shape"] = list(self.input_shape)
         return data
@@ -263,7 +265,20 @@ def gib(count: int) -> str:
     return f"{count / GiB:.1f} GiB" if count >= GiB else f"{count / 2**20:.0f} MiB"
 
 
-def _available() -> tuple[int | None, str | None]:
+def device_memory(device: torch.device) -> tuple[int | None, str | None]:
+    """Bytes a CUDA device can still give this process — free on the device (`torch.cuda.mem_get_info`) plus
+    what PyTorch's caching allocator holds unused — and what the number is; (None, None) for other devices (the
+    CPU's limits are `memory_limits`; an Apple GPU's memory is the machine's and is not planned for)."""
+    if device.type != "cuda":
+        return None, None
+    free, _ = torch.cuda.mem_get_info(device)
+    cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return free + cached, f"free on {device}"
+
+
+def _available(device: torch.device | None = None) -> tuple[int | None, str | None]:
+    if device is not None and device.type != "cpu":
+        return device_memory(device)
     limits = memory_limits()
     if not limits:
         return None, None
@@ -272,11 +287,12 @@ def _available() -> tuple[int | None, str | None]:
 
 
 def _estimate(work: str, line: _Line, batch_size: int, requested: int, sample_shape: Sequence[int],
-              state: int, extra: Callable[[int], int], available: tuple[int | None, str | None]) -> MemoryEstimate:
+              state: int, extra: Callable[[int], int], available: tuple[int | None, str | None],
+              device: str = "cpu") -> MemoryEstimate:
     tensors = line.at(batch_size) + extra(batch_size)
     peak = int(OVERHEAD_FACTOR * (tensors + state)) + OVERHEAD_BYTES
     return MemoryEstimate(work, batch_size, requested, tuple(sample_shape), tensors, state, peak, line.method,
-                          *available)
+                          *available, device=device)
 
 
 def _no_extra(batch_size: int) -> int:
@@ -288,10 +304,14 @@ def estimate(model: nn.Module, sample_shape: Sequence[int], batch_size: int, wor
              extra: Callable[[int], int] = _no_extra) -> MemoryEstimate | None:
     """The estimated peak of `work` on `model` at `batch_size` for inputs of `sample_shape` (C, H, W); with
     `training`, one Adam step (forward, loss, backward, two moments per parameter). `extra(batch)` adds tensors
-    the loop makes besides the model's (a profile's per-batch contributions). None when the model cannot run
-    here, or lives on another device than the CPU (GPU memory is not planned for)."""
-    if any(p.device.type != "cpu" for p in model.parameters()):
+    the loop makes besides the model's (a profile's per-batch contributions). Planned against the memory of the
+    model's device: the CPU's limits, or what a CUDA device has free (the same trace on `meta`; the allocator
+    factor measured on the CPU is kept, which errs on the safe side). None when the model cannot run here, or
+    lives on a device whose memory is not known (an Apple GPU)."""
+    devices = {p.device for p in model.parameters()} or {torch.device("cpu")}
+    if len(devices) > 1 or next(iter(devices)).type not in ("cpu", "cuda"):
         return None
+    device = next(iter(devices))
     line = _line(model, sample_shape, training)
     if line is None:
         return None
@@ -299,7 +319,7 @@ def estimate(model: nn.Module, sample_shape: Sequence[int], batch_size: int, wor
     # The DataLoader stacks a batch from the samples: the list and the batch are both alive for a moment.
     sample_bytes = 4 * int(torch.Size(sample_shape).numel())
     result = _estimate(work, line, batch_size, batch_size, sample_shape, state,
-                       lambda batch: extra(batch) + sample_bytes * batch, _available())
+                       lambda batch: extra(batch) + sample_bytes * batch, _available(device), str(device))
     log.info(result.describe())
     return result
 
@@ -333,7 +353,7 @@ def _resized(result: MemoryEstimate, model: nn.Module, batch_size: int, training
     sample_bytes = 4 * int(torch.Size(result.input_shape).numel())
     return _estimate(result.work, line, batch_size, result.requested_batch_size, result.input_shape,
                      result.state_bytes, lambda batch: extra(batch) + sample_bytes * batch,
-                     (result.available_bytes, result.limit))
+                     (result.available_bytes, result.limit), result.device)
 
 
 def plan_training(model: nn.Module, sample_shape: Sequence[int], batch_size: int, auto_batch: bool = False,

@@ -12,9 +12,9 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, Subset
+from torch.utils.data import BatchSampler, Dataset, RandomSampler, Subset
 
-from modellego import distributed
+from modellego import distributed, runtime
 from modellego.core.evaluate import accuracy_of, predict
 from modellego.core.reconstruct import reestimate_batchnorm
 from modellego.errors import ModellegoError
@@ -51,11 +51,11 @@ def train(model: nn.Module, dataset: Dataset, epochs: int, lr: float = 1e-3, bat
             raise ModellegoError(f"the batch size ({batch_size}) is smaller than the number of processes "
                                  f"({distributed.world_size()}); each process needs at least one image per step")
         # the generator also seeds the loader, as in one process: both draw the same permutations
-        loader = DataLoader(dataset, batch_sampler=GlobalBatchShards(dataset, batch_size, generator),
-                            generator=generator)
+        loader = runtime.loader(dataset, device, batch_sampler=GlobalBatchShards(dataset, batch_size, generator),
+                                generator=generator)
         network: nn.Module = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     else:
-        loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=generator)
+        loader = runtime.loader(dataset, device, batch_size=batch_size, shuffle=True, generator=generator)
         network = model
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=epochs * len(loader))

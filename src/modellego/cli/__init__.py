@@ -9,6 +9,7 @@ import sys
 import traceback
 import warnings
 
+import torch
 import typer
 
 from modellego import distributed
@@ -82,6 +83,12 @@ def _run() -> None:
     except ModellegoError as error:
         if distributed.is_main():
             err.print(f"error: {error}", highlight=False, markup=False, soft_wrap=True)
+        sys.exit(2)
+    except torch.OutOfMemoryError as error:  # the estimate before the work was too low: still one line
+        if distributed.is_main():
+            err.print(f"error: the device ran out of memory ({str(error).splitlines()[0][:200]}); nothing was "
+                      "written: lower --batch-size, or run on a device with more free memory (--device)",
+                      highlight=False, markup=False, soft_wrap=True)
         sys.exit(2)
     except typer.Abort:
         err.print("aborted", highlight=False)

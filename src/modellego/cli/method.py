@@ -16,12 +16,15 @@ from modellego.cli.options import (
     BetaFcOption,
     DataOption,
     DataRootOption,
+    DeviceOption,
     GridStepOption,
     ImageSizeOption,
     InferenceBatchOption,
     NoVerifyOption,
+    PrecisionOption,
     RidgeOption,
     SeedOption,
+    WorkersOption,
     app,
     check_batch,
     classes_option,
@@ -31,6 +34,7 @@ from modellego.cli.options import (
     option_text,
     out,
     percent,
+    run_options,
     safe,
 )
 from modellego.core.evaluate import count_params
@@ -57,6 +61,9 @@ def profile(
     image_size: Optional[int] = ImageSizeOption,
     no_verify: bool = NoVerifyOption,
     batch_size: Optional[int] = InferenceBatchOption,
+    device: str = DeviceOption,
+    precision: str = PrecisionOption,
+    workers: Optional[int] = WorkersOption,
 ) -> None:
     """Per-class contributions of every parameter layer, on the model's training data."""
     option_int("--samples-per-class", samples_per_class, 1, MAX_SAMPLES_PER_CLASS)
@@ -67,7 +74,7 @@ def profile(
     asked = classes_option(classes, classes_file)
     result = commands.profile(model, append or out_path, samples_per_class, data,
                               data_options(data_root, image_size, no_verify), batch_size, classes=asked,
-                              append=append is not None, dtype=dtype)
+                              append=append is not None, dtype=dtype, **run_options(device, precision, workers))
     held = [name for _, name, *_ in result.records]
     out.print(safe(f"profiled {len(result.layers)} layers on {sum(count for _, _, count, _ in result.records)} "
                    f"samples of {len(held)} classes ({samples_per_class} per class asked, {result.dtype}) -> "
@@ -101,6 +108,9 @@ def disassemble(
     image_size: Optional[int] = ImageSizeOption,
     no_verify: bool = NoVerifyOption,
     seed: int = SeedOption,
+    device: str = DeviceOption,
+    precision: str = PrecisionOption,
+    workers: Optional[int] = WorkersOption,
 ) -> None:
     """Cut a standalone component for some classes out of a model, without training."""
     option_text("--classes", classes)
@@ -111,7 +121,7 @@ def disassemble(
                                   Thresholds(alpha_conv, beta_conv, alpha_fc, beta_fc), auto, max_drop, evaluate,
                                   data_options(data_root, image_size, no_verify), seed, reconstruct=not no_reconstruct,
                                   reconstruct_samples=reconstruct_samples, flatten=flatten, ridge=ridge,
-                                  grid_step=grid_step)
+                                  grid_step=grid_step, **run_options(device, precision, workers))
     unit = result.unit
     if result.search is not None:
         search = result.search
@@ -152,12 +162,15 @@ def assemble(
     data_root: Optional[Path] = DataRootOption,
     image_size: Optional[int] = ImageSizeOption,
     no_verify: bool = NoVerifyOption,
+    device: str = DeviceOption,
+    precision: str = PrecisionOption,
+    workers: Optional[int] = WorkersOption,
 ) -> None:
     """Assemble components into one model that answers the union of their classes, without training."""
     if no_scale and calibration not in (None, "none"):
         raise ModellegoError(f"--no-scale contradicts --calibration {calibration}; give one of them")
     result = commands.assemble(components, out_path, mode, not no_scale, data_options(data_root, image_size, no_verify),
-                               calibration=calibration)
+                               calibration=calibration, **run_options(device, precision, workers))
     model, manifest = result.brick
     how = f"auto: {result.calibration.value}" if result.choice and "chosen" in result.choice else result.calibration.value
     kind = kind_of(manifest.architecture)

@@ -17,11 +17,14 @@ from modellego.cli.options import (
     BatchSizeOption,
     DataOption,
     DataRootOption,
+    DeviceOption,
     ImageSizeOption,
     InferenceBatchOption,
     LrOption,
     NoVerifyOption,
+    PrecisionOption,
     SeedOption,
+    WorkersOption,
     app,
     check_batch,
     check_epochs,
@@ -35,6 +38,7 @@ from modellego.cli.options import (
     out,
     percent,
     print_json,
+    run_options,
     safe,
 )
 from modellego.data.datasets import check_image_size
@@ -58,6 +62,9 @@ def train(
     no_verify: bool = NoVerifyOption,
     seed: int = SeedOption,
     auto_batch: bool = AutoBatchOption,
+    device: str = DeviceOption,
+    precision: str = PrecisionOption,
+    workers: Optional[int] = WorkersOption,
 ) -> None:
     """Train a model from the zoo on a dataset (or some of its classes) and save it."""
     check_training(epochs, lr, batch_size, seed)
@@ -66,7 +73,7 @@ def train(
     if max_per_class is not None:
         option_int("--max-per-class", max_per_class, 1, 10**7)
     result = commands.train(model, data, out_path, epochs, classes, width, lr, batch_size, max_per_class,
-                            data_options(data_root, image_size, no_verify), seed, auto_batch=auto_batch)
+                            data_options(data_root, image_size, no_verify), seed, auto_batch=auto_batch, **run_options(device, precision, workers))
     trained = result.brick.manifest.provenance["trained"]
     out.print(f"trained {model} on {data} ({result.samples} {result.unit}s, {trained['epochs']} epochs): "
               f"test accuracy {percent(result.metrics['accuracy'])}, {result.metrics['params']:,} params -> {out_path}")
@@ -83,6 +90,9 @@ def eval_command(
     batch_size: Optional[int] = InferenceBatchOption,
     image_size: Optional[int] = ImageSizeOption,
     no_verify: bool = NoVerifyOption,
+    device: str = DeviceOption,
+    precision: str = PrecisionOption,
+    workers: Optional[int] = WorkersOption,
 ) -> None:
     """Accuracy overall and per class on the test split, with params and FLOPs."""
     check_batch(batch_size)
@@ -91,13 +101,13 @@ def eval_command(
     if against is not None:
         if data is not None or classes is not None:
             raise ModellegoError("--against evaluates on the component's own task; drop --data/--classes")
-        result = commands.compare(file, against, options, batch_size, progress=not as_json)
+        result = commands.compare(file, against, options, batch_size, progress=not as_json, **run_options(device, precision, workers))
         if as_json:
             print_json(result)
         else:
             _print_comparison(file, against, result)
         return
-    result = commands.evaluate_file(file, data, classes, options, batch_size, progress=not as_json)
+    result = commands.evaluate_file(file, data, classes, options, batch_size, progress=not as_json, **run_options(device, precision, workers))
     if as_json:
         print_json(result)
         return
@@ -141,11 +151,14 @@ def finetune(
     no_verify: bool = NoVerifyOption,
     seed: int = SeedOption,
     auto_batch: bool = AutoBatchOption,
+    device: str = DeviceOption,
+    precision: str = PrecisionOption,
+    workers: Optional[int] = WorkersOption,
 ) -> None:
     """Train a model (an assembly: its zero blocks too) on the training data of all its classes."""
     check_training(epochs, lr, batch_size, seed)
     commands.finetune(file, out_path, epochs, lr, batch_size, data_options(data_root, image_size, no_verify), seed,
-                      auto_batch=auto_batch)
+                      auto_batch=auto_batch, **run_options(device, precision, workers))
     out.print(safe(f"fine-tuned {file.name} for {epochs} epochs -> {out_path}"))
 
 
@@ -259,9 +272,12 @@ def demo(
     out_dir: Path = typer.Option(Path("runs/demo"), "--out-dir", help="Folder for the demo's files (created)."),
     epochs: int = typer.Option(4, "--epochs"),
     seed: int = SeedOption,
+    device: str = DeviceOption,
+    precision: str = PrecisionOption,
+    workers: Optional[int] = WorkersOption,
 ) -> None:
     """The whole job on Fashion-MNIST (digits when absent): train, profile, disassemble two tasks, assemble, fine-tune."""
     check_epochs(epochs)
     option_seed(seed)
     output_folder(out_dir)
-    commands.run_demo(out_dir, epochs=epochs, seed=seed, console=out)
+    commands.run_demo(out_dir, epochs=epochs, seed=seed, console=out, **run_options(device, precision, workers))

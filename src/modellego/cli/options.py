@@ -46,6 +46,13 @@ BetaFcOption = typer.Option(PAPER.beta_fc, "--beta-fc", help="β for linear laye
 NoVerifyOption = typer.Option(False, "--no-verify", help="Read a CIFAR folder that fails torchvision's checksums "
                               "(a subset or copy of your own).")
 RidgeOption = typer.Option(RIDGE, "--ridge", help="Reconstruction's ridge, relative to the mean squared input.")
+DeviceOption = typer.Option("auto", "--device", help="Where the model runs: auto (the first CUDA GPU when there is "
+                            "one, else the CPU), cpu, cuda, cuda:N or mps.")
+PrecisionOption = typer.Option("fp32", "--precision", help="fp32, bf16 or fp16 for the passes that only rank or score "
+                               "(sample selection, evaluation, gates, --auto's candidates); contributions, re-fits "
+                               "and the weights written stay float32.")
+WorkersOption = typer.Option(None, "--workers", help="DataLoader worker processes (default: a share of the cores for "
+                             "image folders, 0 for data held in memory).")
 GridStepOption = typer.Option(GRID_STEP, "--grid-step", help="With --auto: spacing of the α/β grid (α 0…0.6, β 0…0.5); "
                               "0.05 tries 4× the points and finds components between them.")
 
@@ -162,3 +169,6 @@ def check_batch(batch_size: int | None) -> None:
         option_int("--batch-size", batch_size, 1, MAX_BATCH)
 
 
+def run_options(device: str, precision: str, workers: int | None) -> dict:
+    """--device, --precision and --workers as the commands' keyword arguments (each command checks them)."""
+    return {"device": device, "precision": precision, "workers": workers}

@@ -9,7 +9,7 @@ from typing import Any, Sequence
 
 import torch
 
-from modellego.commands.common import FilePath, union, write
+from modellego.commands.common import Device, FilePath, runs_models, runtime_options, union, write
 from modellego.core.assemble import AssemblyMode, check_members
 from modellego.core.gates import DEFAULT_TEMPERATURE, GATES, Calibration
 from modellego.core.hashing import weights_hash
@@ -164,11 +164,15 @@ def _assembled(members: Sequence[Brick], mode: AssemblyMode | str | None, scale_
     return Assembled(brick, mode, calibration, record or None)
 
 
+@runs_models
 def assemble(paths: Sequence[FilePath], out: FilePath, mode: AssemblyMode | str | None = None,
              scale_logits: bool = True, data: DataOptions | None = None, progress: bool = True,
-             calibration: Calibration | str | None = None, temperature: float = DEFAULT_TEMPERATURE) -> Assembled:
+             calibration: Calibration | str | None = None, temperature: float = DEFAULT_TEMPERATURE,
+             device: Device = "auto", precision: str = "fp32", workers: int | None = None) -> Assembled:
     """Assemble component files into one model answering the union of their classes, calibrated by
-    `calibration` (see `assembly`), and save it; a gate's statistics travel in the file."""
+    `calibration` (see `assembly`), and save it; a gate's statistics travel in the file. The members run on
+    `device`; `precision` applies to gate fitting and the choice of calibration, never to the scaling factors;
+    `workers` to data loading."""
     check_output_path(out, inputs=list(paths))
     check_members(len(paths))
     if mode is not None:
@@ -178,7 +182,9 @@ def assemble(paths: Sequence[FilePath], out: FilePath, mode: AssemblyMode | str 
     members = [load(path) for path in paths]
     kind_of(members[0].manifest.architecture).check_options({
         "--image-size": data is not None and data.image_size is not None,
-        "--no-verify": data is not None and not data.verify})
+        "--no-verify": data is not None and not data.verify, **runtime_options(precision, workers)})
+    for member in members:
+        member.model.to(device)
     result = _assembled(members, mode, scale_logits, data, progress, calibration, temperature)
     write(result.brick.model, out, result.brick.manifest)
     return result

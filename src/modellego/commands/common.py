@@ -3,13 +3,15 @@ components' classes, baselines against a source, an assembly's mean Base."""
 
 from __future__ import annotations
 
+import functools
+import inspect
 import os
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence, TypeVar
 
 import torch
 from torch import nn
 
-from modellego import distributed
+from modellego import distributed, runtime
 from modellego.core.evaluate import baselines_of
 from modellego.errors import ModellegoError
 from modellego.io.manifest import Brick, ClassRef, Manifest
@@ -17,6 +19,25 @@ from modellego.io.modelfile import load, save
 from modellego.kinds import ModelKind, kind_of
 
 FilePath = str | os.PathLike
+Device = str | torch.device | None
+Command = TypeVar("Command", bound=Callable[..., Any])
+
+
+def runs_models(command: Command) -> Command:
+    """For a command with `device`, `precision` and `workers` parameters: its `device` resolved (`auto`: the first
+    CUDA device when there is one, else the CPU; one missing is refused before any work) and its body run under
+    `runtime.settings(precision, workers)`."""
+    signature = inspect.signature(command)
+
+    @functools.wraps(command)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        options = bound.arguments
+        with runtime.settings(options["precision"], options["workers"]):  # checks both first
+            options["device"] = runtime.resolve_device(options["device"])
+            return command(*bound.args, **bound.kwargs)
+    return run  # type: ignore[return-value]
 
 
 def write(model: nn.Module, out: FilePath, manifest: Manifest) -> None:
@@ -25,10 +46,17 @@ def write(model: nn.Module, out: FilePath, manifest: Manifest) -> None:
         save(model, out, manifest)
 
 
-def open_model(path: FilePath) -> tuple[Brick, ModelKind]:
-    """A model file and the kind of model it holds."""
+def open_model(path: FilePath, device: Device = None) -> tuple[Brick, ModelKind]:
+    """A model file (its model on `device`, default the CPU) and the kind of model it holds."""
     brick = load(path)
+    if device is not None:
+        brick.model.to(device)
     return brick, kind_of(brick.manifest.architecture)
+
+
+def runtime_options(precision: str, workers: int | None) -> dict[str, bool]:
+    """The runtime options given, for `ModelKind.check_options`."""
+    return {"--precision": precision != "fp32", "--workers": workers is not None}
 
 
 def union(manifests: Sequence[Manifest]) -> tuple[list[ClassRef], list[int]]:

@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from modellego.commands.assemble import assemble
-from modellego.commands.common import assembly_base
+from modellego.commands.common import Device, assembly_base, runs_models
 from modellego.commands.disassemble import disassemble
 from modellego.commands.evaluate import evaluate_file
 from modellego.commands.profile import profile
@@ -22,12 +22,15 @@ from modellego.errors import ModellegoError
 DEMO_TASKS = {"fashion-mnist": ["Trouser,Bag", "Sandal,Sneaker,Ankle boot"], "digits": ["0,1", "3,5,8"]}
 
 
-def _demo_dataset(console: Console) -> str:
+def demo_dataset(console: Console | None = None) -> str:
+    """The demo's dataset: Fashion-MNIST when it is installed, else scikit-learn's digits (always there)."""
     try:
         datasets.load("fashion-mnist", "test")
         return "fashion-mnist"
     except ModellegoError as error:
-        console.print(f"[yellow]{error}[/yellow]\nFashion-MNIST is absent: the demo uses scikit-learn's digits instead.")
+        if console is not None:
+            console.print(f"[yellow]{error}[/yellow]\nFashion-MNIST is absent: the demo uses scikit-learn's digits "
+                          "instead.")
         return "digits"
 
 
@@ -35,21 +38,25 @@ def _file_name(task: str) -> str:
     return f"component-{task.replace(',', '-').replace(' ', '').replace('/', '')}.safetensors"
 
 
-def run_demo(out_dir: Path, epochs: int = 4, seed: int = 0, console: Console | None = None) -> dict:
+@runs_models
+def run_demo(out_dir: Path, epochs: int = 4, seed: int = 0, console: Console | None = None, device: Device = "auto",
+             precision: str = "fp32", workers: int | None = None) -> dict:
     """Train LeNet-5 on Fashion-MNIST (digits when absent), profile it, disassemble two tasks, assemble the two
-    components and fine-tune the assembly for one epoch, printing each stage's table; returns the metrics."""
+    components and fine-tune the assembly for one epoch, printing each stage's table; returns the metrics. Every
+    stage runs on `device`, with `precision` and `workers` (see `runtime`)."""
+    run = {"device": device, "precision": precision, "workers": workers}
     console = console or Console()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    name = _demo_dataset(console)
+    name = demo_dataset(console)
     if name == "digits":
         epochs = max(epochs, 30)  # 1,437 training images: more passes, still a few seconds
-    console.print(f"[bold]1. train[/bold] LeNet-5 on {name}, {epochs} epochs")
+    console.print(f"[bold]1. train[/bold] LeNet-5 on {name}, {epochs} epochs, on {device}")
     started = time.perf_counter()
     path = out_dir / f"lenet5-{name}.safetensors"
-    trained = train("lenet5", name, path, epochs, seed=seed)
+    trained = train("lenet5", name, path, epochs, seed=seed, **run)
     seconds = time.perf_counter() - started
-    metrics = evaluate_file(path)  # the file as written, reloaded
+    metrics = evaluate_file(path, **run)  # the file as written, reloaded
     console.print(f"saved {path} ({trained.samples} training images); reloaded it for the evaluation below")
     table = Table(title=f"LeNet-5 on {name}, test split ({metrics['samples']} images)")
     table.add_column("class")
@@ -63,14 +70,14 @@ def run_demo(out_dir: Path, epochs: int = 4, seed: int = 0, console: Console | N
 
     console.print("[bold]2. profile[/bold] the 50 most confident correct training images per class")
     profile_path = out_dir / "lenet5.profile.safetensors"
-    profile(path, profile_path, samples_per_class=50)
+    profile(path, profile_path, samples_per_class=50, **run)
     table = Table(title="3. disassemble (paper α/β, no training): components on their tasks' test images")
     for column in ("task", "Base", "Restricted base", "Disa", "params", "FLOPs"):
         table.add_column(column, justify="left" if column == "task" else "right", overflow="fold")
     results, components = {}, []
     for task in DEMO_TASKS[name]:
         component_path = out_dir / _file_name(task)
-        result = disassemble(path, profile_path, task, component_path, evaluate=True).metrics
+        result = disassemble(path, profile_path, task, component_path, evaluate=True, **run).metrics
         components.append(component_path)
         results[task] = result
         table.add_row(task, f"{100 * result['base']:.2f}%", f"{100 * result['restricted_base']:.2f}%",
@@ -84,12 +91,12 @@ def run_demo(out_dir: Path, epochs: int = 4, seed: int = 0, console: Console | N
 
     console.print("[bold]4. assemble[/bold] the two components into one model (alignment padding, parameter scaling)")
     assembly_path = out_dir / "assembly.safetensors"
-    assembly, assembly_manifest = assemble(components, assembly_path, "padded").brick
-    score1 = evaluate_file(assembly_path)
+    assembly, assembly_manifest = assemble(components, assembly_path, "padded", **run).brick
+    score1 = evaluate_file(assembly_path, **run)
     console.print("[bold]5. fine-tune[/bold] the assembly for one epoch on its classes' training images")
     tuned_path = out_dir / "assembly-finetuned.safetensors"
-    tuned, _ = finetune(assembly_path, tuned_path, epochs=1, seed=seed)
-    score2 = evaluate_file(tuned_path)
+    tuned, _ = finetune(assembly_path, tuned_path, epochs=1, seed=seed, **run)
+    score2 = evaluate_file(tuned_path, **run)
     base = assembly_base(assembly_manifest)
     summary = Table(title=f"assembly of {len(components)} components: {', '.join(assembly_manifest.class_names)} "
                           f"({score1['samples']} test images)")

@@ -10,7 +10,15 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from modellego.commands.common import FilePath, open_model, source_baselines, write
+from modellego.commands.common import (
+    Device,
+    FilePath,
+    open_model,
+    runs_models,
+    runtime_options,
+    source_baselines,
+    write,
+)
 from modellego.core.evaluate import count_params
 from modellego.core.hashing import weights_hash
 from modellego.core.locate import DEFAULT_FLATTEN, PAPER, ComponentMasks, Feeds, FlattenRule, Thresholds
@@ -154,11 +162,13 @@ def check_options(auto: bool, max_drop: float, grid_step: float, reconstruct: bo
         raise ModellegoError(f"--ridge must be positive and at most {MAX_RIDGE:g}, got {ridge}")
 
 
+@runs_models
 def disassemble(model_path: FilePath, profile_path: FilePath, classes: str | Sequence[str | int], out: FilePath,
                 thresholds: Thresholds = PAPER, auto: bool = False, max_drop: float = 1.0, evaluate: bool = False,
                 data: DataOptions | None = None, seed: int = 0, progress: bool = True, reconstruct: bool = True,
                 reconstruct_samples: int | None = None, flatten: FlattenRule | str = DEFAULT_FLATTEN,
-                ridge: float = RIDGE, grid_step: float = GRID_STEP) -> Disassembled:
+                ridge: float = RIDGE, grid_step: float = GRID_STEP, device: Device = "auto", precision: str = "fp32",
+                workers: int | None = None) -> Disassembled:
     """Cut the component for `classes` out of a model file with its profile and save it: the paper's α/β (or
     `thresholds`), or with `auto` the smallest component within `max_drop` points of the restricted base on
     held-out training samples (graphs: the validation nodes). With `reconstruct` (the default), the component's
@@ -166,15 +176,17 @@ def disassemble(model_path: FilePath, profile_path: FilePath, classes: str | Seq
     `reconstruct_samples` training samples per class); `reconstruct=False` is the paper's pure method. `flatten`
     chooses the rule at a flatten (see `locate`); `grid_step`, the spacing of `auto`'s α/β grid. Warns when the
     component is far below its source on the profile's samples. With `evaluate`, the test-split metrics (Base,
-    Restricted base, accuracy) are measured and recorded. An option the model's kind cannot honour is refused."""
+    Restricted base, accuracy) are measured and recorded. An option the model's kind cannot honour is refused.
+    The work runs on `device`; `precision` applies to scoring (`auto`'s candidates, evaluation), never to the
+    re-fit or the weights written; `workers` to data loading."""
     flatten = FlattenRule.parse(flatten)
     check_options(auto, max_drop, grid_step, reconstruct, reconstruct_samples, ridge)
     check_output_path(out, inputs=[model_path, profile_path])
-    source, kind = open_model(model_path)
+    source, kind = open_model(model_path, device)
     kind.check_options({"--flatten": flatten != DEFAULT_FLATTEN, "--alpha-fc": thresholds.alpha_fc != PAPER.alpha_fc,
                         "--beta-fc": thresholds.beta_fc != PAPER.beta_fc,
                         "--image-size": data is not None and data.image_size is not None,
-                        "--no-verify": data is not None and not data.verify})
+                        "--no-verify": data is not None and not data.verify, **runtime_options(precision, workers)})
     positions = resolve_classes(source.manifest.class_names, classes, "the model's classes")
     names = [source.manifest.class_names[k] for k in positions]
     profile = load_profile(profile_path, positions, names)  # only the task's records are read

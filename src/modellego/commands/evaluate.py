@@ -6,7 +6,15 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from modellego.commands.common import FilePath, assembly_base, open_model, source_baselines
+from modellego.commands.common import (
+    Device,
+    FilePath,
+    assembly_base,
+    open_model,
+    runs_models,
+    runtime_options,
+    source_baselines,
+)
 from modellego.core.evaluate import accuracy_of, count_params
 from modellego.data.subsets import per_class_slice
 from modellego.data.task import DataOptions
@@ -21,16 +29,19 @@ def _limited(samples, max_per_class: int | None):
     return per_class_slice(samples, max_per_class) if max_per_class else samples
 
 
+@runs_models
 def evaluate_file(path: FilePath, dataset: str | None = None, classes: str | None = None,
                   data: DataOptions | None = None, batch_size: int | None = None, max_per_class: int | None = None,
-                  progress: bool = False) -> dict:
+                  progress: bool = False, device: Device = "auto", precision: str = "fp32",
+                  workers: int | None = None) -> dict:
     """Evaluate a model file on the test split of its own task (or `dataset`, matched by class names; `classes`:
     some of its classes): accuracy, per class, params, FLOPs per sample, the samples' unit; an assembly also
-    reports the mean Base of its source models (recorded by its components' `disassemble --evaluate`)."""
+    reports the mean Base of its source models (recorded by its components' `disassemble --evaluate`). The
+    model runs on `device` at `precision`, the data is read by `workers`."""
     data = data or DataOptions()
-    (model, manifest), kind = open_model(path)
+    (model, manifest), kind = open_model(path, device)
     kind.check_options({"--batch-size": batch_size is not None, "--image-size": data.image_size is not None,
-                        "--no-verify": not data.verify})
+                        "--no-verify": not data.verify, **runtime_options(precision, workers)})
     test = _limited(kind.data(manifest, "test", data, dataset=dataset, only=classes), max_per_class)
     logits, labels = kind.predict(model, test, batch_size or 256, progress)
     result = accuracy_of(logits.argmax(1), labels, list(test.classes))
@@ -42,15 +53,17 @@ def evaluate_file(path: FilePath, dataset: str | None = None, classes: str | Non
     return report
 
 
+@runs_models
 def compare(component_path: FilePath, source_path: FilePath, data: DataOptions | None = None,
-            batch_size: int | None = None, max_per_class: int | None = None, progress: bool = False) -> dict:
+            batch_size: int | None = None, max_per_class: int | None = None, progress: bool = False,
+            device: Device = "auto", precision: str = "fp32", workers: int | None = None) -> dict:
     """A component (or any model) against its source on the component's task test samples: Base (source, argmax
     over all its classes), Restricted base (source logits restricted to the task), and the component."""
     data = data or DataOptions()
-    part, kind = open_model(component_path)
-    source, source_kind = open_model(source_path)
+    part, kind = open_model(component_path, device)
+    source, source_kind = open_model(source_path, device)
     kind.check_options({"--batch-size": batch_size is not None, "--image-size": data.image_size is not None,
-                        "--no-verify": not data.verify})
+                        "--no-verify": not data.verify, **runtime_options(precision, workers)})
     if source_kind is not kind:
         raise ModellegoError(f"{source_path} is not a {kind.name.upper()} model, so it is not this component's source")
     test = _limited(kind.data(part.manifest, "test", data), max_per_class)

@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Sequence
 
 from modellego import distributed
-from modellego.commands.common import FilePath, open_model
+from modellego.commands.common import Device, FilePath, open_model, runs_models, runtime_options
 from modellego.core.samples import resolve_classes
 from modellego.data.task import DataOptions
 from modellego.errors import ModellegoError
@@ -23,15 +23,18 @@ from modellego.io.profiles import (
 )
 
 
+@runs_models
 def profile(model_path: FilePath, out: FilePath, samples_per_class: int = 50, dataset: str | None = None,
             data: DataOptions | None = None, batch_size: int | None = None, progress: bool = True,
             classes: str | Sequence[str | int] | None = None, append: bool = False,
-            dtype: str | None = None) -> ProfileHeader:
+            dtype: str | None = None, device: Device = "auto", precision: str = "fp32",
+            workers: int | None = None) -> ProfileHeader:
     """Profile a model file on its training data (or `dataset`'s, matched by class names) and write the profile:
     every class, or `classes` (names or output positions; only their samples are read where the data knows its
     labels); with `append`, `out` is an existing profile of the model and gains these classes. `dtype` stores the
     sums as float32 (a new file's default) or float16 (half the file; appended classes take the file's). Returns
-    the profile's header (layers, classes held)."""
+    the profile's header (layers, classes held). The model runs on `device`; `precision` applies to the choice
+    of samples only (the sums are float64 whatever it is), `workers` to data loading."""
     data = data or DataOptions()
     if dtype is not None and dtype not in DTYPES:
         raise ModellegoError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
@@ -46,9 +49,9 @@ def profile(model_path: FilePath, out: FilePath, samples_per_class: int = 50, da
             dtype = existing.header.dtype
     dtype = dtype or "float32"
     check_output_path(out, inputs=[model_path])
-    (model, manifest), kind = open_model(model_path)
+    (model, manifest), kind = open_model(model_path, device)
     kind.check_options({"--batch-size": batch_size is not None, "--image-size": data.image_size is not None,
-                        "--no-verify": not data.verify})
+                        "--no-verify": not data.verify, **runtime_options(precision, workers)})
     asked = len(manifest.classes) if classes is None else \
         len(resolve_classes(manifest.class_names, classes, "the model's classes"))
     check_disk(out, asked * (kind.pairs(model) * DTYPES[dtype][1].itemsize + 8 * samples_per_class))

@@ -89,7 +89,7 @@ def scale(model: nn.Module, data: Dataset, example_input: torch.Tensor | tuple[i
     classifier row k (weight and bias) is multiplied by 1/m_k, so that different components' logits become
     comparable. Returns the copy and the factors (1 where a class has no positive mean top logit)."""
     scaled = copy.deepcopy(model).eval()
-    logits, labels = predict(scaled, data, progress=progress)
+    logits, labels = predict(scaled, data, progress=progress, precision="fp32")  # the factors become weights
     example = example_input if example_input is not None else tuple(data[0][0].shape)
     _, classifier = head(scaled, example)
     factors = scale_factors(logits, labels, class_names(data, logits.shape[1]))

@@ -6,9 +6,10 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from torch.utils.flop_counter import FlopCounterMode
 
+from modellego import runtime
 from modellego.memory import fit_inference, sample_shape_of
 from modellego.progress import track
 
@@ -23,18 +24,22 @@ class Accuracy:
 
 
 @torch.no_grad()
-def predict(model: nn.Module, dataset: Dataset, batch_size: int = 256, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """All logits of `model` on `dataset` and the labels, in dataset order. A `batch_size` whose estimated peak
-    memory does not fit is lowered to one that does, with a warning."""
+def predict(model: nn.Module, dataset: Dataset, batch_size: int = 256, progress: bool = False,
+            precision: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """All logits of `model` on `dataset` (float32, on the CPU) and the labels, in dataset order, on the model's
+    device at `precision` (default: the current `runtime.settings`'; pass "fp32" where the logits become
+    weights). A `batch_size` whose estimated peak memory does not fit is lowered to one that does, with a
+    warning."""
     model.eval()
-    device = next(model.parameters()).device
+    device = runtime.device_of(model)
     shape = sample_shape_of(dataset)
     if shape is not None:
         batch_size = fit_inference(model, shape, batch_size, "evaluating", samples=len(dataset))
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    loader = runtime.loader(dataset, device, batch_size=batch_size, shuffle=False)
     logits, labels = [], []
     for images, targets in track(loader, "evaluating", len(loader), progress):
-        logits.append(model(images.to(device)).float().cpu())
+        with runtime.ranking(device, precision):
+            logits.append(model(images.to(device)).float().cpu())
         labels.append(targets)
     return torch.cat(logits), torch.cat(labels)
 

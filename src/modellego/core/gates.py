@@ -38,9 +38,9 @@ from typing import Any, Sequence
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import BatchSampler, DataLoader, Dataset, SequentialSampler
+from torch.utils.data import BatchSampler, Dataset, SequentialSampler
 
-from modellego import distributed
+from modellego import distributed, runtime
 from modellego.core.channels import ChannelGraph
 from modellego.core.choice import Choice
 from modellego.core.contributions import window_sums
@@ -227,15 +227,22 @@ def _observed_batches(model: nn.Module, data: Dataset, taps: ComponentTaps, meth
                       batch_size: int) -> list[tuple[Tensor, Tensor, Tensor | None, list[Tensor]]]:
     """Per batch of `data`, in order: the component's logits, the labels, its features and patterns. Under
     torchrun each process observes its share of the batches and all are gathered in batch order, so the
-    statistics are exactly the one-process ones."""
+    statistics are exactly the one-process ones. The forward pass runs on the model's device at the current
+    `runtime` precision (it only scores); what it observes comes back to the CPU in float32."""
     batches = list(BatchSampler(SequentialSampler(range(len(data))), batch_size, drop_last=False))
     mine = distributed.own(list(range(len(batches))))
     observed = []
-    loader = DataLoader(data, batch_sampler=[batches[index] for index in mine])
+    device = runtime.device_of(model)
+    loader = runtime.loader(data, device, batch_sampler=[batches[index] for index in mine])
+
+    def cpu(tensor: Tensor | None) -> Tensor | None:
+        return None if tensor is None else tensor.float().cpu()
+
     for index, (images, targets) in zip(mine, loader):
-        _, [(own_logits, own_features, own_patterns)] = observe(model, images, [taps], method)
-        observed.append((index, (own_logits, torch.as_tensor(targets), own_features,
-                                 [p.flatten(1) for p in own_patterns])))
+        with runtime.ranking(device):
+            _, [(own_logits, own_features, own_patterns)] = observe(model, images.to(device), [taps], method)
+        observed.append((index, (cpu(own_logits), torch.as_tensor(targets), cpu(own_features),
+                                 [cpu(p.flatten(1)) for p in own_patterns])))
     if distributed.active():
         observed = sorted((item for part in distributed.gather(observed) for item in part), key=lambda item: item[0])
     return [batch for _, batch in observed]

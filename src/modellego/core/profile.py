@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler, Subset
 
-from modellego import distributed
+from modellego import distributed, runtime
 from modellego.core.contributions import class_sums
 from modellego.core.hashing import weights_hash
 from modellego.core.layers import execution_order, input_channels, output_channels, parameter_layers
@@ -170,7 +170,7 @@ def _batches(data: Dataset | DataLoader, batch_size: int) -> DataLoader:
             raise ModellegoError("the DataLoader shuffles, but profiling reads the data twice in the same order; "
                                  "pass DataLoader(..., shuffle=False) or the dataset itself")
         return data
-    return DataLoader(data, batch_size=batch_size, shuffle=False)
+    return runtime.loader(data, batch_size=batch_size, shuffle=False)
 
 
 def _first_inputs(data: Dataset | DataLoader, batch_size: int) -> torch.Tensor:
@@ -226,23 +226,27 @@ class Selection:
     wanted: list[int] = field(default_factory=list)
 
 
-def _numbered_batches(data: Dataset | DataLoader, batch_size: int) -> tuple[Iterator, int]:
+def _numbered_batches(data: Dataset | DataLoader, batch_size: int, device: torch.device | None = None,
+                      distribute: bool = True) -> tuple[Iterator, int]:
     """This process's batches of `data` in a fixed order, each as (position of its first sample, inputs, labels),
-    and how many there are: a DataLoader as it is (it must not shuffle), a dataset in order. With several
-    processes, every world_size-th batch: batch boundaries stay those of one process."""
+    and how many there are: a DataLoader as it is (it must not shuffle), a dataset in order (batches pinned for
+    a CUDA `device`). With several processes (and `distribute`), every world_size-th batch: batch boundaries
+    stay those of one process."""
+    rank, world = (distributed.rank(), distributed.world_size()) if distribute else (0, 1)
     if isinstance(data, DataLoader):
         loader = _batches(data, batch_size)
-        share = len(range(distributed.rank(), len(loader), distributed.world_size()))
+        share = len(range(rank, len(loader), world))
 
         def from_loader() -> Iterator:
             seen = 0
             for number, (inputs, labels) in enumerate(loader):
-                if number % distributed.world_size() == distributed.rank():
+                if number % world == rank:
                     yield seen, inputs, labels
                 seen += len(labels)
         return from_loader(), share
-    mine = distributed.own(list(BatchSampler(SequentialSampler(range(len(data))), batch_size, drop_last=False)))
-    batches = zip(mine, DataLoader(data, batch_sampler=mine))
+    batches = list(BatchSampler(SequentialSampler(range(len(data))), batch_size, drop_last=False))
+    mine = distributed.own(batches) if distribute else batches
+    batches = zip(mine, runtime.loader(data, device, batch_sampler=mine))
     return ((batch[0], inputs, labels) for batch, (inputs, labels) in batches), len(mine)
 
 
@@ -269,13 +273,17 @@ def select_samples(model: nn.Module, data: Dataset | DataLoader, samples_per_cla
     if samples_per_class < 1:
         raise ModellegoError(f"samples per class must be at least 1, got {samples_per_class}")
     model.eval()
-    device = next(model.parameters()).device
-    batches, count = _numbered_batches(data, batch_size)
+    device = runtime.device_of(model)
+    batches, count = _numbered_batches(data, batch_size, device)
     kept: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    # Below fp32 the pass only shortlists (RESCORE_POOL× the samples asked, per class); fp32 then chooses among
+    # them, so rounding reorders near-equal confidences only inside the shortlist.
+    pool = samples_per_class if runtime.current().precision == "fp32" else RESCORE_POOL * samples_per_class + 8
     failure = None
     try:
         for start, inputs, labels in track(batches, "selecting samples", count, progress):
-            logits = model(inputs.to(device)).float().cpu()
+            with runtime.ranking(device):
+                logits = model(inputs.to(device)).float().cpu()
             labels = torch.as_tensor(labels).long().cpu()
             num_classes = num_classes or logits.shape[1]
             if logits.shape[1] != num_classes:
@@ -287,19 +295,45 @@ def select_samples(model: nn.Module, data: Dataset | DataLoader, samples_per_cla
             if wanted is not None:
                 chosen = torch.isin(labels, torch.tensor(wanted, dtype=torch.long))
                 logits, labels, positions = logits[chosen], labels[chosen], positions[chosen]
-            keep_candidates(kept, logits, labels, positions, samples_per_class)
+            keep_candidates(kept, logits, labels, positions, pool)
     except ModellegoError as error:
         failure = error
     distributed.agree(failure)
     if distributed.active():
-        kept = _merge_candidates(distributed.gather(kept), samples_per_class)
+        kept = _merge_candidates(distributed.gather(kept), pool)
         num_classes = next((n for n in distributed.gather(num_classes) if n is not None), None)
     if num_classes is None:
         raise ModellegoError("the data is empty, so there is nothing to profile")
+    if pool != samples_per_class:
+        kept = _rescored(model, data, kept, samples_per_class, batch_size)
     names = class_names(data, num_classes)
     if len(names) != num_classes:
         raise ModellegoError(f"the data has {len(names)} classes but the model has {num_classes} outputs")
     return selection_of(kept, names, samples_per_class, wanted=wanted)
+
+
+RESCORE_POOL = 2
+
+
+@torch.no_grad()
+def _rescored(model: nn.Module, data: Dataset | DataLoader, shortlist: dict[int, tuple[torch.Tensor, torch.Tensor]],
+              limit: int, batch_size: int) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """Per class, the `limit` most confident of its `shortlist` (positions in `data`), scored again in fp32."""
+    device = runtime.device_of(model)
+    positions = torch.cat([chosen for chosen, _ in shortlist.values()]) if shortlist else torch.empty(0, dtype=torch.long)
+    labels = torch.cat([torch.full((len(chosen),), label, dtype=torch.long) for label, (chosen, _) in shortlist.items()]) \
+        if shortlist else torch.empty(0, dtype=torch.long)
+    order = positions.argsort()  # the data's order: a DataLoader is read front to back
+    positions, labels = positions[order], labels[order]
+    logits = []
+    batches, _ = _chosen_batches(data, positions, labels, batch_size, device, distribute=False)
+    for inputs, _ in batches:
+        with runtime.ranking(device, "fp32"):
+            logits.append(model(inputs.to(device)).float().cpu())
+    kept: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    if positions.numel():
+        keep_candidates(kept, torch.cat(logits), labels, positions, limit)
+    return kept
 
 
 def keep_candidates(kept: dict[int, tuple[torch.Tensor, torch.Tensor]], logits: torch.Tensor, labels: torch.Tensor,
@@ -337,15 +371,18 @@ def selection_of(kept: dict[int, tuple[torch.Tensor, torch.Tensor]], names: list
 
 
 def _chosen_batches(data: Dataset | DataLoader, positions: torch.Tensor, labels: torch.Tensor,
-                    batch_size: int) -> tuple[Iterator, int]:
-    """This process's share of the chosen samples as (inputs, labels) batches, and how many batches: read by
-    position from a dataset, filtered from a loader."""
+                    batch_size: int, device: torch.device | None = None,
+                    distribute: bool = True) -> tuple[Iterator, int]:
+    """This process's share of the chosen samples (all of them without `distribute`) as (inputs, labels)
+    batches, and how many batches: read by position from a dataset (in the order of `positions`), filtered from
+    a loader (in the loader's order)."""
     if not isinstance(data, DataLoader):
-        mine = distributed.own(list(BatchSampler(SequentialSampler(range(len(positions))), batch_size, False)))
-        chosen = DataLoader(Subset(data, positions.tolist()), batch_sampler=mine)
+        batches = list(BatchSampler(SequentialSampler(range(len(positions))), batch_size, False))
+        mine = distributed.own(batches) if distribute else batches
+        chosen = runtime.loader(Subset(data, positions.tolist()), device, batch_sampler=mine)
         return ((inputs, labels[batch]) for batch, (inputs, _) in zip(mine, chosen)), len(mine)
     label_of = dict(zip(positions.tolist(), labels.tolist()))
-    batches, count = _numbered_batches(data, batch_size)
+    batches, count = _numbered_batches(data, batch_size, device, distribute)
 
     def filtered() -> Iterator:
         for seen, inputs, batch_labels in batches:
@@ -471,16 +508,18 @@ def class_records(model: nn.Module, data: Dataset | DataLoader, plan: ProfilePla
                   progress: bool = False) -> Iterator[ClassRecord]:
     """The second half of `profile`: each asked class's sums, one class at a time, so that memory holds one
     batch and one class's sums whatever the number of classes. Under torchrun each process adds its share of a
-    class's batches and the sums are all-reduced."""
+    class's batches and the sums are all-reduced. The sums are kept in float64 on the model's device and
+    brought to the CPU once per class."""
     layers = parameter_layers(model)
-    device = next(model.parameters()).device
+    device = runtime.device_of(model)
     selection = plan.selection
     sums: dict[str, torch.Tensor] = {}
 
     def accumulate(name: str):
         def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
             batch = inputs[0]
-            sums[name] += class_sums(module, batch, torch.zeros(batch.shape[0], dtype=torch.long), 1)[0].cpu()
+            labels = torch.zeros(batch.shape[0], dtype=torch.long, device=batch.device)
+            sums[name] += class_sums(module, batch, labels, 1)[0]
         return hook
 
     handles = [module.register_forward_pre_hook(accumulate(name)) for name, module in layers.items()]
@@ -489,14 +528,14 @@ def class_records(model: nn.Module, data: Dataset | DataLoader, plan: ProfilePla
             chosen = selection.labels == row
             positions = selection.positions[chosen]
             for name in plan.layers:
-                sums[name] = torch.zeros(plan.sizes[name], dtype=torch.float64)
-            batches, _ = _chosen_batches(data, positions, selection.labels[chosen], plan.batch_size)
+                sums[name] = torch.zeros(plan.sizes[name], dtype=torch.float64, device=device)
+            batches, _ = _chosen_batches(data, positions, selection.labels[chosen], plan.batch_size, device)
             for images, _ in batches:
                 model(images.to(device))
             for name in plan.layers:  # the same order in every process
                 distributed.sum_(sums[name])
             yield ClassRecord(selection.wanted[row], selection.classes[row],
-                              {name: sums[name].float() for name in plan.layers}, positions)
+                              {name: sums[name].float().cpu() for name in plan.layers}, positions)
     finally:
         for handle in handles:
             handle.remove()

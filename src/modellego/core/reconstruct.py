@@ -12,9 +12,9 @@ from typing import Iterable, Iterator
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+from torch.utils.data import Dataset, Subset, TensorDataset
 
-from modellego import distributed
+from modellego import distributed, runtime
 from modellego.core.layers import execution_order, parameter_layers
 from modellego.errors import ModellegoError
 from modellego.memory import fit_inference, sample_shape_of
@@ -36,10 +36,12 @@ IN_MEMORY = 1 << 26    # images up to this many values in all are held as one te
 
 def in_memory(images: Dataset, shape: tuple[int, ...] | None) -> torch.Tensor | Dataset:
     """A dataset's images (of `shape`) as one tensor when they hold at most IN_MEMORY values in all, for loops
-    that read them several times; else the dataset itself."""
+    that read them several times (decoded by the `runtime`'s workers); else the dataset itself."""
     if shape is None or len(images) * math.prod(shape) > IN_MEMORY:
         return images
-    return torch.stack([images[i][0] for i in range(len(images))])
+    if len(images) == 0:
+        return torch.zeros(0, *shape)
+    return torch.cat([batch[0] for batch in runtime.loader(images, batch_size=64, shuffle=False)])
 
 
 class Moments:
@@ -167,8 +169,8 @@ def reestimate_batchnorm(model: nn.Module, dataset: Dataset | torch.Tensor, samp
     chosen = in_memory(Subset(dataset, positions.tolist()), shape)  # every pass reads them: decode them once
     if isinstance(chosen, torch.Tensor):
         chosen = TensorDataset(chosen, torch.zeros(count))
-    loader = DataLoader(chosen, batch_size=batch_size, shuffle=False)
-    device = next(model.parameters()).device
+    device = runtime.device_of(model)
+    loader = runtime.loader(chosen, device, batch_size=batch_size, shuffle=False)
     modes = {module: module.training for module in model.modules()}
     model.eval()
     try:
@@ -283,7 +285,7 @@ def _batches(images: torch.Tensor | Dataset, batch_size: int) -> Iterator[torch.
     if isinstance(images, torch.Tensor):
         yield from images.split(batch_size)
     else:
-        for batch in DataLoader(images, batch_size=batch_size, shuffle=False):
+        for batch in runtime.loader(images, batch_size=batch_size, shuffle=False):
             yield batch[0] if isinstance(batch, (list, tuple)) else batch
 
 

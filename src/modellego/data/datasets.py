@@ -59,6 +59,8 @@ class TensorImages(Dataset):
 class FolderImages(Dataset):
     """Images read from files on demand (ImageFolder layouts), resized to a square `size`."""
 
+    reads_files = True  # each read decodes a file: DataLoader workers pay off (modellego.runtime.workers_for)
+
     def __init__(self, name: str, split: str, samples: list[tuple[str, int]], classes: list[str],
                  size: int, mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD) -> None:
         from torchvision import transforms

@@ -53,6 +53,7 @@ class TrainOptions:
     max_per_class: int | None = None
     seed: int = 0
     auto_batch: bool = False
+    device: str | torch.device = "cpu"  # where the model is trained (a device resolved by the command)
 
 
 class ModelKind(ABC):

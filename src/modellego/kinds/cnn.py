@@ -195,7 +195,8 @@ class CNN(ModelKind):
             train_data = per_class_slice(train_data, options.max_per_class, options.seed)
         model, manifest = train_model(builder, train_data, options.epochs or self.default_epochs, width=options.width,
                                       lr=options.lr or self.default_lr, batch_size=options.batch_size or 128,
-                                      seed=options.seed, progress=progress, auto_batch=options.auto_batch)
+                                      seed=options.seed, progress=progress, auto_batch=options.auto_batch,
+                                      device=options.device)
         result = evaluate(model, test_data, progress=progress)
         metrics = {"accuracy": result.accuracy, "per_class": result.per_class, "samples": result.samples,
                    "params": count_params(model), "flops": count_flops(model, manifest.input)}
@@ -313,14 +314,16 @@ def _check_gate(value: Any, field: str, architecture: dict[str, Any]) -> None:
 # --- the library's training functions on images ------------------------------------------------------------------
 
 def train_model(builder: str, dataset: Dataset, epochs: int, width: float = 1.0, lr: float = 1e-3,
-                batch_size: int = 128, seed: int = 0, progress: bool = True, auto_batch: bool = False) -> Brick:
+                batch_size: int = 128, seed: int = 0, progress: bool = True, auto_batch: bool = False,
+                device: str | torch.device = "cpu") -> Brick:
     """Build `builder` for `dataset`'s input spec and classes, train it, re-estimate its BatchNorm statistics
     and describe it in a manifest (warning when it stayed at chance level on its training data). Before the
     first step, the peak memory at `batch_size` is estimated: too much is refused, or with `auto_batch` the
-    largest batch size that fits is used; the estimate goes into the provenance."""
+    largest batch size that fits is used; the estimate goes into the provenance. The weights are drawn on the
+    CPU, so a seed gives the same start on every `device`."""
     seed_everything(seed)
     warn_if_oversized(builder, dataset.spec.size)
-    model = classifier(builder, dataset.spec, len(dataset.classes), width)
+    model = classifier(builder, dataset.spec, len(dataset.classes), width).to(device)
     # Memory first: the estimate runs on the meta device, while the support check runs the model for real.
     memory = plan_training(model, (dataset.spec.channels, *dataset.spec.size), batch_size, auto_batch, builder,
                            samples=len(dataset))

@@ -358,6 +358,8 @@ class GCN(ModelKind):
         "--auto-batch": "graphs are trained and run full-batch, all nodes at once",
         "--image-size": "graphs have nodes, not images",
         "--no-verify": "only CIFAR folders have checksums",
+        "--precision": "a graph's passes are full-batch and small; they run in float32",
+        "--workers": "a graph is held in memory as one tensor; there is nothing to decode",
     }
 
     # --- manifests -------------------------------------------------------------------------------------------------
@@ -469,7 +471,7 @@ class GCN(ModelKind):
         epochs, lr = options.epochs or self.default_epochs, options.lr or self.default_lr
         seed_everything(seed)
         model = GCNModel(graph.spec.features, [scaled_width(h, options.width) for h in DEFAULT_HIDDEN],
-                         len(positions), DROPOUT)
+                         len(positions), DROPOUT).to(options.device)
         losses = fit(model, task, nodes, epochs, lr, seed)
         settled = _settle(model, task, nodes)
         manifest = Manifest(architecture=model.architecture(), classes=refs, input=graph.spec,
