@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.modellego-installed
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: setup data demo test test-all lint bench clean
+.PHONY: setup data demo test test-all lint bench gpu-check clean
 
 setup: $(STAMP)
 
@@ -39,6 +39,13 @@ test-all: setup data
 
 bench: setup data
 	$(BIN)/python benchmarks/contributions.py
+
+# On a machine with a GPU: the chain on cuda against the CPU (same samples, masks, accuracies), then the throughput
+# table on the GPU. DEVICE=cuda:1 picks another GPU.
+DEVICE ?= cuda
+gpu-check: setup data
+	$(BIN)/python benchmarks/gpu_check.py --device $(DEVICE)
+	$(BIN)/python benchmarks/throughput.py --device $(DEVICE) --precisions fp32,bf16 --no-agreement
 
 clean:
 	rm -rf runs .pytest_cache .hypothesis

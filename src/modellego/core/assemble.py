@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from modellego import runtime
 from modellego.core.channels import ChannelGraph
 from modellego.core.choice import Choice
 from modellego.core.evaluate import predict
@@ -130,15 +131,23 @@ def assemble(models: Sequence[nn.Module], example_input: torch.Tensor | tuple[in
     widths = [output_channels(layer) for layer in (_last_layer(model) for model in models)]
     if targets is None:
         targets = list(range(sum(widths)))
+    # The structure is built on the CPU (weight copies, cheap) from copies of the members, then moved where the
+    # members are: scaling and gates above ran on their device.
+    device = runtime.device_of(models[0])
+    if device.type != "cpu":
+        models = [copy.deepcopy(model).cpu() for model in models]
+        example = example.cpu()
     if mode == "parallel":
         assembled = Parallel([copy.deepcopy(model) for model in models], targets).eval()
         layouts: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     else:
         assembled, layouts = _padded(list(models), list(targets), example)
     if calibration not in GATES:
-        return assembled.eval()
+        return assembled.eval().to(device)
     taps = _taps(list(models), example, mode, layouts, widths)
-    return Calibrated(assembled, Gate.build(calibration, taps, stats, temperature)).eval()
+    gates = Gate.build(calibration, taps, [{key: value.cpu() for key, value in own.items()} for own in stats],
+                       temperature)
+    return Calibrated(assembled, gates).eval().to(device)
 
 
 def _taps(models: list[nn.Module], example: torch.Tensor, mode: str,

@@ -52,10 +52,9 @@ def class_sums(layer: nn.Module, x: Tensor, labels: Tensor, num_classes: int) ->
                 + weight.clamp(max=0).unsqueeze(0) * negative.unsqueeze(1))
     per_sample = contributions(layer, x)
     out = torch.zeros(num_classes, *per_sample.shape[1:], dtype=torch.float64, device=x.device)
-    present = labels.unique()
-    if len(present) == 1:  # one class per batch (a profile's pass): a plain sum, about twice as fast as index_add
+    if num_classes == 1:  # one class per batch (a profile's pass): a plain sum, about twice as fast as index_add
         # summed over the batch in the [I, B, O] memory layout (see `contributions`), then viewed as [O, I]
-        out[int(present)] = per_sample.permute(2, 0, 1).double().sum(1).t()
+        out[0] = per_sample.permute(2, 0, 1).double().sum(1).t()
         return out
     return out.index_add_(0, labels.to(x.device), per_sample.double())
 

@@ -207,7 +207,8 @@ def reestimate_batchnorm(model: nn.Module, dataset: Dataset | torch.Tensor, samp
 
 class NormalEquations:
     """XᵀX and XᵀY of a least-squares fit Y ≈ X·W, for G independent groups (a grouped conv's groups), summed
-    batch by batch in float64: memory is G·d·(d + o) whatever the number of rows."""
+    batch by batch in float64 on the rows' device (a GPU's rows never cross to the CPU): memory is G·d·(d + o)
+    whatever the number of rows. `cpu()` brings the sums to the CPU, where they are solved."""
 
     def __init__(self, groups: int, inputs: int, outputs: int) -> None:
         self.gram = torch.zeros(groups, inputs, inputs, dtype=torch.float64)
@@ -215,17 +216,23 @@ class NormalEquations:
 
     def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
         """Add rows: `x` is G×n×d, `y` G×n×o."""
-        x, y = x.double().cpu(), y.double().cpu()
+        x, y = x.double(), y.double()
+        if self.gram.device != x.device:
+            self.gram, self.cross = self.gram.to(x.device), self.cross.to(x.device)
         self.gram += x.transpose(1, 2) @ x
         self.cross += x.transpose(1, 2) @ y
+
+    def cpu(self) -> "NormalEquations":
+        self.gram, self.cross = self.gram.cpu(), self.cross.cpu()
+        return self
 
     def solve(self, prior: torch.Tensor, ridge: float) -> torch.Tensor:
         """argmin_W ‖XW − Y‖² + λ‖W − prior‖² per group (G×d×o), λ = `ridge` × the mean diagonal of XᵀX: with
         few rows the solution stays near `prior` (the source's weights) instead of being undetermined."""
         scale = self.gram.diagonal(dim1=1, dim2=2).mean(1).clamp(min=1e-12)
         lam = (ridge * scale)[:, None, None]
-        eye = torch.eye(self.gram.shape[1], dtype=torch.float64)
-        return torch.linalg.solve(self.gram + lam * eye, self.cross + lam * prior.double())
+        eye = torch.eye(self.gram.shape[1], dtype=torch.float64, device=self.gram.device)
+        return torch.linalg.solve(self.gram + lam * eye, self.cross + lam * prior.double().to(self.gram.device))
 
 
 @dataclass
@@ -293,7 +300,7 @@ def _design(layer: nn.Module, x: torch.Tensor, columns: torch.Tensor | None, off
     """The least-squares inputs of `layer` for its input `x`: G×n×d (a conv's unfolded patches per group,
     a Linear's features), with a column of ones for the offset (`offset`)."""
     if columns is not None:
-        x = x.index_select(1 if isinstance(layer, nn.Conv2d) else x.dim() - 1, columns)
+        x = x.index_select(1 if isinstance(layer, nn.Conv2d) else x.dim() - 1, columns.to(x.device))
     if isinstance(layer, nn.Conv2d):
         if layer.padding_mode == "zeros":
             x = F.pad(x, layer._reversed_padding_repeated_twice)
@@ -345,7 +352,7 @@ def _weights(layer: nn.Module, fit: LayerFit, offset: bool) -> torch.Tensor:
 def _store(layer: nn.Module, fit: LayerFit, solution: torch.Tensor, offset: bool, norm: nn.Module | None) -> None:
     """Write a solution in `_weights`' layout back into the layer's rows and columns. A layer without a bias
     hands its fitted offset to the BatchNorm that reads it (BN(z + b) is BN(z) with its mean lowered by b)."""
-    matrix = solution.transpose(1, 2).reshape(-1, solution.shape[1]).to(layer.weight.dtype)  # O×d
+    matrix = solution.transpose(1, 2).reshape(-1, solution.shape[1]).to(layer.weight)  # O×d, on its device
     where = fit.rows if fit.rows is not None else slice(None)
     if offset:
         matrix, bias = matrix[:, :-1], matrix[:, -1]
@@ -458,6 +465,8 @@ def reconstruct(model: nn.Module, source: nn.Module, fits: dict[str, LayerFit], 
             equations.add(_design(layer, x, fit.columns, offset), _targets(layer, y))
         distributed.sum_(equations.gram)
         distributed.sum_(equations.cross)
+        equations.cpu()  # the BatchNorm map and the solve are small: on the CPU, in float64
+        prior = prior.double().cpu()
         if moments is not None:
             moments.all_reduce()
             norm.running_mean.copy_(moments.mean.to(norm.running_mean))
@@ -509,7 +518,9 @@ def source_outputs_by_batch(source: nn.Module, images: torch.Tensor | Dataset, n
 
     def keep(name: str):
         def hook(module, args, output) -> None:
-            current.setdefault(name, output.clone())  # a later in-place activation must not change it
+            # a copy (a later in-place activation must not change it), kept on the CPU: every layer's outputs on
+            # every image would crowd a GPU; `reconstruct` moves each batch back as it needs it
+            current.setdefault(name, output.detach().to("cpu", copy=True))
         return hook
 
     handles = [layer.register_forward_hook(keep(name)) for name, layer in layers.items()]

@@ -152,6 +152,7 @@ def propagated(conv: nn.Module, x: Tensor, edge_index: Tensor) -> Tensor:
     from torch_geometric.nn.conv.gcn_conv import gcn_norm
 
     edge_weight = None
+    edge_index = edge_index.to(x.device)
     if conv.normalize:
         edge_index, edge_weight = gcn_norm(edge_index, None, x.size(0), conv.improved, conv.add_self_loops,
                                            conv.flow, x.dtype)
@@ -300,9 +301,9 @@ def reconstruct(component: nn.Module, source: nn.Module, cut: Cut, nodes: Nodes,
         design = torch.cat([mixed, mixed.new_ones(len(index), 1)], 1)
         equations = NormalEquations(1, design.shape[1], targets.shape[1])
         equations.add(design[None], targets[None])
-        bias = conv.bias if conv.bias is not None else torch.zeros(conv.lin.weight.shape[0])
+        bias = conv.bias if conv.bias is not None else conv.lin.weight.new_zeros(conv.lin.weight.shape[0])
         prior = torch.cat([conv.lin.weight.detach().T, bias.detach()[None]], 0).double()
-        solution = equations.solve(prior[None], ridge)[0]
+        solution = equations.cpu().solve(prior[None], ridge)[0]
         conv.lin.weight.copy_(solution[:-1].T.to(conv.lin.weight.dtype))
         if conv.bias is not None:
             conv.bias.copy_(solution[-1].to(conv.bias.dtype))
@@ -621,7 +622,8 @@ class GCN(ModelKind):
         if len(features) > 1:
             raise ModellegoError(f"the components take different node features ({sorted(features)}); assemble "
                                  "components of models trained on the same graph features")
-        return GraphParallel([copy.deepcopy(member).eval() for member in models], list(targets))
+        device = next(models[0].parameters()).device
+        return GraphParallel([copy.deepcopy(member).eval() for member in models], list(targets)).to(device)
 
     def assembly_architecture(self, members: Sequence[Brick], mode: AssemblyMode, model: nn.Module,
                               num_classes: int) -> dict[str, Any]:
