@@ -14,6 +14,16 @@ import torch
 torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))))
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _no_dataloader_workers():
+    """Tests in this process read data without DataLoader workers (the cores are pytest-xdist's); tests that
+    pass --workers, and the command line run in a subprocess, still use them."""
+    from modellego import runtime
+
+    with runtime.settings(workers=0):
+        yield
+
+
 @pytest.fixture(scope="session")
 def fashion_train():
     from modellego import data

@@ -3,6 +3,7 @@ DataLoader workers, the files the same whatever runs them, and a model trained o
 
 from __future__ import annotations
 
+import contextvars
 import importlib.util
 from pathlib import Path
 
@@ -103,12 +104,13 @@ def test_ranking_autocasts_only_below_fp32():
 
 
 def test_settings_nest_and_come_back():
-    assert runtime.current() == runtime.Settings()
+    assert contextvars.Context().run(runtime.current) == runtime.Settings("fp32", None)  # the defaults
+    outer = runtime.current()  # the tests' own: no workers (conftest)
     with runtime.settings(precision="bf16", workers=3):
-        with runtime.settings(workers=0):
-            assert runtime.current() == runtime.Settings("bf16", 0)
+        with runtime.settings(workers=1):
+            assert runtime.current() == runtime.Settings("bf16", 1)
         assert runtime.current() == runtime.Settings("bf16", 3)
-    assert runtime.current() == runtime.Settings()
+    assert runtime.current() == outer
 
 
 def test_workers_a_share_of_the_cores_for_files_none_for_memory(tmp_path):
@@ -116,8 +118,9 @@ def test_workers_a_share_of_the_cores_for_files_none_for_memory(tmp_path):
     wrapped = torch.utils.data.Subset(folder, [0])
     in_memory = TensorDataset(torch.zeros(2, 1, 4, 4), torch.zeros(2))
     assert runtime.reads_files(wrapped) and not runtime.reads_files(in_memory)
-    assert runtime.workers_for(in_memory) == 0
-    assert runtime.workers_for(wrapped) == runtime.default_workers() == \
+    by_default = contextvars.Context()  # the settings a user starts with (the tests' own have no workers)
+    assert by_default.run(runtime.workers_for, in_memory) == 0
+    assert by_default.run(runtime.workers_for, wrapped) == runtime.default_workers() == \
         max(0, min(runtime.AUTO_WORKERS_CAP, runtime.usable_cores() - 1))
     with runtime.settings(workers=2):
         assert runtime.workers_for(in_memory) == 2

@@ -36,6 +36,7 @@ def runs_models(command: Command) -> Command:
         options = bound.arguments
         with runtime.settings(options["precision"], options["workers"]):  # checks both first
             options["device"] = runtime.resolve_device(options["device"])
+            runtime.ranking(options["device"])  # a precision the device lacks is refused here, before any work
             return command(*bound.args, **bound.kwargs)
     return run  # type: ignore[return-value]
 

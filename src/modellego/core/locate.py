@@ -141,8 +141,16 @@ def locate(model: nn.Module, profile: Profile, thresholds: Thresholds = PAPER, *
     a conv's channels are flattened into a Linear layer's features (several features per channel),
     "any-feature" keeps a channel if any of its features is kept; "keep-all" keeps every channel there (what
     the paper's official code does in effect) and walks on from the conv as if all its outputs were kept."""
-    flatten = FlattenRule.parse(flatten)
     profile.check_model(model)
+    return locate_checked(model, profile, thresholds, example_input=example_input, graph=graph, flatten=flatten)
+
+
+def locate_checked(model: nn.Module, profile: Profile, thresholds: Thresholds = PAPER, *,
+                   example_input: torch.Tensor | tuple[int, ...] | None = None, graph: ChannelGraph | None = None,
+                   flatten: FlattenRule | str = DEFAULT_FLATTEN) -> ComponentMasks:
+    """`locate` for a model `profile` was checked against already (the α/β search asks at every grid point;
+    the check hashes every weight)."""
+    flatten = FlattenRule.parse(flatten)
     layers = {name: module for name, module in model.named_modules() if isinstance(module, (nn.Conv2d, nn.Linear))}
     classifier_name = profile.layers[-1]
     classifier = layers[classifier_name]

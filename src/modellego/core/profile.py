@@ -262,6 +262,9 @@ def _merge_candidates(parts: list[dict[int, tuple[torch.Tensor, torch.Tensor]]],
     return merged
 
 
+RESCORE_POOL = 2  # below fp32, the selection pass shortlists twice the samples asked for (plus 8) per class
+
+
 @torch.no_grad()
 def select_samples(model: nn.Module, data: Dataset | DataLoader, samples_per_class: int, batch_size: int = 256,
                    progress: bool = False, num_classes: int | None = None,
@@ -269,7 +272,8 @@ def select_samples(model: nn.Module, data: Dataset | DataLoader, samples_per_cla
     """Per class, the `samples_per_class` correctly classified samples with the highest softmax confidence on
     their class, streamed over `data` (memory does not grow with the number of samples). `wanted`: only these
     classes (model outputs), in this order; `labels` are then rows of `wanted`. Under torchrun each process reads
-    its share of the batches and the candidates are gathered: the same samples as one process."""
+    its share of the batches and the candidates are gathered: the same samples as one process. At a `runtime`
+    precision below fp32 the pass shortlists RESCORE_POOL× the samples per class and fp32 chooses among them."""
     if samples_per_class < 1:
         raise ModellegoError(f"samples per class must be at least 1, got {samples_per_class}")
     model.eval()
@@ -310,9 +314,6 @@ def select_samples(model: nn.Module, data: Dataset | DataLoader, samples_per_cla
     if len(names) != num_classes:
         raise ModellegoError(f"the data has {len(names)} classes but the model has {num_classes} outputs")
     return selection_of(kept, names, samples_per_class, wanted=wanted)
-
-
-RESCORE_POOL = 2
 
 
 @torch.no_grad()

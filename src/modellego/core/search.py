@@ -27,7 +27,7 @@ from modellego.core.channels import ChannelGraph
 from modellego.core.cut import Cut, disassemble_with_cut, plan_cut, zero_removed_inputs
 from modellego.core.evaluate import count_flops, predict
 from modellego.core.layers import example_batch, execution_order, parameter_layers
-from modellego.core.locate import DEFAULT_FLATTEN, ComponentMasks, FlattenRule, Thresholds, locate
+from modellego.core.locate import DEFAULT_FLATTEN, ComponentMasks, FlattenRule, Thresholds, locate_checked
 from modellego.core.profile import Profile
 from modellego.core.reconstruct import (
     RIDGE,
@@ -249,6 +249,7 @@ class ImageCandidates:
                  graph: ChannelGraph, flatten: FlattenRule = DEFAULT_FLATTEN,
                  reconstruct_images: torch.Tensor | Dataset | None = None, ridge: float = RIDGE) -> None:
         shape = tuple(profile.input_shape)
+        profile.check_model(model)  # once: every grid point locates on this model
         self.model, self.task, self.validation, self.graph, self.flatten = model, task, validation, graph, flatten
         self.profile = _relatives_once(profile)
         self.flops_of = _FlopModel(model, shape)
@@ -266,7 +267,7 @@ class ImageCandidates:
         self.last: tuple[Candidate, Reconstruction | None] | None = None  # what the working copy holds
 
     def plan(self, thresholds: Thresholds) -> tuple[Cut, ComponentMasks]:
-        masks = locate(self.model, self.profile, thresholds, graph=self.graph, flatten=self.flatten)
+        masks = locate_checked(self.model, self.profile, thresholds, graph=self.graph, flatten=self.flatten)
         return plan_cut(self.model, masks, self.task, self.graph), masks
 
     def flops(self, cut: Cut) -> int:
