@@ -4,7 +4,9 @@
 
 Part 1 — throughput, in one run per device and precision: a plain forward pass (no gradients, batch 64, the
 images read through a DataLoader as `modellego eval` reads them),
-the profile's selection pass (`select_samples`: forward, softmax, the most confident correct samples), the
+the profile's selection pass (`select_samples`: forward, softmax, the most confident correct samples, 1 in 32
+of a class's images as a profile takes 50 of Fashion-MNIST's 6000; below fp32 with the fp32 re-scoring of the
+shortlist, twice as many), the
 profile pass (`class_records`: every Conv2d/Linear layer's C⁺ summed per class in float64) and `disassemble`
 (the cut by torch-pruning and the closed-form re-fit, layer by layer, on the task's profile samples), each in
 images per second and as a multiple of the forward pass's time per image (lower is better: 1× = as fast as a
@@ -97,9 +99,9 @@ def throughput(builder: str, width: float, size: int, count: int, device: torch.
                     with runtime.ranking(device):
                         model(batch.to(device))
 
-        def selection() -> None:
-            select_samples(model, data, count, batch_size=selection_batch_size((3, size, size)), num_classes=10,
-                           wanted=present)
+        def selection() -> None:  # a profile's share: 50 of Fashion-MNIST's 6000 images per class, here 1 in 32
+            select_samples(model, data, max(1, count // 32), batch_size=selection_batch_size((3, size, size)),
+                           num_classes=10, wanted=present)
 
         plan = plan_profile(model, data, samples_per_class=count, batch_size=BATCH, classes=present)
 
@@ -157,17 +159,20 @@ def agreement(folder: Path, builder: str, width: float, dataset: str) -> dict:
         out = folder / f"{builder}.auto.{precision}.safetensors"
         result = commands.disassemble(path, fp32_profile, task, out, auto=True, progress=False, device="cpu",
                                       precision=precision)
-        chosen[precision] = (result.search.thresholds.as_dict(), out.read_bytes())
+        chosen[precision] = (result.search.thresholds.as_dict(), load(out).model.state_dict())
     return {"model": f"{builder} ×{width:g}" if width != 1 else builder, "dataset": dataset,
             "samples": len(fp32.samples), "kept": kept, "mask_entries": entries, "mask_differences": differing,
             "auto_fp32": chosen["fp32"][0], "auto_bf16": chosen["bf16"][0],
             "auto_same_thresholds": chosen["fp32"][0] == chosen["bf16"][0],
-            "auto_same_file": chosen["fp32"][1] == chosen["bf16"][1]}
+            "auto_same_weights": chosen["fp32"][1].keys() == chosen["bf16"][1].keys()
+            and all(torch.equal(value, chosen["bf16"][1][key]) for key, value in chosen["fp32"][1].items())}
 
 
-def markdown(rows: list[dict], agreements: list[dict], command: str) -> str:
+def markdown(rows: list[dict], agreements: list[dict], command: str, measured: str) -> str:
+    earlier = (f" (this page rendered from the `--json` output of earlier runs of it on this machine: `{command}`)"
+               if command != measured else "")
     lines = ["# Throughput: modellego's passes against a plain forward pass", "",
-             f"Measured by `{command}` on {platform.processor() or platform.machine()}, "
+             f"Measured by `{measured}`{earlier} on {platform.processor() or platform.machine()}, "
              f"{runtime.usable_cores()} cores usable, torch {torch.__version__}; "
              + ("a CUDA GPU: " + torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU") + ".",
              "Random weights and images (throughput does not depend on them), batch 64; each figure is the best of "
@@ -175,27 +180,45 @@ def markdown(rows: list[dict], agreements: list[dict], command: str) -> str:
              "same precision (1× = as fast as a forward pass).", "",
              "| model | input | device | precision | forward (img/s) | selection (img/s, ×) | profile (img/s, ×) "
              "| disassemble + re-fit (img/s, ×) |", "|---|---|---|---|---:|---:|---:|---:|"]
+    def rate(value: float) -> str:
+        return f"{value:.0f}" if value >= 10 else f"{value:.2g}"
+
     for row in rows:
         lines.append(f"| {row['model']} | {row['input']} | {row['device']} | {row['precision']} | "
-                     f"{row['forward_per_s']:.0f} | {row['selection_per_s']:.0f} ({row['selection_x']:.2f}×) | "
-                     f"{row['profile_per_s']:.0f} ({row['profile_x']:.2f}×) | "
-                     f"{row['disassemble_per_s']:.0f} ({row['disassemble_x']:.2f}×, {row['disassemble_images']} "
+                     f"{rate(row['forward_per_s'])} | {rate(row['selection_per_s'])} ({row['selection_x']:.2f}×) | "
+                     f"{rate(row['profile_per_s'])} ({row['profile_x']:.2f}×) | "
+                     f"{rate(row['disassemble_per_s'])} ({row['disassemble_x']:.2f}×, {row['disassemble_images']} "
                      "images) |")
+    fp32 = [row["profile_x"] for row in rows if row["precision"] == "fp32"]
+    if fp32:
+        lines += ["", f"At fp32 the profile pass costs {min(fp32):.2f}× to {max(fp32):.2f}× a forward pass over the same "
+                  "images. The selection pass reads batches of at most 20 images at 224 px (its memory bound, "
+                  "`selection_batch_size`), which on this CPU is faster per image than the forward pass's 64."]
     lines += ["", "At bf16 only the forward and the selection passes run in bf16; the profile pass and the re-fit "
-              "are float32/float64 at every precision, so their rows differ from fp32 only by noise.", ""]
+              "are float32/float64 at every precision: their images per second differ from fp32's by noise only, "
+              "and their multiples are larger because the bf16 forward pass they are divided by is faster.",
+              "`disassemble` includes torch-pruning's dependency graph and cut and the layer-by-layer re-fit (one "
+              "pass over the images per re-fitted layer, each adding float64 normal equations), so its cost is "
+              "mostly fixed: a multiple of tens of forward passes per image on a few hundred images.", ""]
+    if not any(row["device"].startswith("cuda") for row in rows):
+        lines += ["No GPU was available for these rows. On a machine with one, `make gpu-check` adds the CUDA rows "
+                  "(fp32 and bf16) and checks the chain against the CPU (benchmarks/gpu_check.py).", ""]
     if agreements:
         lines += ["## What bf16 scoring changes", "",
                   "Trained on a slice of the dataset (300 images per class, 2 epochs), profiled with 50 samples per "
                   "class at fp32 and at bf16 (`modellego profile --precision bf16`), both on the CPU.", "",
                   "| model | data | chosen samples bf16 keeps | mask entries that differ (paper α/β, 2 classes) "
-                  "| `--auto` α/β fp32 → bf16 | same component file |", "|---|---|---:|---:|---|---|"]
+                  "| `--auto` α/β fp32 → bf16 | same component weights |", "|---|---|---:|---:|---|---|"]
         for row in agreements:
             auto = ("same: " + ", ".join(f"{k} {v:g}" for k, v in row["auto_fp32"].items() if k in
                                          ("alpha_conv", "beta_conv"))) if row["auto_same_thresholds"] else \
                 f"{row['auto_fp32']} → {row['auto_bf16']}"
             lines.append(f"| {row['model']} | {row['dataset']} | {row['kept']}/{row['samples']} "
                          f"({100 * row['kept'] / row['samples']:.1f}%) | {row['mask_differences']}/"
-                         f"{row['mask_entries']} | {auto} | {'yes' if row['auto_same_file'] else 'no'} |")
+                         f"{row['mask_entries']} | {auto} | {'yes' if row['auto_same_weights'] else 'no'} |")
+        lines += ["", "`--auto` scores its candidates at the precision asked for, so the validation accuracies its "
+                  "file records are bf16's; the α/β it chooses and the weights it writes are what the table "
+                  "compares."]
         lines.append("")
     return "\n".join(lines)
 
@@ -209,17 +232,21 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="Few images, the 32 px models only, no part 2.")
     parser.add_argument("--no-agreement", action="store_true", help="Skip part 2 (training three models).")
     parser.add_argument("--json", type=Path, default=None, help="Also write the rows as JSON.")
+    parser.add_argument("--rows-json", type=Path, default=None,
+                        help="Take part 1's rows from this earlier --json file instead of measuring them again.")
+    parser.add_argument("--agreement-json", type=Path, default=None,
+                        help="Take part 2's rows from this earlier --json file instead of measuring them again.")
     args = parser.parse_args()
     device = runtime.resolve_device(args.device)
-    rows = []
-    for builder, width, size, count in MODELS[:2] if args.quick else MODELS:
+    rows = json.loads(args.rows_json.read_text())["rows"] if args.rows_json else []
+    for builder, width, size, count in [] if args.rows_json else MODELS[:2] if args.quick else MODELS:
         for precision in args.precisions.split(","):
             row = throughput(builder, width, size, 64 if args.quick else count, device, precision,
                              1 if args.quick else args.repeats)
             print(json.dumps(row), flush=True)
             rows.append(row)
-    agreements = []
-    if not (args.quick or args.no_agreement):
+    agreements = json.loads(args.agreement_json.read_text())["agreement"] if args.agreement_json else []
+    if not (args.quick or args.no_agreement or args.agreement_json):
         dataset = demo_dataset()
         with tempfile.TemporaryDirectory() as folder:
             for builder, width in TRAINED:
@@ -228,8 +255,15 @@ def main() -> None:
                 agreements.append(row)
     command = "python benchmarks/throughput.py " + " ".join(
         part for part in (f"--device {args.device}", "--quick" if args.quick else "",
+                          f"--rows-json {args.rows_json}" if args.rows_json else "",
+                          f"--agreement-json {args.agreement_json}" if args.agreement_json else "",
                           f"--doc {args.doc}" if args.doc else "") if part)
-    page = markdown(rows, agreements, command)
+
+    measured = "python benchmarks/throughput.py " + " ".join(
+        part for part in (f"--device {args.device}", "--quick" if args.quick else "",
+                          "--no-agreement" if args.no_agreement else "", f"--doc {args.doc}" if args.doc else "")
+        if part)
+    page = markdown(rows, agreements, command, measured)
     if args.json:
         args.json.write_text(json.dumps({"rows": rows, "agreement": agreements}, indent=2))
     if args.doc:
