@@ -18,7 +18,7 @@ of the two components, `eval` of each file. Checked, each as a line PASS/FAIL:
   weights cannot be bit-identical, only as good.
 
 With `--device cpu` both chains run on the CPU and must agree exactly: that is how the check's own logic is
-tested (tests/benchmarking/test_gpu_check.py). Exit status 1 when a check fails.
+tested (tests/test_runtime.py, `test_the_gpu_check_passes_cpu_against_cpu`). Exit status 1 when a check fails.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ from torch.utils.data import TensorDataset
 from helpers import assert_user_error, invoke
 from modellego import commands, runtime
 from modellego.core.evaluate import predict
-from modellego.core.profile import select_samples
+from modellego.core.profile import _rescored, keep_candidates, select_samples
 from modellego.data.datasets import FolderImages
 from modellego.errors import ModellegoError
 from modellego.io.modelfile import load
@@ -113,6 +113,15 @@ def test_settings_nest_and_come_back():
     assert runtime.current() == outer
 
 
+def test_workers_no_more_than_batches():
+    data = TensorDataset(torch.zeros(10, 1, 2, 2), torch.zeros(10))
+    with runtime.settings(workers=4):
+        assert runtime.loader(data, batch_size=10).num_workers == 0  # one batch: the main process reads it
+        assert runtime.loader(data, batch_size=5).num_workers == 2
+        assert runtime.loader(data, batch_size=1).num_workers == 4
+        assert runtime.loader(data, batch_sampler=[[0, 1], [2]]).num_workers == 2
+
+
 def test_workers_a_share_of_the_cores_for_files_none_for_memory(tmp_path):
     folder = FolderImages("imagefolder", "train", [(str(tmp_path / "a.png"), 0)], ["a"], 8)
     wrapped = torch.utils.data.Subset(folder, [0])
@@ -124,7 +133,7 @@ def test_workers_a_share_of_the_cores_for_files_none_for_memory(tmp_path):
         max(0, min(runtime.AUTO_WORKERS_CAP, runtime.usable_cores() - 1))
     with runtime.settings(workers=2):
         assert runtime.workers_for(in_memory) == 2
-        loader = runtime.loader(in_memory, "cpu", batch_size=1)
+        loader = runtime.loader(in_memory, "cpu", batch_size=1)  # two batches
         assert loader.num_workers == 2 and not loader.pin_memory
     assert runtime.default_workers(world_size=64) == 0  # under torchrun each process takes its share
 
@@ -140,6 +149,66 @@ def test_bf16_selection_agrees_with_fp32(lenet):
     assert kept >= 0.99 * len(fp32.positions), (kept, len(fp32.positions))
 
 
+def test_rescoring_chooses_by_fp32_among_the_shortlist(lenet):
+    """Below fp32 the selection pass only shortlists; `_rescored` must rank the shortlist by fp32 confidence,
+    whatever confidences the shortlist carries, read from a dataset or from a DataLoader."""
+    model = load(lenet.path).model
+    positions = torch.arange(0, 400, 3)
+    labels = lenet.train.targets[positions]
+    garbage = {int(label): (positions[labels == label], torch.rand(int((labels == label).sum())))
+               for label in labels.unique()}
+    logits, _ = predict(model, torch.utils.data.Subset(lenet.train, positions.tolist()), precision="fp32")
+    expected = {}
+    keep_candidates(expected, logits, labels, positions, 5)
+    for data in (lenet.train, torch.utils.data.DataLoader(lenet.train, batch_size=100)):
+        chosen = _rescored(model, data, garbage, 5, 64)
+        assert chosen.keys() == expected.keys()
+        for label in expected:
+            assert torch.equal(chosen[label][0], expected[label][0]), label
+
+
+def test_bf16_selection_reads_a_dataloader_and_some_classes_like_a_dataset(lenet):
+    model = load(lenet.path).model
+    with runtime.settings(precision="bf16"):
+        from_dataset = select_samples(model, lenet.train, 20, batch_size=256, wanted=[1, 3])
+        from_loader = select_samples(model, torch.utils.data.DataLoader(lenet.train, batch_size=256), 20,
+                                     wanted=[1, 3])
+    assert torch.equal(from_dataset.positions, from_loader.positions)
+    assert set(lenet.train.targets[from_dataset.positions].tolist()) == {1, 3}
+
+
+def test_precision_reaches_the_passes_that_rank(monkeypatch, lenet, tmp_path):
+    seen = []
+    ranking = runtime.ranking
+
+    def recording(device, precision=None):
+        seen.append(precision or runtime.current().precision)
+        return ranking(device, precision)
+
+    monkeypatch.setattr(runtime, "ranking", recording)
+    commands.profile(lenet.path, tmp_path / "p", samples_per_class=5, progress=False, precision="bf16")
+    assert "bf16" in seen
+    seen.clear()
+    with runtime.settings(precision="bf16"):  # a caller's settings count where the command is not told
+        commands.evaluate_file(lenet.path, max_per_class=5)
+    assert seen and set(seen) == {"bf16"}
+
+
+def test_precision_never_reaches_the_weights_written(lenet, tmp_path):
+    """disassemble's cut and re-fit, and the paper's scaling in assemble, write the same bytes at bf16."""
+    profile = tmp_path / "p"
+    commands.profile(lenet.path, profile, samples_per_class=10, progress=False)
+    written = {}
+    for precision in ("fp32", "bf16"):
+        parts = [tmp_path / f"{precision}-{n}" for n in (0, 1)]
+        for part, task in zip(parts, ("Trouser,Bag", "Sandal,Sneaker")):
+            commands.disassemble(lenet.path, profile, task, part, progress=False, precision=precision)
+        commands.assemble(parts, tmp_path / f"{precision}-a", calibration="scale", progress=False,
+                          precision=precision)
+        written[precision] = [path.read_bytes() for path in (*parts, tmp_path / f"{precision}-a")]
+    assert written["fp32"] == written["bf16"]
+
+
 def test_precision_changes_scoring_not_the_logits_that_become_weights(lenet):
     model = load(lenet.path).model
     images = torch.utils.data.Subset(lenet.train, range(64))
@@ -152,7 +221,8 @@ def test_precision_changes_scoring_not_the_logits_that_become_weights(lenet):
 
 
 def test_files_are_the_same_on_any_device_option_and_any_workers(lenet, tmp_path):
-    """--device cpu / auto (on a machine without a GPU) and --workers 2 write the bytes the defaults write."""
+    """--device cpu / auto (on a machine without a GPU: the same path) and --workers 2 (worker processes) write
+    the bytes the defaults write."""
     runs = {"default": [], "cpu": ["--device", "cpu"], "auto": ["--device", "auto"], "workers": ["--workers", "2"]}
     if torch.cuda.is_available():
         runs.pop("auto")  # auto is the GPU there: the GPU check compares it (benchmarks/gpu_check.py)
@@ -188,3 +258,17 @@ def test_the_gpu_check_passes_cpu_against_cpu(tmp_path, capsys):
     assert check.main(["--device", "cpu", "--data", "digits", "--epochs", "20", "--out-dir", str(tmp_path)]) == 0
     printed = capsys.readouterr().out
     assert "FAIL" not in printed and printed.count("PASS") >= 8, printed
+
+
+def test_torchrun_refuses_a_device_its_process_group_cannot_use(monkeypatch):
+    from modellego import distributed
+
+    monkeypatch.setattr(distributed, "active", lambda: True)
+    monkeypatch.setattr(distributed.dist, "get_backend", lambda: "nccl")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(ModellegoError, match="NCCL"):
+        distributed.check_device(torch.device("cpu"))
+    with pytest.raises(ModellegoError, match="LOCAL_RANK"):
+        distributed.check_device(torch.device("cuda", 0))
+    distributed.check_device(torch.device("cuda", 1))

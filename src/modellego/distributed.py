@@ -36,6 +36,21 @@ def setup(backend: str | None = None) -> None:
                              "--node-rank and --rdzv-endpoint") from None
 
 
+def check_device(device: torch.device) -> None:
+    """Under torchrun, refuse a device the process group cannot use: NCCL (chosen when CUDA is there) moves CUDA
+    tensors only, and each process has the GPU of its LOCAL_RANK."""
+    if not active():
+        return
+    if dist.get_backend() == "nccl" and device.type != "cuda":
+        raise ModellegoError(f"under torchrun on a machine with CUDA the processes talk through NCCL, which needs "
+                             f"their models on their GPUs, not {device}; use --device auto, or hide the GPUs "
+                             "(CUDA_VISIBLE_DEVICES=) to run on CPUs")
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if device.type == "cuda" and device.index is not None and device.index != local % torch.cuda.device_count():
+        raise ModellegoError(f"under torchrun each process takes the GPU of its LOCAL_RANK ({local} here), not "
+                             f"{device}; use --device auto or cuda, and CUDA_VISIBLE_DEVICES to choose the GPUs")
+
+
 def teardown() -> None:
     """Leave the process group (at the end of a command)."""
     if dist.is_initialized():

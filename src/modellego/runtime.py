@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import math
 import os
 import warnings
 from dataclasses import dataclass
@@ -112,7 +113,8 @@ def device_of(model: torch.nn.Module) -> torch.device:
 def ranking(device: torch.device | str, precision: str | None = None) -> contextlib.AbstractContextManager:
     """A context for a forward pass that only ranks or scores (sample selection, evaluation, gate fitting, the α/β
     search's candidates): autocast to `precision` (default: the current settings'), nothing at fp32."""
-    dtype = PRECISIONS[check_precision(precision or current().precision)]
+    precision = check_precision(precision or current().precision)
+    dtype = PRECISIONS[precision]
     if dtype is None:
         return contextlib.nullcontext()
     device_type = torch.device(device).type
@@ -121,8 +123,9 @@ def ranking(device: torch.device | str, precision: str | None = None) -> context
         try:
             return torch.autocast(device_type, dtype=dtype)
         except (RuntimeError, UserWarning) as error:
-            raise ModellegoError(f"--precision {precision or current().precision} is not available on "
-                                 f"{device_type} ({str(error).splitlines()[0]}); use --precision fp32") from None
+            detail = (str(error).splitlines() or [""])[0]
+            raise ModellegoError(f"--precision {precision} is not available on {device_type} ({detail}); use "
+                                 "--precision fp32") from None
 
 
 def usable_cores() -> int:
@@ -165,8 +168,13 @@ def workers_for(data: Any) -> int:
 
 
 def loader(data: Dataset, device: torch.device | str | None = None, **options: Any) -> DataLoader:
-    """A DataLoader over `data` with the current settings' workers, and pinned memory when its batches go to a
-    CUDA device (`options` as DataLoader's: batch_size, batch_sampler, shuffle, generator)."""
+    """A DataLoader over `data` with the current settings' workers (no more than it has batches; none for one
+    batch, which the main process reads as fast as a worker would start), and pinned memory when its batches go
+    to a CUDA device (`options` as DataLoader's: batch_size, batch_sampler, shuffle, generator)."""
     workers = workers_for(data)
+    if workers:
+        sampler = options.get("batch_sampler")
+        batches = len(sampler) if sampler is not None else math.ceil(len(data) / options.get("batch_size", 1))
+        workers = 0 if batches <= 1 else min(workers, batches)
     pin = device is not None and torch.device(device).type == "cuda"
     return DataLoader(data, num_workers=workers, pin_memory=pin, **options)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from helpers import assert_user_error, invoke
@@ -74,6 +74,7 @@ def _check_reader(reader: str, path: Path) -> None:
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(fields=st.lists(st.tuples(st.sampled_from(MODEL_FIELDS), st.one_of(JUNK, st.just("DELETE"))), max_size=3),
        change=TENSOR_CHANGES)
+@example(fields=[], change=("shape", 6, [1], torch.float32))  # a conv bias of one value (meta does not check it)
 def test_fuzzed_model_files_load_or_are_refused(fields, change):
     tensors, manifest = model_parts()
     for path, value in fields:

@@ -85,9 +85,12 @@ def _run() -> None:
             err.print(f"error: {error}", highlight=False, markup=False, soft_wrap=True)
         sys.exit(2)
     except torch.OutOfMemoryError as error:  # the estimate before the work was too low: still one line
+        if _options["debug"]:
+            sys.stderr.write(traceback.format_exc())
         if distributed.is_main():
-            err.print(f"error: the device ran out of memory ({str(error).splitlines()[0][:200]}); nothing was "
-                      "written: lower --batch-size, or run on a device with more free memory (--device)",
+            detail = (str(error).splitlines() or ["out of memory"])[0][:200]
+            err.print(f"error: the device ran out of memory ({detail}); nothing was written: free memory on it, "
+                      "lower --batch-size where the command has one, or choose another --device",
                       highlight=False, markup=False, soft_wrap=True)
         sys.exit(2)
     except typer.Abort:

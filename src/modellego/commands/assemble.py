@@ -168,7 +168,7 @@ def _assembled(members: Sequence[Brick], mode: AssemblyMode | str | None, scale_
 def assemble(paths: Sequence[FilePath], out: FilePath, mode: AssemblyMode | str | None = None,
              scale_logits: bool = True, data: DataOptions | None = None, progress: bool = True,
              calibration: Calibration | str | None = None, temperature: float = DEFAULT_TEMPERATURE,
-             device: Device = "auto", precision: str = "fp32", workers: int | None = None) -> Assembled:
+             device: Device = "auto", precision: str | None = None, workers: int | None = None) -> Assembled:
     """Assemble component files into one model answering the union of their classes, calibrated by
     `calibration` (see `assembly`), and save it; a gate's statistics travel in the file. The members run on
     `device`; `precision` applies to gate fitting and the choice of calibration, never to the scaling factors;

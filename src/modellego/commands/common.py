@@ -26,7 +26,7 @@ Command = TypeVar("Command", bound=Callable[..., Any])
 def runs_models(command: Command) -> Command:
     """For a command with `device`, `precision` and `workers` parameters: its `device` resolved (`auto`: the first
     CUDA device when there is one, else the CPU; one missing is refused before any work) and its body run under
-    `runtime.settings(precision, workers)`."""
+    `runtime.settings(precision, workers)` (None: the caller's settings, by default fp32 and auto workers)."""
     signature = inspect.signature(command)
 
     @functools.wraps(command)
@@ -36,6 +36,7 @@ def runs_models(command: Command) -> Command:
         options = bound.arguments
         with runtime.settings(options["precision"], options["workers"]):  # checks both first
             options["device"] = runtime.resolve_device(options["device"])
+            distributed.check_device(options["device"])
             runtime.ranking(options["device"])  # a precision the device lacks is refused here, before any work
             return command(*bound.args, **bound.kwargs)
     return run  # type: ignore[return-value]
@@ -55,9 +56,9 @@ def open_model(path: FilePath, device: Device = None) -> tuple[Brick, ModelKind]
     return brick, kind_of(brick.manifest.architecture)
 
 
-def runtime_options(precision: str, workers: int | None) -> dict[str, bool]:
-    """The runtime options given, for `ModelKind.check_options`."""
-    return {"--precision": precision != "fp32", "--workers": workers is not None}
+def runtime_options(precision: str | None, workers: int | None) -> dict[str, bool]:
+    """The runtime options given, for `ModelKind.check_options` (None: not given, the caller's settings)."""
+    return {"--precision": precision not in (None, "fp32"), "--workers": workers is not None}
 
 
 def union(manifests: Sequence[Manifest]) -> tuple[list[ClassRef], list[int]]:

@@ -40,7 +40,7 @@ def _file_name(task: str) -> str:
 
 @runs_models
 def run_demo(out_dir: Path, epochs: int = 4, seed: int = 0, console: Console | None = None, device: Device = "auto",
-             precision: str = "fp32", workers: int | None = None) -> dict:
+             precision: str | None = None, workers: int | None = None) -> dict:
     """Train LeNet-5 on Fashion-MNIST (digits when absent), profile it, disassemble two tasks, assemble the two
     components and fine-tune the assembly for one epoch, printing each stage's table; returns the metrics. Every
     stage runs on `device`, with `precision` and `workers` (see `runtime`)."""

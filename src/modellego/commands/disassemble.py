@@ -167,7 +167,7 @@ def disassemble(model_path: FilePath, profile_path: FilePath, classes: str | Seq
                 thresholds: Thresholds = PAPER, auto: bool = False, max_drop: float = 1.0, evaluate: bool = False,
                 data: DataOptions | None = None, seed: int = 0, progress: bool = True, reconstruct: bool = True,
                 reconstruct_samples: int | None = None, flatten: FlattenRule | str = DEFAULT_FLATTEN,
-                ridge: float = RIDGE, grid_step: float = GRID_STEP, device: Device = "auto", precision: str = "fp32",
+                ridge: float = RIDGE, grid_step: float = GRID_STEP, device: Device = "auto", precision: str | None = None,
                 workers: int | None = None) -> Disassembled:
     """Cut the component for `classes` out of a model file with its profile and save it: the paper's α/β (or
     `thresholds`), or with `auto` the smallest component within `max_drop` points of the restricted base on

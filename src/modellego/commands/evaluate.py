@@ -32,7 +32,7 @@ def _limited(samples, max_per_class: int | None):
 @runs_models
 def evaluate_file(path: FilePath, dataset: str | None = None, classes: str | None = None,
                   data: DataOptions | None = None, batch_size: int | None = None, max_per_class: int | None = None,
-                  progress: bool = False, device: Device = "auto", precision: str = "fp32",
+                  progress: bool = False, device: Device = "auto", precision: str | None = None,
                   workers: int | None = None) -> dict:
     """Evaluate a model file on the test split of its own task (or `dataset`, matched by class names; `classes`:
     some of its classes): accuracy, per class, params, FLOPs per sample, the samples' unit; an assembly also
@@ -56,7 +56,7 @@ def evaluate_file(path: FilePath, dataset: str | None = None, classes: str | Non
 @runs_models
 def compare(component_path: FilePath, source_path: FilePath, data: DataOptions | None = None,
             batch_size: int | None = None, max_per_class: int | None = None, progress: bool = False,
-            device: Device = "auto", precision: str = "fp32", workers: int | None = None) -> dict:
+            device: Device = "auto", precision: str | None = None, workers: int | None = None) -> dict:
     """A component (or any model) against its source on the component's task test samples: Base (source, argmax
     over all its classes), Restricted base (source logits restricted to the task), and the component."""
     data = data or DataOptions()

@@ -27,7 +27,7 @@ from modellego.io.profiles import (
 def profile(model_path: FilePath, out: FilePath, samples_per_class: int = 50, dataset: str | None = None,
             data: DataOptions | None = None, batch_size: int | None = None, progress: bool = True,
             classes: str | Sequence[str | int] | None = None, append: bool = False,
-            dtype: str | None = None, device: Device = "auto", precision: str = "fp32",
+            dtype: str | None = None, device: Device = "auto", precision: str | None = None,
             workers: int | None = None) -> ProfileHeader:
     """Profile a model file on its training data (or `dataset`'s, matched by class names) and write the profile:
     every class, or `classes` (names or output positions; only their samples are read where the data knows its

@@ -14,7 +14,7 @@ from modellego.kinds import Trained, TrainOptions, kind_for_request
 def train(builder: str, dataset: str, out: FilePath, epochs: int | None = None, classes: str | None = None,
           width: float = 1.0, lr: float | None = None, batch_size: int | None = None,
           max_per_class: int | None = None, data: DataOptions | None = None, seed: int = 0, progress: bool = True,
-          auto_batch: bool = False, device: Device = "auto", precision: str = "fp32",
+          auto_batch: bool = False, device: Device = "auto", precision: str | None = None,
           workers: int | None = None) -> Trained:
     """Train `builder` on `dataset` (or some of its classes), evaluate it on the test split, save it to `out`.
     None means the kind's default (3 epochs at lr 1e-3 and batch 128 for images; 200 full-graph steps at lr
@@ -36,9 +36,11 @@ def train(builder: str, dataset: str, out: FilePath, epochs: int | None = None, 
 @runs_models
 def finetune(path: FilePath, out: FilePath, epochs: int = 2, lr: float | None = None, batch_size: int | None = None,
              data: DataOptions | None = None, seed: int = 0, progress: bool = True, auto_batch: bool = False,
-             device: Device = "auto", precision: str = "fp32", workers: int | None = None) -> Brick:
+             device: Device = "auto", precision: str | None = None, workers: int | None = None) -> Brick:
     """Train a model file (an assembly: its zero blocks too) on the training data of all its classes; save it.
-    A batch size too large for the memory available is refused before training, or lowered with `auto_batch`."""
+    A batch size too large for the memory available is refused before training, or lowered with `auto_batch`.
+    The model trains on `device`; `precision` applies to the accuracy check after training (recorded in the
+    provenance), `workers` to data loading."""
     data = data or DataOptions()
     check_output_path(out, inputs=[path])
     brick, kind = open_model(path, device)

@@ -12,7 +12,15 @@ from typing import Iterator, Sequence
 
 import torch
 from torch import nn
-from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler, Subset
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    Dataset,
+    RandomSampler,
+    SequentialSampler,
+    Subset,
+    default_collate,
+)
 
 from modellego import distributed, runtime
 from modellego.core.contributions import class_sums
@@ -319,8 +327,14 @@ def select_samples(model: nn.Module, data: Dataset | DataLoader, samples_per_cla
 @torch.no_grad()
 def _rescored(model: nn.Module, data: Dataset | DataLoader, shortlist: dict[int, tuple[torch.Tensor, torch.Tensor]],
               limit: int, batch_size: int) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-    """Per class, the `limit` most confident of its `shortlist` (positions in `data`), scored again in fp32."""
+    """Per class, the `limit` most confident of its `shortlist` (positions in `data`), scored again in fp32. A
+    DataLoader that reads its dataset in order with the default collation is read at the shortlist's positions
+    only; any other is read again whole."""
     device = runtime.device_of(model)
+    if isinstance(data, DataLoader):
+        sampler = data.batch_sampler.sampler if data.batch_sampler is not None else data.sampler
+        if isinstance(sampler, SequentialSampler) and data.collate_fn is default_collate:
+            data = data.dataset  # its positions are the dataset's indices
     positions = torch.cat([chosen for chosen, _ in shortlist.values()]) if shortlist else torch.empty(0, dtype=torch.long)
     labels = torch.cat([torch.full((len(chosen),), label, dtype=torch.long) for label, (chosen, _) in shortlist.items()]) \
         if shortlist else torch.empty(0, dtype=torch.long)

@@ -136,6 +136,17 @@ class CNN(ModelKind):
         for name, module in model.named_modules():
             if isinstance(module, nn.Conv2d) and module.out_channels % module.groups:
                 return f"{name} has {module.out_channels} output channels, not a multiple of its {module.groups} groups"
+            # checked here: the meta device's convolution does not check its bias
+            if isinstance(module, (nn.Conv2d, nn.Linear)) and module.bias is not None and \
+                    tuple(module.bias.shape) != (module.weight.shape[0],):
+                return (f"{name}.bias has shape {list(module.bias.shape)} but {name}.weight has "
+                        f"{module.weight.shape[0]} outputs")
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                sizes = {key: tuple(value.shape) for key, value in (("weight", module.weight), ("bias", module.bias),
+                         ("running_mean", module.running_mean), ("running_var", module.running_var))
+                         if value is not None}
+                if len(set(sizes.values())) > 1 or any(len(size) != 1 for size in sizes.values()):
+                    return f"{name}'s parameters and statistics differ in shape ({sizes})"
         merges = [module for module in model.modules() if isinstance(module, MergeOutputs)]
 
         def merged(module: MergeOutputs, logits: torch.Tensor) -> torch.Tensor:

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from modellego import runtime
 from modellego.core.assemble import AssemblyMode, check_members, scale_factors, scale_rows
 from modellego.core.channels import Feed
 from modellego.core.contributions import class_sums
@@ -622,7 +623,7 @@ class GCN(ModelKind):
         if len(features) > 1:
             raise ModellegoError(f"the components take different node features ({sorted(features)}); assemble "
                                  "components of models trained on the same graph features")
-        device = next(models[0].parameters()).device
+        device = runtime.device_of(models[0])
         return GraphParallel([copy.deepcopy(member).eval() for member in models], list(targets)).to(device)
 
     def assembly_architecture(self, members: Sequence[Brick], mode: AssemblyMode, model: nn.Module,
