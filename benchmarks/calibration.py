@@ -34,7 +34,7 @@ from modellego.commands import assembly, assembly_base, choose_calibration, comp
 from modellego.commands.assemble import scaled
 from modellego.core.assemble import assemble
 from modellego.core.evaluate import evaluate, predict
-from modellego.core.gates import CALIBRATIONS, GATES
+from modellego.core.gates import CALIBRATIONS, GATES, PER_SAMPLE
 from modellego.core.locate import locate
 from modellego.core.profile import profile
 from modellego.data.task import task_data
@@ -182,7 +182,10 @@ def run_row(out_dir: Path, row: dict, finetune_epochs: int) -> dict:
     spec = manifest.input
     started = time.monotonic()
     splits = [own_split(CNN(), task_data(member.manifest.classes, "train")) for member in scaled_members]
-    choice, record = choose_calibration(scaled_members, splits, targets)
+    candidates = ["scale", *GATES]  # every one measured; `auto` itself chooses among the data-free ones
+    _, record = choose_calibration(scaled_members, splits, targets, candidates=candidates)
+    data_free = {name: value for name, value in record["held_out_accuracy"].items() if name not in PER_SAMPLE}
+    choice = max(data_free, key=lambda name: (data_free[name], -candidates.index(name)))  # auto's rule and ties
     result["auto_seconds"] = time.monotonic() - started
     result["auto_choice"], result["auto_held_out"] = choice, record["held_out_accuracy"]
     for calibration in ("scale", *GATES):
@@ -207,7 +210,7 @@ def run_row(out_dir: Path, row: dict, finetune_epochs: int) -> dict:
         for calibration in dict.fromkeys([best, "scale"]):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                built = assembly(members, "padded", calibration=calibration)
+                built = assembly(members, "padded", calibration=calibration, store_training_data=True)
                 tuned, tuned_manifest = finetune(built.model, built.manifest, epochs=finetune_epochs, progress=False)
             result["score2"][calibration] = accuracy(tuned, tuned_manifest)
             log(f"{row['name']}: Score2 from {calibration} {100 * result['score2'][calibration]:.2f}%")

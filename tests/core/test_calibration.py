@@ -25,6 +25,7 @@ from modellego.core.gates import (
     KNN_NEIGHBOURS,
     NEAREST_NEIGHBOURS,
     NEAREST_SCALE,
+    PER_SAMPLE,
     SHRINKAGE,
     Calibrated,
     Gate,
@@ -264,7 +265,7 @@ def test_a_saved_calibrated_assembly_gives_the_same_logits_and_needs_no_data(mod
     for calibration in GATES:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            built = commands.assembly([first, second], mode, calibration=calibration)
+            built = commands.assembly([first, second], mode, calibration=calibration, store_training_data=True)
         path = tmp_path / f"{calibration}.safetensors"
         modellego.save(built.model, path, built.manifest)
         with monkeypatch.context() as patched:
@@ -288,7 +289,9 @@ def test_auto_chooses_on_own_held_out_training_images(digit_images):
     record = built.manifest.provenance["assembled"]
     choice = record["calibration_choice"]
     assert record["calibration"] == choice["chosen"] in CALIBRATIONS
-    assert set(choice["held_out_accuracy"]) == {"scale", *GATES}
+    # only data-free calibrations are candidates: auto never puts training images in a file
+    assert set(choice["held_out_accuracy"]) == {"scale", *GATES} - set(PER_SAMPLE)
+    assert "stored_training_data" not in record
     assert choice["held_out_accuracy"][choice["chosen"]] == max(choice["held_out_accuracy"].values())
     assert choice["held_out_samples"] > 0
 
@@ -335,6 +338,8 @@ def test_cli_names_the_missing_training_dataset(calibration, component_files, tm
     empty = tmp_path / "empty"
     empty.mkdir()
     options = ["--calibration", calibration] if calibration else []
+    if calibration == "knn":
+        options.append("--store-training-data")
     result = invoke("assemble", paths["fashion"], paths["digits-a"], *options, "--data-root", str(empty),
                     "--out", str(out))
     assert_user_error(result, "fashion-mnist", "not found")
@@ -349,3 +354,35 @@ def test_cli_refuses_an_unknown_calibration_and_a_contradiction(component_files,
     assert_user_error(invoke("assemble", paths["digits-a"], paths["digits-b"], "--calibration", "knn", "--no-scale",
                              "--out", str(out)), "--no-scale")
     assert not out.exists()
+
+
+@pytest.mark.parametrize("calibration", PER_SAMPLE)
+def test_cli_stores_training_data_only_when_told_and_says_so(calibration, component_files, tmp_path):
+    _, paths = component_files
+    out = tmp_path / "assembly.safetensors"
+    assert_user_error(invoke("assemble", paths["digits-a"], paths["digits-b"], "--calibration", calibration,
+                             "--out", str(out)), "--store-training-data", "training images")
+    assert not out.exists()
+    result = invoke("assemble", paths["digits-a"], paths["digits-b"], "--calibration", calibration,
+                    "--store-training-data", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    model = modellego.load(out).model
+    rows = sum(int(buffer.shape[0]) for name, buffer in model.named_buffers() if name.endswith("bank"))
+    stored = modellego.read_manifest(out).provenance["assembled"]["stored_training_data"]
+    assert stored["rows"] == rows > 0 and stored["calibration"] == calibration
+    assert f"the file holds training data: {rows:,}" in result.stdout
+    shown = invoke("info", str(out))
+    assert shown.returncode == 0 and f"{rows:,}" in shown.stdout and "training data held" in shown.stdout
+
+
+def test_info_says_when_a_file_holds_no_training_data_and_recognises_older_files(component_files, tmp_path):
+    _, paths = component_files
+    out = tmp_path / "assembly.safetensors"
+    assert invoke("assemble", paths["digits-a"], paths["digits-b"], "--calibration", "mahalanobis",
+                  "--out", str(out)).returncode == 0
+    manifest = modellego.read_manifest(out)
+    assert commands.stored_training_data(manifest) == []
+    assert "training data held" in invoke("info", str(out)).stdout
+    manifest.provenance["assembled"]["calibration"] = "nearest"  # as a file written before the rows were recorded
+    assert commands.stored_training_data(manifest) == [
+        "training images average-pooled to at most 32×32, one row per image (calibration nearest; rows not recorded)"]

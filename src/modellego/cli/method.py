@@ -157,8 +157,11 @@ def assemble(
     calibration: Optional[str] = typer.Option(
         None, "--calibration", help="How the assembly decides between its components: auto (default: the one "
         "that answers the components' own held-out training images best), scale (the paper's parameter scaling), "
-        "msp, energy, mahalanobis, knn, pattern, nearest (gates fitted on each component's own training images, stored in "
-        "the file), none."),
+        "msp, energy, mahalanobis, pattern (gates fitted on each component's own training images: class-level "
+        "statistics), knn, nearest (these store rows of the training images: need --store-training-data), none."),
+    store_training_data: bool = typer.Option(False, "--store-training-data", help="Allow a calibration that "
+                                             "stores rows of the components' training images in the file (knn, "
+                                             "nearest); anyone with the file can read them back."),
     data_root: Optional[Path] = DataRootOption,
     image_size: Optional[int] = ImageSizeOption,
     no_verify: bool = NoVerifyOption,
@@ -170,10 +173,13 @@ def assemble(
     if no_scale and calibration not in (None, "none"):
         raise ModellegoError(f"--no-scale contradicts --calibration {calibration}; give one of them")
     result = commands.assemble(components, out_path, mode, not no_scale, data_options(data_root, image_size, no_verify),
-                               calibration=calibration, **run_options(device, precision, workers))
+                               calibration=calibration, store_training_data=store_training_data,
+                               **run_options(device, precision, workers))
     model, manifest = result.brick
     how = f"auto: {result.calibration.value}" if result.choice and "chosen" in result.choice else result.calibration.value
     kind = kind_of(manifest.architecture)
     out.print(safe(f"assembled {len(components)} components ({result.mode.value}, calibration {how}): "
                    f"{len(manifest.classes)} classes, {count_params(model):,} params, "
                    f"{kind.count_flops(model, manifest.input):,} FLOPs -> {out_path}"))
+    for stored in commands.stored_training_data(manifest):
+        out.print(safe(f"the file holds training data: {stored}"))

@@ -222,6 +222,8 @@ def _info_rows(manifest) -> list[tuple[str, str]]:
             rows.append((f"{section}.{key}", json.dumps(value)))
         if len(entries) > MAX_ROWS:
             rows.append((f"{section}", f"… {len(entries) - MAX_ROWS:,} more entries (see --json)"))
+    stored = commands.stored_training_data(manifest)
+    rows.insert(4, ("training data held", "; ".join(stored) if stored else "none"))
     rows.append(("format", str(manifest.format_version)))
     return rows
 

@@ -11,7 +11,7 @@ import torch
 
 from modellego.commands.common import Device, FilePath, runs_models, runtime_options, union, write
 from modellego.core.assemble import AssemblyMode, check_members
-from modellego.core.gates import DEFAULT_TEMPERATURE, GATES, Calibration
+from modellego.core.gates import DEFAULT_TEMPERATURE, GATES, PER_SAMPLE, STORED_AS, Calibration, stored_rows
 from modellego.core.hashing import weights_hash
 from modellego.data.task import DataOptions
 from modellego.errors import ModellegoError
@@ -57,12 +57,13 @@ def choose_calibration(members: Sequence[Brick], splits: Sequence[tuple[Any, Any
     """The `auto` protocol: every candidate calibration (by default every one the members' kind has, the paper's
     scaling first) is fitted on each member's own fit samples only, then the assembly answers the union of all
     members' own held-out training samples (each labelled with its class in the assembly); the candidate with the
-    highest accuracy wins (ties: the earlier candidate). No test sample is used. Returns the winner and a record
-    (accuracies, and the winner's `stats`)."""
+    highest accuracy wins (ties: the earlier candidate). No test sample is used. The default candidates are the
+    data-free ones: a calibration that stores rows of training images (PER_SAMPLE) is never chosen for the user.
+    Returns the winner and a record (accuracies, and the winner's `stats`)."""
     kind = kind_of(members[0].manifest.architecture)
     spec = members[0].manifest.input
     if candidates is None:
-        candidates = [name for name in ("scale", *GATES) if name in kind.calibrations]
+        candidates = [name for name in ("scale", *GATES) if name in kind.calibrations and name not in PER_SAMPLE]
     offsets = [0]
     for _, manifest in members:
         offsets.append(offsets[-1] + len(manifest.classes))
@@ -104,19 +105,33 @@ def scaled(member: Brick, samples: Any, progress: bool = False) -> Brick:
 
 def assembly(members: Sequence[Brick], mode: AssemblyMode | str | None = None, scale_logits: bool = True,
              data: DataOptions | None = None, progress: bool = False, calibration: Calibration | str | None = None,
-             temperature: float = DEFAULT_TEMPERATURE) -> Brick:
+             temperature: float = DEFAULT_TEMPERATURE, store_training_data: bool = False) -> Brick:
     """One model answering the union of the members' classes (in order; a class shared by two members from the
     same dataset gets one output, the max of their logits), calibrated by `calibration` (README, "Calibrated
     assembly"): "none"; "scale" (the paper's; each member not scaled yet is scaled on its own task's training
     data); a gate, fitted on each member's own training samples; or "auto", the calibration that answers the
     members' own held-out training samples best. Without `calibration`, `scale_logits` chooses between "auto"
-    and "none". `mode`: the kind's default (padded for CNNs, parallel for GCNs) unless given."""
-    return _assembled(members, mode, scale_logits, data, progress, calibration, temperature).brick
+    and "none". `mode`: the kind's default (padded for CNNs, parallel for GCNs) unless given. A calibration that
+    stores rows of the components' training images (`knn`, `nearest`) needs `store_training_data`."""
+    return _assembled(members, mode, scale_logits, data, progress, calibration, temperature,
+                      store_training_data).brick
+
+
+def check_storage(calibration: Calibration | str | None, store_training_data: bool) -> None:
+    """Refuse, before any work, a calibration that would put training data in the file without the user's word."""
+    if calibration is None or store_training_data:
+        return
+    chosen = Calibration.parse(calibration)
+    if chosen.stores_samples:
+        raise ModellegoError(f"--calibration {chosen.value} stores rows of the components' training images in the "
+                             f"file (up to {FIT_PER_CLASS:,} per class: {STORED_AS[chosen.value]}); add "
+                             "--store-training-data to allow it, or choose a data-free calibration (auto, scale, "
+                             "msp, energy, mahalanobis, pattern)")
 
 
 def _assembled(members: Sequence[Brick], mode: AssemblyMode | str | None, scale_logits: bool,
                data: DataOptions | None, progress: bool, calibration: Calibration | str | None,
-               temperature: float) -> Assembled:
+               temperature: float, store_training_data: bool = False) -> Assembled:
     """`assembly`, with the mode and calibration it used and how `auto` chose."""
     members = [Brick(*member) for member in members]
     check_members(len(members))
@@ -129,6 +144,7 @@ def _assembled(members: Sequence[Brick], mode: AssemblyMode | str | None, scale_
     kind.check_mode(mode)
     calibration = Calibration.parse(calibration or ("auto" if scale_logits else "none"))
     kind.check_calibration(calibration)
+    check_storage(calibration, store_training_data)
     first = members[0].manifest.input
     for _, manifest in members[1:]:
         if manifest.input.describe() != first.describe():
@@ -153,8 +169,10 @@ def _assembled(members: Sequence[Brick], mode: AssemblyMode | str | None, scale_
         record.update(fit_samples=[len(fit) for fit, _ in splits])
     model = kind.assemble([model for model, _ in members], first, mode, targets, calibration, stats, temperature)
     architecture = kind.assembly_architecture(members, mode, model, len(classes))
+    stored = stored_rows(calibration, stats)
     provenance = {"assembled": {"mode": mode.value, "scaled": calibration != Calibration.NONE,
                                 "calibration": calibration.value,
+                                **({"stored_training_data": stored} if stored else {}),
                                 **({"calibration_choice": record} if record else {}),
                                 "components": [{"hash": weights_hash(m), "classes": mf.class_names,
                                                 "provenance": mf.provenance, "metrics": mf.metrics}
@@ -168,9 +186,10 @@ def _assembled(members: Sequence[Brick], mode: AssemblyMode | str | None, scale_
 def assemble(paths: Sequence[FilePath], out: FilePath, mode: AssemblyMode | str | None = None,
              scale_logits: bool = True, data: DataOptions | None = None, progress: bool = True,
              calibration: Calibration | str | None = None, temperature: float = DEFAULT_TEMPERATURE,
-             device: Device = "auto", precision: str | None = None, workers: int | None = None) -> Assembled:
+             store_training_data: bool = False, device: Device = "auto", precision: str | None = None, workers: int | None = None) -> Assembled:
     """Assemble component files into one model answering the union of their classes, calibrated by
-    `calibration` (see `assembly`), and save it; a gate's statistics travel in the file. The members run on
+    `calibration` (see `assembly`), and save it; a gate's statistics travel in the file (rows of training images
+    only for `knn` / `nearest`, which need `store_training_data`). The members run on
     `device`; `precision` applies to gate fitting and the choice of calibration, never to the scaling factors;
     `workers` to data loading."""
     check_output_path(out, inputs=list(paths))
@@ -185,6 +204,6 @@ def assemble(paths: Sequence[FilePath], out: FilePath, mode: AssemblyMode | str 
         "--no-verify": data is not None and not data.verify, **runtime_options(precision, workers)})
     for member in members:
         member.model.to(device)
-    result = _assembled(members, mode, scale_logits, data, progress, calibration, temperature)
+    result = _assembled(members, mode, scale_logits, data, progress, calibration, temperature, store_training_data)
     write(result.brick.model, out, result.brick.manifest)
     return result

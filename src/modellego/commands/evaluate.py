@@ -16,6 +16,7 @@ from modellego.commands.common import (
     source_baselines,
 )
 from modellego.core.evaluate import accuracy_of, count_params
+from modellego.core.gates import PER_SAMPLE, STORED_AS
 from modellego.data.subsets import per_class_slice
 from modellego.data.task import DataOptions
 from modellego.errors import ModellegoError
@@ -92,6 +93,28 @@ class ProfileInfo:
     classes: list[tuple[int, str, int]]
     digest: str
     bytes: int
+
+
+def stored_training_data(manifest: Manifest) -> list[str]:
+    """What of its components' training images a model file holds, one line per assembly in its lineage that
+    stores some (a `knn` or `nearest` gate); empty when it holds none. Files written before the rows were
+    recorded are recognised by their calibration."""
+    found: list[str] = []
+    pending: list = [manifest.provenance]
+    while pending:
+        record = pending.pop(0)
+        if isinstance(record, dict):
+            assembled = record.get("assembled")
+            if isinstance(assembled, dict) and assembled.get("calibration") in PER_SAMPLE:
+                stored = assembled.get("stored_training_data")
+                calibration = assembled["calibration"]
+                found.append(f"{stored['rows']:,} {STORED_AS[calibration]} (calibration {calibration})"
+                             if isinstance(stored, dict) and isinstance(stored.get("rows"), int)
+                             else f"{STORED_AS[calibration]} (calibration {calibration}; rows not recorded)")
+            pending.extend(record.values())
+        elif isinstance(record, list):
+            pending.extend(record)
+    return found
 
 
 def info(path: FilePath) -> Manifest | ProfileInfo:

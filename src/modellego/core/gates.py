@@ -66,9 +66,29 @@ class Calibration(Choice):
     def is_gate(self) -> bool:
         return self.value in GATES
 
+    @property
+    def stores_samples(self) -> bool:
+        """Whether the calibration keeps rows of the components' training images in the file."""
+        return self.value in PER_SAMPLE
+
+
+def stored_rows(calibration: Calibration, stats: Sequence[dict[str, Tensor]] | None) -> dict | None:
+    """What a calibration's statistics hold of the training images, for a manifest: None for a data-free one."""
+    if not calibration.stores_samples or not stats:
+        return None
+    rows = [int(own["bank"].shape[0]) for own in stats]
+    return {"calibration": calibration.value, "what": STORED_AS[calibration.value], "rows": sum(rows),
+            "rows_per_component": rows}
+
 
 GATES = ("msp", "energy", "mahalanobis", "knn", "pattern", "nearest")
 CALIBRATIONS = ("none", "scale", *GATES)
+# Gates whose statistics are rows of the components' own training images (`knn`: each image's normalised
+# classifier-input features; `nearest`: each image, pooled): a file holding them holds training data. The others
+# keep class-level statistics (means, a shared precision, class profiles) or nothing.
+PER_SAMPLE = ("knn", "nearest")
+STORED_AS = {"knn": "classifier-input feature rows, one per training image",
+             "nearest": "training images average-pooled to at most 32×32, one row per image"}
 FEATURE_GATES = ("mahalanobis", "knn")
 KNN_NEIGHBOURS = 10
 NEAREST_NEIGHBOURS = 5
