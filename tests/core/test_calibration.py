@@ -324,6 +324,8 @@ def test_cli_assembles_with_a_gate_and_finetunes_it(component_files):
     result = invoke("assemble", paths["digits-a"], paths["digits-b"], "--calibration", "mahalanobis", "--out", str(out))
     assert result.returncode == 0, result.stderr
     assert "calibration mahalanobis" in result.stdout
+    side_by_side = sum(p.numel() for name in ("digits-a", "digits-b") for p in modellego.load(paths[name]).model.parameters())
+    assert f"the components side by side: {side_by_side:,} params" in result.stdout
     assert modellego.read_manifest(out).architecture["gate"]["method"] == "mahalanobis"
     score = json.loads(invoke("eval", str(out), "--json").stdout)
     assert 0 <= score["accuracy"] <= 1

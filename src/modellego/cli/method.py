@@ -178,8 +178,11 @@ def assemble(
     model, manifest = result.brick
     how = f"auto: {result.calibration.value}" if result.choice and "chosen" in result.choice else result.calibration.value
     kind = kind_of(manifest.architecture)
+    params, flops = count_params(model), kind.count_flops(model, manifest.input)
     out.print(safe(f"assembled {len(components)} components ({result.mode.value}, calibration {how}): "
-                   f"{len(manifest.classes)} classes, {count_params(model):,} params, "
-                   f"{kind.count_flops(model, manifest.input):,} FLOPs -> {out_path}"))
+                   f"{len(manifest.classes)} classes, {params:,} params, {flops:,} FLOPs -> {out_path}"))
+    out.print(safe(f"the components side by side: {result.members_params:,} params, {result.members_flops:,} FLOPs "
+                   f"({params / max(1, result.members_params):.2f}× and {flops / max(1, result.members_flops):.2f}× "
+                   f"in this {result.mode.value} assembly)"))
     for stored in commands.stored_training_data(manifest):
         out.print(safe(f"the file holds training data: {stored}"))

@@ -11,6 +11,7 @@ import torch
 
 from modellego.commands.common import Device, FilePath, runs_models, runtime_options, union, write
 from modellego.core.assemble import AssemblyMode, check_members
+from modellego.core.evaluate import count_params
 from modellego.core.gates import DEFAULT_TEMPERATURE, GATES, PER_SAMPLE, STORED_AS, Calibration, stored_rows
 from modellego.core.hashing import weights_hash
 from modellego.data.task import DataOptions
@@ -33,6 +34,8 @@ class Assembled:
     mode: AssemblyMode
     calibration: Calibration
     choice: dict | None = None
+    members_params: int = 0  # the components' own parameters and FLOPs, summed: what they cost side by side
+    members_flops: int = 0
 
 
 def own_split(kind: ModelKind, train: Any, fit_per_class: int = FIT_PER_CLASS,
@@ -179,7 +182,8 @@ def _assembled(members: Sequence[Brick], mode: AssemblyMode | str | None, scale_
                                                for m, mf in members]}}
     brick = Brick(model, Manifest(architecture=architecture, classes=classes, input=first, kind="assembly",
                                   provenance=provenance))
-    return Assembled(brick, mode, calibration, record or None)
+    return Assembled(brick, mode, calibration, record or None, sum(count_params(m) for m, _ in members),
+                     sum(kind.count_flops(m, mf.input) for m, mf in members))
 
 
 @runs_models
