@@ -202,7 +202,8 @@ def results_block(rows: list[dict], sources: dict, elapsed: float, failures: lis
                      else f"| {s['label']} | {s['width']:g} | {s['epochs']} | {s['lr']:g} | failed | | |")
     parts += ["", "Components (each task's test images; `pure` = the paper's method, α_conv 0.3, β_conv 0.2, "
               "α_fc 0.4, β_fc 0.3, `--no-reconstruct`; `reconstruct` = the same α/β with reconstruction on the "
-              "profile's 50 images per class of the task (the default); `reconstruct-300` = the same on 300 "
+              "default images (enough to determine every re-fitted layer, README \"Reconstruction\"; the "
+              "profile's 50 per class when they are enough); `reconstruct-300` = the same on 300 "
               "training images per class (`--reconstruct-samples 300`); `auto` = `--auto --max-drop 1.0` with reconstruction):", "", table(rows), ""]
     for setting in dict.fromkeys(r["setting"] for r in rows):
         within = [r for r in rows if r["setting"] == setting and not r.get("error")]

@@ -26,8 +26,18 @@ from modellego.core.evaluate import count_flops, count_params
 from modellego.core.hashing import weights_hash
 from modellego.core.layers import execution_order, parameter_layers
 from modellego.core.locate import Thresholds, locate
-from modellego.core.reconstruct import LayerFit, NormalEquations, component_fits, reconstruct, reconstruct_component
+from modellego.core.reconstruct import (
+    LayerFit,
+    NormalEquations,
+    component_fits,
+    images_to_determine,
+    reconstruct,
+    reconstruct_component,
+)
+from modellego.data.spec import InputSpec
 from modellego.io.manifest import Brick
+from modellego.io.profiles import load_profile
+from modellego.models.classifier import classifier
 
 
 def random_source(builder: str, width: float, classes: int = 5):
@@ -373,3 +383,31 @@ def test_cli_refuses_bad_reconstruction_options(files, tmp_path):
     assert_user_error(invoke(*base, "--auto", "--grid-step", "0"), "--grid-step")
     assert_user_error(invoke(*base, "--grid-step", "0.05"), "--grid-step only applies with --auto")
     assert not out.exists()
+
+
+def test_images_to_determine_counts_rows_per_unknown_of_every_layer():
+    """Against the counts written out by hand: LeNet-5 on 1×28×28 has conv1 (1·5·5+1 unknowns, 28·28 positions),
+    conv2 (6·5·5+1, 10·10), fc1 (16·5·5+1, one row per image), fc2 (121), fc3 (85)."""
+    model = classifier("lenet5", InputSpec(1, (28, 28), (0.5,), (0.5,)), 10, 1.0)
+    by_hand = max(-(-4 * 26 // 784), -(-4 * 151 // 100), 4 * 401, 4 * 121, 4 * 85)
+    assert images_to_determine(model, (1, 28, 28)) == by_hand == 1604
+    assert images_to_determine(model, (1, 28, 28), rows_per_unknown=1) == 401
+
+
+def test_default_reconstruction_reads_enough_images_to_determine_the_layers(lenet, tmp_path):
+    """No flag: LeNet-5's 401-unknown fc1 needs 1604 images, 802 per class of a 2-class task (drawn from the
+    model's training split); `--reconstruct-samples` still decides when given; a profile whose images suffice
+    keeps them."""
+    profile = tmp_path / "p"
+    commands.profile(lenet.path, profile, samples_per_class=10, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = commands.disassemble(lenet.path, profile, "Trouser,Bag", tmp_path / "c", progress=False)
+        given = commands.disassemble(lenet.path, profile, "Trouser,Bag", tmp_path / "d", progress=False,
+                                     reconstruct_samples=30)
+    assert result.brick.manifest.provenance["disassembled"]["reconstruction"]["images"] == 1604
+    assert given.brick.manifest.provenance["disassembled"]["reconstruction"]["images"] == 60
+    kind = modellego.kinds.kind_of(result.brick.manifest.architecture)
+    small = classifier("lenet5", InputSpec(1, (28, 28), (0.5,), (0.5,)), 10, 1.0)
+    roomy = dataclasses.replace(load_profile(profile), samples_per_class=2000)
+    assert kind.default_reconstruction_per_class(small, roomy, [0, 1]) is None  # the profile's images suffice

@@ -193,7 +193,8 @@ def disassemble(model_path: FilePath, profile_path: FilePath, classes: str | Seq
     kind.check_profile(source.model, profile)
     task = list(range(len(positions)))  # the profile's rows: the task's classes, in the task's order
     train = kind.data(source.manifest, "train", data)
-    samples = kind.reconstruction_samples(train, profile, task, reconstruct_samples, seed) if reconstruct else None
+    samples = (kind.reconstruction_samples(train, profile, task, reconstruct_samples, seed, source.model)
+               if reconstruct else None)
     graph = kind.channels(source.model, source.manifest.input)  # traced once: search, locate, cut
     search, built, auto_record = None, None, None
     if auto:

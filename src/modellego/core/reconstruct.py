@@ -205,6 +205,41 @@ def reestimate_batchnorm(model: nn.Module, dataset: Dataset | torch.Tensor, samp
     return count
 
 
+# By default a re-fit reads enough images that every re-fitted layer has at least this many rows (images × its
+# output positions) per unknown of its least-squares problem (its design width: inputs per group × kernel + 1).
+ROWS_PER_UNKNOWN = 4
+RECONSTRUCT_MAX_PER_CLASS = 1000  # ... but at most this many images per class of the task
+
+
+@torch.no_grad()
+def images_to_determine(model: nn.Module, input_shape: tuple[int, ...], rows_per_unknown: int = ROWS_PER_UNKNOWN
+                        ) -> int:
+    """The fewest images that give every Conv2d/Linear layer of `model` at least `rows_per_unknown` rows per
+    unknown of its re-fit: a Linear layer gets one row per image (per position of its middle dims), a conv one per
+    output position; its unknowns are its inputs per group × kernel size, plus the offset."""
+    needed = [1]
+
+    def hook(layer: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        if isinstance(layer, nn.Conv2d):
+            unknowns = layer.in_channels // layer.groups * layer.kernel_size[0] * layer.kernel_size[1] + 1
+            positions = output.shape[2] * output.shape[3]
+        else:
+            unknowns = layer.in_features + 1
+            positions = math.prod(output.shape[1:-1])
+        needed.append(math.ceil(rows_per_unknown * unknowns / max(1, positions)))
+
+    layers = [module for module in model.modules() if isinstance(module, (nn.Conv2d, nn.Linear))]
+    handles = [layer.register_forward_hook(hook) for layer in layers]
+    was_training = model.training
+    try:
+        model.eval()(torch.zeros(1, *input_shape, device=runtime.device_of(model)))
+    finally:
+        model.train(was_training)
+        for handle in handles:
+            handle.remove()
+    return max(needed)
+
+
 class NormalEquations:
     """XᵀX and XᵀY of a least-squares fit Y ≈ X·W, for G independent groups (a grouped conv's groups), summed
     batch by batch in float64 on the rows' device (a GPU's rows never cross to the CPU): memory is G·d·(d + o)

@@ -235,11 +235,19 @@ class ModelKind(ABC):
 
     # --- shared ----------------------------------------------------------------------------------------------------
 
+    def default_reconstruction_per_class(self, model: nn.Module, profile: Profile, task: list[int]) -> int | None:
+        """How many training samples per class a re-fit reads when the user does not say: None, the profile's
+        own samples of the task (a kind whose re-fits need more says how many)."""
+        return None
+
     def reconstruction_samples(self, train: Any, profile: Profile, task: list[int], per_class: int | None = None,
-                               seed: int = 0) -> Any:
-        """The samples reconstruction re-fits on: by default the profile's own samples of the task's classes (no
-        more data than profiling used); with `per_class`, that many of each task class drawn with `seed` from
-        the training samples (all of a class when it has fewer). `task`: rows of the profile."""
+                               seed: int = 0, model: nn.Module | None = None) -> Any:
+        """The samples reconstruction re-fits on: with `per_class`, that many of each task class drawn with `seed`
+        from the training samples (all of a class when it has fewer); without, the kind's default for `model`
+        (`default_reconstruction_per_class`), else the profile's own samples of the task's classes. `task`: rows
+        of the profile."""
+        if per_class is None and model is not None:
+            per_class = self.default_reconstruction_per_class(model, profile, task)
         if per_class is None and profile.dataset == train.name:
             chosen = torch.isin(profile.sample_labels, torch.tensor(task))
             return self.subset(train, profile.samples[chosen].sort().values)

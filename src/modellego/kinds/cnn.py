@@ -5,6 +5,7 @@ verbs are the core's functions on images."""
 from __future__ import annotations
 
 import copy
+import math
 import warnings
 from typing import Any, Iterator, Sequence
 
@@ -23,7 +24,13 @@ from modellego.core.layers import channel_pairs
 from modellego.core.locate import ComponentMasks, FlattenRule, Thresholds, locate
 from modellego.core.modules import MergeOutputs, Parallel
 from modellego.core.profile import ClassRecord, Profile, ProfilePlan, class_records, plan_profile, profile
-from modellego.core.reconstruct import Reconstruction, reconstruct_component
+from modellego.core.reconstruct import (
+    IN_MEMORY,
+    RECONSTRUCT_MAX_PER_CLASS,
+    Reconstruction,
+    images_to_determine,
+    reconstruct_component,
+)
 from modellego.core.samples import SampleSubset
 from modellego.core.search import ImageCandidates, SearchResult, restricted_base, search, validation_data
 from modellego.core.support import check_supported
@@ -255,6 +262,16 @@ class CNN(ModelKind):
 
     def component_architecture(self, source: Manifest, component: nn.Module, task: list[int]) -> dict[str, Any]:
         return dict(source.architecture, num_classes=len(task))
+
+    def default_reconstruction_per_class(self, model: nn.Module, profile: Profile, task: list[int]) -> int | None:
+        """Enough images to determine every re-fitted layer (`images_to_determine`: ROWS_PER_UNKNOWN rows per
+        unknown), spread over the task's classes, at most RECONSTRUCT_MAX_PER_CLASS per class and at most what
+        fits in memory as one tensor; the profile's own samples when they are enough."""
+        shape = tuple(profile.input_shape)
+        needed = images_to_determine(model, shape)
+        fitting = IN_MEMORY // math.prod(shape)  # beyond this, every layer's pass would decode the images again
+        per_class = min(math.ceil(needed / len(task)), RECONSTRUCT_MAX_PER_CLASS, max(1, fitting // len(task)))
+        return per_class if per_class > profile.samples_per_class else None
 
     def reconstruct(self, component: nn.Module, source: nn.Module, cut: Cut, samples: Dataset,
                     ridge: float) -> Reconstruction:
