@@ -268,6 +268,8 @@ class CNN(ModelKind):
         unknown), spread over the task's classes, at most RECONSTRUCT_MAX_PER_CLASS per class and at most what
         fits in memory as one tensor; the profile's own samples when they are enough."""
         shape = tuple(profile.input_shape)
+        if not shape:  # a profile that does not record its input shape (format 1): its own images, as before
+            return None
         needed = images_to_determine(model, shape)
         fitting = IN_MEMORY // math.prod(shape)  # beyond this, every layer's pass would decode the images again
         per_class = min(math.ceil(needed / len(task)), RECONSTRUCT_MAX_PER_CLASS, max(1, fitting // len(task)))
