@@ -21,7 +21,6 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -29,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from modellego.benchmarking.timing import timed
 from modellego.core.contributions import contributions
 
 VGG16 = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]
@@ -122,13 +122,7 @@ def median_ms(fn: Callable[[], object], repeats: int, warmup: int, device: torch
     """Median wall time of fn in milliseconds, after warm-up (synchronising on CUDA)."""
 
     def run() -> float:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return (time.perf_counter() - start) * 1e3
+        return timed(fn, device) * 1e3
 
     for _ in range(warmup):
         run()

@@ -28,13 +28,13 @@ import argparse
 import json
 import platform
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 from torch.utils.data import Dataset
 
 from modellego import commands, runtime
+from modellego.benchmarking.timing import timed
 from modellego.commands.demo import demo_dataset
 from modellego.core.cut import disassemble
 from modellego.core.locate import PAPER, locate
@@ -70,16 +70,7 @@ class Labelled(Dataset):
 def _best(run, repeats: int, device: torch.device) -> float:
     """The shortest of `repeats` timed runs of `run()` (after one untimed run), in seconds."""
     run()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        started = time.perf_counter()
-        run()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - started)
-    return min(times)
+    return min(timed(run, device) for _ in range(repeats))
 
 
 def throughput(builder: str, width: float, size: int, count: int, device: torch.device, precision: str,

@@ -9,7 +9,7 @@ from typing import Any, Sequence
 
 import torch
 
-from modellego.commands.common import Device, FilePath, runs_models, runtime_options, union, write
+from modellego.commands.common import Device, FilePath, open_model, runs_models, runtime_options, union, write
 from modellego.core.assemble import AssemblyMode, check_members
 from modellego.core.evaluate import count_params
 from modellego.core.gates import DEFAULT_TEMPERATURE, GATES, PER_SAMPLE, STORED_AS, Calibration, stored_rows
@@ -18,7 +18,6 @@ from modellego.data.task import DataOptions
 from modellego.errors import ModellegoError
 from modellego.io.atomic import check_output_path
 from modellego.io.manifest import Brick, Manifest
-from modellego.io.modelfile import load
 from modellego.kinds import ModelKind, kind_of
 
 FIT_PER_CLASS = 1000     # own training samples per class a gate's statistics are fitted on
@@ -202,12 +201,10 @@ def assemble(paths: Sequence[FilePath], out: FilePath, mode: AssemblyMode | str 
         AssemblyMode.parse(mode)
     if calibration is not None:
         Calibration.parse(calibration)
-    members = [load(path) for path in paths]
+    members = [open_model(path, device)[0] for path in paths]
     kind_of(members[0].manifest.architecture).check_options({
         "--image-size": data is not None and data.image_size is not None,
         "--no-verify": data is not None and not data.verify, **runtime_options(precision, workers)})
-    for member in members:
-        member.model.to(device)
     result = _assembled(members, mode, scale_logits, data, progress, calibration, temperature, store_training_data)
     write(result.brick.model, out, result.brick.manifest)
     return result

@@ -20,7 +20,7 @@ from modellego.core.gates import PER_SAMPLE, STORED_AS
 from modellego.data.subsets import per_class_slice
 from modellego.data.task import DataOptions
 from modellego.errors import ModellegoError
-from modellego.io.manifest import Manifest
+from modellego.io.manifest import Manifest, provenance_records
 from modellego.io.modelfile import read_manifest
 from modellego.io.profiles import PROFILE_KEY, ProfileFile
 from modellego.io.safetensors import read_raw
@@ -100,20 +100,14 @@ def stored_training_data(manifest: Manifest) -> list[str]:
     stores some (a `knn` or `nearest` gate); empty when it holds none. Files written before the rows were
     recorded are recognised by their calibration."""
     found: list[str] = []
-    pending: list = [manifest.provenance]
-    while pending:
-        record = pending.pop(0)
-        if isinstance(record, dict):
-            assembled = record.get("assembled")
-            if isinstance(assembled, dict) and assembled.get("calibration") in PER_SAMPLE:
-                stored = assembled.get("stored_training_data")
-                calibration = assembled["calibration"]
-                found.append(f"{stored['rows']:,} {STORED_AS[calibration]} (calibration {calibration})"
-                             if isinstance(stored, dict) and isinstance(stored.get("rows"), int)
-                             else f"{STORED_AS[calibration]} (calibration {calibration}; rows not recorded)")
-            pending.extend(record.values())
-        elif isinstance(record, list):
-            pending.extend(record)
+    for record in provenance_records(manifest.provenance):
+        assembled = record.get("assembled")
+        if isinstance(assembled, dict) and assembled.get("calibration") in PER_SAMPLE:
+            stored = assembled.get("stored_training_data")
+            calibration = assembled["calibration"]
+            found.append(f"{stored['rows']:,} {STORED_AS[calibration]} (calibration {calibration})"
+                         if isinstance(stored, dict) and isinstance(stored.get("rows"), int)
+                         else f"{STORED_AS[calibration]} (calibration {calibration}; rows not recorded)")
     return found
 
 

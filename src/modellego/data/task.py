@@ -13,6 +13,7 @@ from torch.utils.data import Dataset
 from modellego.core.samples import SampleSubset, resolve_classes
 from modellego.data.datasets import RESIZABLE, load
 from modellego.errors import ModellegoError
+from modellego.io.manifest import provenance_records
 
 if TYPE_CHECKING:
     from modellego.io.manifest import ClassRef, Manifest
@@ -65,15 +66,9 @@ def data_root_hints(provenance: dict) -> dict[str, str]:
     """The data roots a model's lineage was trained from, by dataset name (components and assemblies carry
     their sources' provenance, so these are found at any depth; the outermost record of a dataset wins)."""
     hints: dict[str, str] = {}
-    pending: list = [provenance]
-    while pending:
-        record = pending.pop(0)
-        if isinstance(record, dict):
-            if isinstance(record.get("dataset"), str) and isinstance(record.get("data_root"), str):
-                hints.setdefault(record["dataset"], record["data_root"])
-            pending.extend(record.values())
-        elif isinstance(record, list):
-            pending.extend(record)
+    for record in provenance_records(provenance):
+        if isinstance(record.get("dataset"), str) and isinstance(record.get("data_root"), str):
+            hints.setdefault(record["dataset"], record["data_root"])
     return hints
 
 

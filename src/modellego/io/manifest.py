@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, NamedTuple, Protocol
+from typing import Any, Callable, Iterator, NamedTuple, Protocol
 
 from torch import nn
 
@@ -102,6 +102,19 @@ class Manifest:
                        format_version=version)
         except Invalid as error:
             raise ModellegoError(f"{source} has a damaged modellego manifest ({error})") from None
+
+
+def provenance_records(provenance: Any) -> Iterator[dict]:
+    """Every record (dict) in a provenance, at any depth, outermost first: components and assemblies carry their
+    sources' provenance inside their own."""
+    pending: list = [provenance]
+    while pending:
+        record = pending.pop(0)
+        if isinstance(record, dict):
+            yield record
+            pending.extend(record.values())
+        elif isinstance(record, list):
+            pending.extend(record)
 
 
 def _class_ref(value: Any, field: str) -> ClassRef:
