@@ -105,8 +105,9 @@ def test_bad_assembly_input(components, tmp_path):
     modellego.save(classifier("resnet18", digits_spec, 2, 0.125), resnet, Manifest(
         {"builder": "resnet18", "in_channels": 1, "num_classes": 2, "width": 0.125},
         [ClassRef("3", "digits", 3), ClassRef("4", "digits", 4)], digits_spec, kind="component"))
-    assert_user_error(invoke("assemble", paths["digits"], str(resnet), "--no-scale", "--out", str(out)),
-                      "--mode parallel")
+    # different architectures: padded mode refuses them, the default (parallel) takes them side by side
+    assert_user_error(invoke("assemble", paths["digits"], str(resnet), "--no-scale", "--mode", "padded",
+                             "--out", str(out)), "--mode parallel")
     assert_user_error(invoke("assemble", paths["digits"], str(resnet), "--mode", "stacked", "--out", str(out)), "mode")
     assert_user_error(invoke("finetune", paths["digits"], "--epochs", "0", "--out", str(out)), "--epochs")
     assert not out.exists()

@@ -11,6 +11,9 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+from safetensors.torch import save_file
 from torch import nn
 from torch.utils.data import TensorDataset
 
@@ -31,6 +34,7 @@ from modellego.core.gates import (
     Gate,
     fit,
 )
+from modellego.core.joint import joint_layers, solve
 from modellego.core.modules import Parallel
 from modellego.data.spec import InputSpec
 from modellego.errors import ModellegoError
@@ -290,10 +294,113 @@ def test_auto_chooses_on_own_held_out_training_images(digit_images):
     choice = record["calibration_choice"]
     assert record["calibration"] == choice["chosen"] in CALIBRATIONS
     # only data-free calibrations are candidates: auto never puts training images in a file
-    assert set(choice["held_out_accuracy"]) == {"scale", *GATES} - set(PER_SAMPLE)
+    assert set(choice["held_out_accuracy"]) == {"scale", *GATES, "joint"} - set(PER_SAMPLE)
     assert "stored_training_data" not in record
     assert choice["held_out_accuracy"][choice["chosen"]] == max(choice["held_out_accuracy"].values())
     assert choice["held_out_samples"] > 0
+
+
+# --- the joint head (joint.py) ---------------------------------------------------------------------------------
+
+@settings(max_examples=25, deadline=None)
+@given(count=st.integers(3, 40), width=st.integers(1, 6), classes=st.integers(2, 4), ridge=st.floats(1e-4, 1.0),
+       seed=st.integers(0, 2**16))
+@example(count=5, width=4, classes=3, ridge=1e-2, seed=0)
+def test_the_joint_head_is_the_ridge_least_squares_solution(count, width, classes, ridge, seed):
+    """solve() from the sums equals torch.linalg.lstsq on the augmented system: features and a column of ones
+    against the one-hot labels, plus sqrt(λn)·diag(σ) rows (the ridge on standardised features, intercept free)."""
+    generator = torch.Generator().manual_seed(seed)
+    features = torch.randn(count, width, generator=generator, dtype=torch.float64) * \
+        torch.rand(width, generator=generator, dtype=torch.float64).add(0.1) * 5 + torch.randn(width, dtype=torch.float64,
+                                                                                           generator=generator)
+    labels = torch.randint(0, classes, (count,), generator=generator)
+    onehot = F.one_hot(labels, classes).double()
+    weight, bias = solve(features.T @ features, features.T @ onehot, features.sum(0), onehot.sum(0), count, ridge)
+    spread = features.std(0, unbiased=False)
+    design = torch.cat([torch.cat([features, torch.ones(count, 1, dtype=torch.float64)], 1),
+                        torch.cat([math.sqrt(ridge * count) * torch.diag(spread),
+                                   torch.zeros(width, 1, dtype=torch.float64)], 1)])
+    answers = torch.cat([onehot, torch.zeros(width, classes, dtype=torch.float64)])
+    reference = torch.linalg.lstsq(design, answers, driver="gelsd").solution                    # (D + 1) × K
+    assert torch.allclose(weight, reference[:-1].T, atol=1e-7, rtol=1e-6)
+    assert torch.allclose(bias, reference[-1], atol=1e-7, rtol=1e-6)
+
+
+def test_a_constant_feature_gets_no_weight():
+    features = torch.cat([torch.randn(30, 3, dtype=torch.float64), torch.full((30, 1), 7.0, dtype=torch.float64)], 1)
+    onehot = F.one_hot(torch.arange(30) % 2, 2).double()
+    weight, _ = solve(features.T @ features, features.T @ onehot, features.sum(0), onehot.sum(0), 30)
+    assert torch.all(weight[:, 3] == 0) and torch.isfinite(weight).all()
+
+
+def test_the_joint_head_reads_every_linear_input_within_its_budget(digit_images):
+    """LeNet-5: its three Linear layers' inputs; a budget below the flattened features keeps the later two."""
+    component = digit_component("lenet5", 1.0, "0,3", seed=1).model
+    names = [name for name, module in component.named_modules() if isinstance(module, nn.Linear)]
+    assert joint_layers(component, (1, 28, 28), 10**6) == names
+    assert joint_layers(component, (1, 28, 28), 300) == names[1:]
+    assert joint_layers(component, (1, 28, 28), 1) == names[-1:]  # the classifier's input, whatever its width
+
+
+@pytest.mark.parametrize("mode", ["padded", "parallel"])
+def test_a_joint_assembly_answers_from_all_features_and_loads_without_data(mode, digit_images, tmp_path, monkeypatch):
+    """The head's logits are weight · [features of every component] + bias, by hand; the file reloads exactly and
+    holds the head (ordinary weights), no training image."""
+    first = digit_component("lenet5", 1.0, "0,3", seed=1)
+    second = digit_component("lenet5", 1.0, "5,7,9", seed=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        built = commands.assembly([first, second], mode, calibration="joint")
+    record = built.manifest.provenance["assembled"]
+    assert record["calibration"] == "joint" and "stored_training_data" not in record
+    head = built.model.head.linear
+    images = digit_images[:6]
+    by_hand = []
+    for member in (first, second):
+        features = []
+        member.model(images)  # warm: the hooks below record one pass
+        modules = dict(member.model.named_modules())
+        for name in record["calibration_choice"]["joint_head"]["layers"][len(by_hand)]:
+            seen = []
+            handle = modules[name].register_forward_pre_hook(lambda m, a: seen.append(a[0].flatten(1)))
+            member.model(images)
+            handle.remove()
+            features.append(seen[0])
+        by_hand.append(torch.cat(features, 1))
+    with torch.no_grad():
+        expected = torch.cat(by_hand, 1) @ head.weight.T + head.bias
+        assert torch.allclose(built.model(images), expected, atol=1e-5)
+    path = tmp_path / "joint.safetensors"
+    modellego.save(built.model, path, built.manifest)
+    with monkeypatch.context() as patched:
+        def no_data(*args, **kwargs):
+            raise AssertionError("a loaded assembly read a dataset")
+        patched.setattr("modellego.data.datasets.load", no_data)
+        patched.setattr("modellego.data.task.load", no_data)
+        model, manifest = modellego.load(path)
+        with torch.no_grad():
+            assert torch.equal(model(images), built.model(images))
+    assert manifest.architecture["joint"]["classes"] == 5
+    assert not any("bank" in name for name, _ in model.named_buffers())
+
+
+def test_a_hostile_joint_head_record_is_refused(tmp_path):
+    first = digit_component("lenet5", 1.0, "0,3", seed=1)
+    second = digit_component("lenet5", 1.0, "5,7,9", seed=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        built = commands.assembly([first, second], "parallel", calibration="joint")
+    path = tmp_path / "joint.safetensors"
+    modellego.save(built.model, path, built.manifest)
+    record = json.loads(modellego.read_manifest(path).to_json())
+    tensors = {name: tensor.contiguous() for name, tensor in built.model.state_dict().items()}
+    for field, value in (("features", 10**12), ("method", "knn"), ("classes", 10**5 + 1), ("components", [[{"layer": 3}]] * 2)):
+        hostile_record = json.loads(json.dumps(record))
+        hostile_record["architecture"]["joint"][field] = value
+        hostile = tmp_path / "hostile.safetensors"
+        save_file(tensors, str(hostile), metadata={"modellego": json.dumps(hostile_record)})
+        with pytest.raises(ModellegoError, match="joint"):
+            modellego.load(hostile)
 
 
 def test_unknown_calibration_and_missing_statistics_are_refused():

@@ -150,13 +150,15 @@ def disassemble(
 def assemble(
     components: list[Path] = typer.Argument(..., help="Two or more component files (or any modellego models)."),
     out_path: Path = typer.Option(..., "--out", help="Assembled model file to write (.safetensors)."),
-    mode: Optional[str] = typer.Option(None, "--mode", help="padded: one dense network (alignment padding; the "
-                                       "default for CNNs); parallel: side by side (GCNs: parallel only, the default)."),
+    mode: Optional[str] = typer.Option(None, "--mode", help="parallel (the default): the components side by side, "
+                                       "the smallest file; padded: one dense network with block-diagonal weights "
+                                       "(the paper's alignment padding; CNNs only). Both give the same logits."),
     no_scale: bool = typer.Option(False, "--no-scale", help="Skip parameter scaling of the components' logits "
                                   "(the same as --calibration none)."),
     calibration: Optional[str] = typer.Option(
         None, "--calibration", help="How the assembly decides between its components: auto (default: the one "
-        "that answers the components' own held-out training images best), scale (the paper's parameter scaling), "
+        "that answers the components' own held-out training images best), joint (one head over all components' "
+        "features, fitted in closed form), scale (the paper's parameter scaling), "
         "msp, energy, mahalanobis, pattern (gates fitted on each component's own training images: class-level "
         "statistics), knn, nearest (these store rows of the training images: need --store-training-data), none."),
     store_training_data: bool = typer.Option(False, "--store-training-data", help="Allow a calibration that "
@@ -184,5 +186,10 @@ def assemble(
     out.print(safe(f"the components side by side: {result.members_params:,} params, {result.members_flops:,} FLOPs "
                    f"({params / max(1, result.members_params):.2f}× and {flops / max(1, result.members_flops):.2f}× "
                    f"in this {result.mode.value} assembly)"))
+    if result.choice and "chosen" in result.choice:
+        scores = sorted(result.choice["held_out_accuracy"].items(), key=lambda item: -item[1])
+        out.print(safe(f"auto chose {result.choice['chosen']} on {result.choice['held_out_samples']:,} of the "
+                       "components' own held-out training images: " +
+                       ", ".join(f"{name} {100 * value:.2f}%" for name, value in scores)))
     for stored in commands.stored_training_data(manifest):
         out.print(safe(f"the file holds training data: {stored}"))

@@ -14,6 +14,7 @@ from modellego.core.assemble import AssemblyMode, check_members
 from modellego.core.evaluate import count_params
 from modellego.core.gates import DEFAULT_TEMPERATURE, GATES, PER_SAMPLE, STORED_AS, Calibration, stored_rows
 from modellego.core.hashing import weights_hash
+from modellego.core.joint import JOINT, JOINT_RIDGE
 from modellego.data.task import DataOptions
 from modellego.errors import ModellegoError
 from modellego.io.atomic import check_output_path
@@ -65,7 +66,7 @@ def choose_calibration(members: Sequence[Brick], splits: Sequence[tuple[Any, Any
     kind = kind_of(members[0].manifest.architecture)
     spec = members[0].manifest.input
     if candidates is None:
-        candidates = [name for name in ("scale", *GATES) if name in kind.calibrations and name not in PER_SAMPLE]
+        candidates = [name for name in ("scale", *GATES, JOINT) if name in kind.calibrations and name not in PER_SAMPLE]
     offsets = [0]
     for _, manifest in members:
         offsets.append(offsets[-1] + len(manifest.classes))
@@ -78,12 +79,14 @@ def choose_calibration(members: Sequence[Brick], splits: Sequence[tuple[Any, Any
     for candidate in candidates:
         calibration = Calibration.parse(candidate)
         stats = None
-        if calibration.is_gate:
-            try:
+        try:
+            if calibration == Calibration.JOINT:
+                stats = fitted[candidate] = kind.fit_joint(models, [fit for fit, _ in splits], targets, spec)
+            elif calibration.is_gate:
                 stats = fitted[candidate] = [kind.fit_gate(calibration, model, fit, spec)
                                              for model, (fit, _) in zip(models, splits)]
-            except ModellegoError:  # a gate this architecture cannot have (no layer to compare patterns on)
-                continue
+        except ModellegoError:  # a calibration this architecture cannot have (no layer to compare patterns on)
+            continue
         model = kind.assemble(models, spec, AssemblyMode.PARALLEL, targets, calibration, stats, temperature)
         logits, _ = kind.predict(model, held_out)
         accuracies[candidate] = (logits.argmax(1) == labels).float().mean().item()
@@ -127,8 +130,8 @@ def check_storage(calibration: Calibration | str | None, store_training_data: bo
     if chosen.stores_samples:
         raise ModellegoError(f"--calibration {chosen.value} stores rows of the components' training images in the "
                              f"file (up to {FIT_PER_CLASS:,} per class: {STORED_AS[chosen.value]}); add "
-                             "--store-training-data to allow it, or choose a data-free calibration (auto, scale, "
-                             "msp, energy, mahalanobis, pattern)")
+                             "--store-training-data to allow it, or choose a data-free calibration (auto, joint, "
+                             "scale, msp, energy, mahalanobis, pattern)")
 
 
 def _assembled(members: Sequence[Brick], mode: AssemblyMode | str | None, scale_logits: bool,
@@ -159,19 +162,24 @@ def _assembled(members: Sequence[Brick], mode: AssemblyMode | str | None, scale_
         members = [member if "scaled" in member.manifest.provenance
                    else scaled(member, kind.data(member.manifest, "train", data), progress)
                    for member in members]
-    if calibration.is_gate or calibration == Calibration.AUTO:
+    if calibration.is_gate or calibration in (Calibration.AUTO, Calibration.JOINT):
         splits = [own_split(kind, kind.data(member.manifest, "train", data)) for member in members]
         if calibration == Calibration.AUTO:
             chosen, record = choose_calibration(members, splits, targets, temperature, progress)
             calibration = Calibration.parse(chosen)
             stats = record.pop("stats", None)
             record.pop("fitted")
+        elif calibration == Calibration.JOINT:
+            stats = kind.fit_joint([model for model, _ in members], [fit for fit, _ in splits], targets, first)
         else:
             stats = [kind.fit_gate(calibration, model, fit, first) for (model, _), (fit, _) in zip(members, splits)]
         record.update(fit_samples=[len(fit) for fit, _ in splits])
+        if calibration == Calibration.JOINT:
+            record["joint_head"] = {"layers": stats["layers"], "features": int(stats["weight"].shape[1]),
+                                    "ridge": JOINT_RIDGE}
     model = kind.assemble([model for model, _ in members], first, mode, targets, calibration, stats, temperature)
     architecture = kind.assembly_architecture(members, mode, model, len(classes))
-    stored = stored_rows(calibration, stats)
+    stored = stored_rows(calibration, stats if calibration.is_gate else None)
     provenance = {"assembled": {"mode": mode.value, "scaled": calibration != Calibration.NONE,
                                 "calibration": calibration.value,
                                 **({"stored_training_data": stored} if stored else {}),

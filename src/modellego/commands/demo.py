@@ -89,9 +89,12 @@ def run_demo(out_dir: Path, epochs: int = 4, seed: int = 0, console: Console | N
                   f"Disa: the component. Files are in {out_dir}/.")
     metrics["components"] = results
 
-    console.print("[bold]4. assemble[/bold] the two components into one model (alignment padding, parameter scaling)")
+    console.print("[bold]4. assemble[/bold] the two components into one model (the defaults: side by side, the "
+                  "calibration that answers the components' own held-out training images best)")
     assembly_path = out_dir / "assembly.safetensors"
-    assembly, assembly_manifest = assemble(components, assembly_path, "padded", **run).brick
+    assembled = assemble(components, assembly_path, **run)
+    assembly, assembly_manifest = assembled.brick
+    console.print(f"calibration {assembled.calibration.value} ({assembled.mode.value} mode)")
     score1 = evaluate_file(assembly_path, **run)
     console.print("[bold]5. fine-tune[/bold] the assembly for one epoch on its classes' training images")
     tuned_path = out_dir / "assembly-finetuned.safetensors"

@@ -28,6 +28,8 @@ from modellego.core.gates import (
     component_taps,
 )
 from modellego.core.gates import fit as fit_gate
+from modellego.core.joint import JOINT, Joint, JointHead
+from modellego.core.joint import fit as fit_joint
 from modellego.core.layers import CHANNELWISE, example_batch, head, output_channels, parameter_layers
 from modellego.core.modules import MergeOutputs, Normalize, Parallel
 from modellego.core.profile import class_names
@@ -100,7 +102,7 @@ def scale(model: nn.Module, data: Dataset, example_input: torch.Tensor | tuple[i
 
 def assemble(models: Sequence[nn.Module], example_input: torch.Tensor | tuple[int, ...] | None = None,
              mode: str = "padded", targets: Sequence[int] | None = None, calibration: str | None = None,
-             data: Sequence[Dataset] | None = None, stats: Sequence[dict[str, torch.Tensor]] | None = None,
+             data: Sequence[Dataset] | None = None, stats: Sequence[dict[str, torch.Tensor]] | dict | None = None,
              temperature: float = DEFAULT_TEMPERATURE) -> nn.Module:
     """One model answering the union of `models`' outputs, without training. Output j of the concatenated logits
     goes to class `targets[j]` (default: every output its own class; a class several outputs map to gets the
@@ -110,16 +112,18 @@ def assemble(models: Sequence[nn.Module], example_input: torch.Tensor | tuple[in
 
     `calibration` (gates.py): None / "none" assembles the models as they are; "scale" is the paper's parameter
     scaling; a gate ("msp", "energy", "mahalanobis", "knn", "pattern") wraps the assembly in a `Calibrated` model
-    whose gate weighs each (scaled) component's answer by how typical the input is of its own images. Both need
-    each model's own training data, `data[c]` (labelled by its outputs); a gate given its fitted `stats[c]`
-    instead takes the models as they are (scaled already, as the statistics were fitted)."""
+    whose gate weighs each (scaled) component's answer by how typical the input is of its own images; "joint"
+    wraps it in a `Joint` model answered by a head fitted in closed form on all components' features (joint.py).
+    They need each model's own training data, `data[c]` (labelled by its outputs); a gate given its fitted
+    `stats[c]` instead takes the models as they are (scaled already, as the statistics were fitted), and "joint"
+    given its fitted head (`stats`: joint.fit's record) uses it."""
     mode = AssemblyMode.parse(mode)
     check_members(len(models))
     calibration = Calibration.parse(calibration or "none")
     if calibration == Calibration.AUTO:
         raise ModellegoError("calibration 'auto' chooses among calibrations with held-out data; the pipeline's "
                              "`assemble` does that (modellego.commands.assemble)")
-    needs_data = calibration == "scale" or (calibration in GATES and stats is None)
+    needs_data = calibration == "scale" or (calibration in (*GATES, JOINT) and stats is None)
     if needs_data and (data is None or len(data) != len(models)):
         raise ModellegoError(f"calibration {calibration!r} needs each model's own training data (one dataset per model)")
     example = example_batch(models[0], example_input)
@@ -131,6 +135,8 @@ def assemble(models: Sequence[nn.Module], example_input: torch.Tensor | tuple[in
     widths = [output_channels(layer) for layer in (_last_layer(model) for model in models)]
     if targets is None:
         targets = list(range(sum(widths)))
+    if calibration == JOINT and stats is None:
+        stats = fit_joint(models, data, targets, example)
     # The structure is built on the CPU (weight copies, cheap) from copies of the members, then moved where the
     # members are: scaling and gates above ran on their device.
     device = runtime.device_of(models[0])
@@ -142,12 +148,36 @@ def assemble(models: Sequence[nn.Module], example_input: torch.Tensor | tuple[in
         layouts: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     else:
         assembled, layouts = _padded(list(models), list(targets), example)
+    if calibration == JOINT:
+        taps = _joint_taps(stats["layers"], mode, layouts)
+        head = JointHead.build(taps, stats["weight"].cpu(), stats["bias"].cpu())
+        return Joint(assembled, head).eval().to(device)
     if calibration not in GATES:
         return assembled.eval().to(device)
     taps = _taps(list(models), example, mode, layouts, widths)
     gates = Gate.build(calibration, taps, [{key: value.cpu() for key, value in own.items()} for own in stats],
                        temperature)
     return Calibrated(assembled, gates).eval().to(device)
+
+
+def _joint_taps(layers: Sequence[Sequence[str]], mode: str,
+                layouts: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> list[list[Tap]]:
+    """Where the joint head reads each component: in parallel mode its own layers; in padded mode its input
+    positions of the merged layers, in its own order."""
+    if mode == "parallel":
+        return [[Tap(f"members.{member}.{name}") for name in names] for member, names in enumerate(layers)]
+    for name in {name for names in layers for name in names}:
+        if name not in layouts:
+            raise ModellegoError(f"the joint head reads {name}, which reads the image itself; padded mode cannot "
+                                 "separate the components there: use --mode parallel")
+    return [[_placed(layouts, member, name) for name in names] for member, names in enumerate(layers)]
+
+
+def _placed(layouts: dict[str, tuple[torch.Tensor, torch.Tensor]], member: int, layer: str) -> Tap:
+    """Component `member`'s input positions of the merged `layer`, in the order of its own inputs."""
+    owner, index = layouts[layer]
+    positions = torch.nonzero(owner == member).flatten()
+    return Tap(layer, None, positions[index[positions].argsort()])
 
 
 def _taps(models: list[nn.Module], example: torch.Tensor, mode: str,
@@ -166,9 +196,7 @@ def _taps(models: list[nn.Module], example: torch.Tensor, mode: str,
         modules = [dict(m.named_modules()) for m in models]
 
         def placed(layer: str, with_rows: bool) -> Tap:
-            owner, index = layouts[layer]
-            positions = torch.nonzero(owner == member).flatten()
-            columns = positions[index[positions].argsort()]
+            columns = _placed(layouts, member, layer).columns
             rows = None
             if with_rows:
                 outputs = [output_channels(m[layer]) for m in modules]

@@ -50,7 +50,8 @@ from modellego.errors import ModellegoError
 
 class Calibration(Choice):
     """How an assembly decides between its components: nothing (`none`), the paper's parameter scaling
-    (`scale`), a gate, or `auto` (the one that answers the components' own held-out training images best)."""
+    (`scale`), a gate, a joint head re-fitted in closed form (`joint`, joint.py), or `auto` (the one that answers
+    the components' own held-out training images best)."""
 
     NONE = "none"
     SCALE = "scale"
@@ -60,6 +61,7 @@ class Calibration(Choice):
     KNN = "knn"
     PATTERN = "pattern"
     NEAREST = "nearest"
+    JOINT = "joint"
     AUTO = "auto"
 
     @property
@@ -82,7 +84,7 @@ def stored_rows(calibration: Calibration, stats: Sequence[dict[str, Tensor]] | N
 
 
 GATES = ("msp", "energy", "mahalanobis", "knn", "pattern", "nearest")
-CALIBRATIONS = ("none", "scale", *GATES)
+CALIBRATIONS = ("none", "scale", *GATES, "joint")
 # Gates whose statistics are rows of the components' own training images (`knn`: each image's normalised
 # classifier-input features; `nearest`: each image, pooled): a file holding them holds training data. The others
 # keep class-level statistics (means, a shared precision, class profiles) or nothing.

@@ -63,7 +63,7 @@ class ModelKind(ABC):
 
     name: str                              # "cnn", "gcn"
     unit: str                              # what one sample is: "image", "node"
-    default_mode: AssemblyMode = AssemblyMode.PADDED
+    default_mode: AssemblyMode = AssemblyMode.PARALLEL
     modes: tuple[AssemblyMode, ...] = (AssemblyMode.PADDED, AssemblyMode.PARALLEL)
     calibrations: tuple[Calibration, ...] = tuple(item for item in Calibration if item != Calibration.AUTO)
     default_epochs: int = 3
@@ -222,11 +222,19 @@ class ModelKind(ABC):
     def fit_gate(self, calibration: Calibration, model: nn.Module, samples: Any, spec: Any) -> dict[str, torch.Tensor]:
         """A gate's statistics for one (scaled) component, from its own samples."""
 
+    def fit_joint(self, models: Sequence[nn.Module], samples: Sequence[Any], targets: Sequence[int],
+                  spec: Any) -> dict[str, Any]:
+        """A joint head over the components' features, fitted in closed form on each one's own `samples`
+        (core/joint.py); a kind without one refuses."""
+        raise ModellegoError(f"{self.name} assemblies have no joint head; choose one of "
+                             f"{', '.join(c.value for c in self.calibrations)}")
+
     @abstractmethod
     def assemble(self, models: Sequence[nn.Module], spec: Any, mode: AssemblyMode, targets: Sequence[int],
-                 calibration: Calibration, stats: Sequence[dict[str, torch.Tensor]] | None,
+                 calibration: Calibration, stats: Sequence[dict[str, torch.Tensor]] | dict | None,
                  temperature: float) -> nn.Module:
-        """One model answering the union of the components' outputs (`targets`: output j → class)."""
+        """One model answering the union of the components' outputs (`targets`: output j → class), calibrated
+        by `calibration` with its fitted `stats` (a gate's per component; a joint head's record)."""
 
     @abstractmethod
     def assembly_architecture(self, members: Sequence[Brick], mode: AssemblyMode, model: nn.Module,

@@ -20,6 +20,8 @@ from modellego.core.channels import ChannelGraph
 from modellego.core.cut import Cut, disassemble_with_cut
 from modellego.core.evaluate import count_flops, count_params, evaluate, predict
 from modellego.core.gates import Calibrated, Calibration, Gate
+from modellego.core.joint import JOINT, Joint, JointHead
+from modellego.core.joint import fit as fit_joint
 from modellego.core.layers import channel_pairs
 from modellego.core.locate import ComponentMasks, FlattenRule, Thresholds, locate
 from modellego.core.modules import MergeOutputs, Parallel
@@ -59,6 +61,7 @@ from modellego.models.classifier import classifier
 from modellego.train import processes, seed_everything, settle, train
 
 PARALLEL = "parallel"
+MAX_JOINT_WEIGHTS = 1 << 28  # a joint head's weights in a file (1 GiB in float32; 8192 features × 32,768 classes)
 
 
 def shape_of(spec: InputSpec) -> tuple[int, ...]:
@@ -123,12 +126,19 @@ class CNN(ModelKind):
             if level > 0:
                 raise Invalid(f"{field}.gate: only the outermost assembly may carry a gate")
             _check_gate(data["gate"], f"{field}.gate", data)
+        if "joint" in data:
+            if level > 0 or "gate" in data:
+                raise Invalid(f"{field}.joint: only the outermost assembly may carry a joint head, and not with a gate")
+            _check_joint(data["joint"], f"{field}.joint", data)
         return data
 
     def build(self, architecture: dict[str, Any], spec: Any) -> nn.Module:
         if "gate" in architecture:  # a calibrated assembly: the assembly itself, and the gate between logits and merge
             inner = self.build({key: value for key, value in architecture.items() if key != "gate"}, spec)
             return Calibrated(inner, Gate(architecture["gate"]))
+        if "joint" in architecture:  # an assembly answered by its joint head
+            inner = self.build({key: value for key, value in architecture.items() if key != "joint"}, spec)
+            return Joint(inner, JointHead(architecture["joint"]))
         builder = architecture.get("builder")
         if builder == PARALLEL:
             members = [self.build(member, InputSpec.from_dict(member["input"])) for member in architecture["members"]]
@@ -299,10 +309,15 @@ class CNN(ModelKind):
                  spec: InputSpec) -> dict[str, torch.Tensor]:
         return gates.fit(calibration, model, samples, shape_of(spec))
 
+    def fit_joint(self, models: Sequence[nn.Module], samples: Sequence[Dataset], targets: Sequence[int],
+                  spec: InputSpec) -> dict[str, Any]:
+        return fit_joint(models, samples, targets, shape_of(spec))
+
     def assemble(self, models: Sequence[nn.Module], spec: InputSpec, mode: AssemblyMode, targets: Sequence[int],
-                 calibration: Calibration, stats: Sequence[dict[str, torch.Tensor]] | None,
+                 calibration: Calibration, stats: Sequence[dict[str, torch.Tensor]] | dict | None,
                  temperature: float) -> nn.Module:
-        return assemble(models, shape_of(spec), mode, targets, calibration=calibration if calibration.is_gate else None,
+        fitted = calibration.is_gate or calibration == Calibration.JOINT
+        return assemble(models, shape_of(spec), mode, targets, calibration=calibration if fitted else None,
                         stats=stats, temperature=temperature)
 
     def assembly_architecture(self, members: Sequence[Brick], mode: AssemblyMode, model: nn.Module,
@@ -314,6 +329,8 @@ class CNN(ModelKind):
             architecture = dict(members[0].manifest.architecture, num_classes=num_classes, merge_outputs=True)
         if isinstance(model, Calibrated):
             architecture["gate"] = model.gate.config
+        if isinstance(model, Joint):
+            architecture["joint"] = model.head.config
         return architecture
 
 
@@ -339,6 +356,27 @@ def _check_gate(value: Any, field: str, architecture: dict[str, Any]) -> None:
             for part in ("rows", "columns"):
                 if not isinstance(tap.get(part, False), bool):
                     raise Invalid(f"{where}.taps[{t}].{part} must be true or false")
+
+
+def _check_joint(value: Any, field: str, architecture: dict[str, Any]) -> None:
+    """Check a joint head's record: its width and class count in bounds, and per component the layers it is
+    read at (names only; that they exist and give `features` numbers is checked by the meta forward pass)."""
+    data = mapping(value, field)
+    if data.get("method") != JOINT:
+        raise Invalid(f"{field}.method must be {JOINT!r}, got {show(data.get('method'))}")
+    features = integer(data.get("features"), f"{field}.features", 1, MAX_JOINT_WEIGHTS)
+    classes = integer(data.get("classes"), f"{field}.classes", 1, MAX_CLASSES)
+    if features * classes > MAX_JOINT_WEIGHTS:
+        raise Invalid(f"{field}: a {classes} × {features} head is beyond {MAX_JOINT_WEIGHTS:,} weights")
+    if not architecture.get("merge_outputs") and architecture.get("builder") != PARALLEL:
+        raise Invalid(f"{field}: a joint head needs an assembly (merged outputs) to sit in")
+    components = sequence(data.get("components"), f"{field}.components", 2, MAX_MEMBERS)
+    for c, component in enumerate(components):
+        for t, tap in enumerate(sequence(component, f"{field}.components[{c}]", 1, 64)):
+            tap = mapping(tap, f"{field}.components[{c}][{t}]")
+            string(tap.get("layer"), f"{field}.components[{c}][{t}].layer", MAX_NAME)
+            if not isinstance(tap.get("columns", False), bool):
+                raise Invalid(f"{field}.components[{c}][{t}].columns must be true or false")
 
 
 # --- the library's training functions on images ------------------------------------------------------------------
