@@ -1,16 +1,20 @@
 """Calibrated assembly on real data: Score1 of every calibration (the paper's scaling, the out-of-distribution
-gates, the contribution-pattern gate, `auto`), the oracle gate, the jointly trained model, and Score2 after one
-fine-tuning epoch from the best calibration vs from the paper's — for ten assemblies, measured in one run.
+gates, the contribution-pattern gate, the joint head) on the components `disassemble` cuts by default, the default
+`assemble` (its choice, its file size), the paper's method end to end, the oracle gate, the jointly trained model,
+and Score2 after one fine-tuning epoch from the default assembly vs from the paper's — for eleven assemblies,
+measured in one run.
 
     nice -n 10 python benchmarks/calibration.py [--out-dir runs/calibration] [--doc docs/results.md]
-        [--rows split-lenet5,pair-1,...] [--no-finetune]
+        [--rows split-lenet5,three,...] [--finetune-epochs 1] [--finetune-rows split-lenet5,...]
 
 Sources (reused when present in --out-dir; the shared ones are copied from $MODELLEGO_SHARED_MODELS (default runs/models, made by benchmarks/train_sources.sh) when they exist there):
 - lenet5.safetensors: LeNet-5 on all 10 Fashion-MNIST classes (8 epochs, lr 2e-3);
 - vgg16-w0.25.safetensors: VGG-16 ×0.25 on all 10 Fashion-MNIST classes (5 epochs, lr 2e-3);
 - fashion-0-4 / fashion-5-9: LeNet-5 on Fashion-MNIST classes 0–4 / 5–9 only (4 epochs, lr 2e-3, as
   benchmarks/assembly.py); digits-all: LeNet-5 on scikit-learn digits (30 epochs).
-Components are cut with the paper's α/β from profiles of 50 samples per class (the current `disassemble`).
+Components are cut with the paper's α/β from profiles of 50 samples per class, re-fitted on the default
+reconstruction images (what `disassemble` does without flags; components/), and without reconstruction for the
+paper's column (components-pure/).
 Score1/Score2 are on the real test splits of the assembly's classes; `auto` sees only each component's own
 held-out training images. Writes a section between `<!-- calibration:begin -->` and `<!-- calibration:end -->`.
 """
@@ -29,12 +33,13 @@ from pathlib import Path
 import torch
 
 import modellego
-from modellego import data
+from modellego import commands, data
 from modellego.commands import assembly, assembly_base, choose_calibration, component, component_metrics, own_split
 from modellego.commands.assemble import scaled
 from modellego.core.assemble import assemble
 from modellego.core.evaluate import evaluate, predict
 from modellego.core.gates import CALIBRATIONS, GATES, PER_SAMPLE
+from modellego.core.joint import fit as fit_joint
 from modellego.core.locate import locate
 from modellego.core.profile import profile
 from modellego.data.task import task_data
@@ -72,20 +77,29 @@ def source(out_dir: Path, name: str) -> Brick:
     return modellego.load(path)
 
 
-def part(out_dir: Path, source_name: str, task: list[str]) -> Brick:
-    """The component of a source for `task` (paper α/β, profile of 50 per class), with its test metrics."""
-    path = out_dir / "components" / f"{source_name}--{'+'.join(t.replace('/', '_') for t in task)}.safetensors"
+def part(out_dir: Path, source_name: str, task: list[str], reconstruct: bool = True) -> Brick:
+    """The component of a source for `task` as `disassemble` cuts it by default (paper α/β from a profile of 50
+    per class, re-fitted on the default reconstruction images), or the paper's pure cut (`reconstruct=False`)."""
+    folder = out_dir / ("components" if reconstruct else "components-pure")
+    path = folder / f"{source_name}--{'+'.join(t.replace('/', '_') for t in task)}.safetensors"
     if path.exists():
         return modellego.load(path)
-    path.parent.mkdir(exist_ok=True)
+    folder.mkdir(exist_ok=True)
     brick = source(out_dir, source_name)
-    class_profile = profile(brick.model, task_data(brick.manifest.classes, "train"), samples_per_class=50)
+    train = task_data(brick.manifest.classes, "train")
+    class_profile = profile(brick.model, train, samples_per_class=50)
+    rows = [brick.manifest.class_names.index(name) for name in task]
+    samples = CNN().reconstruction_samples(train, class_profile, rows, None, 0, brick.model) if reconstruct else None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        cut = component(brick, locate(brick.model, class_profile), task)
+        cut = component(brick, locate(brick.model, class_profile), task, reconstruct_samples=samples)
     cut.manifest.metrics = component_metrics(cut, brick)
     modellego.save(cut.model, path, cut.manifest)
     return cut
+
+
+def part_path(out_dir: Path, source_name: str, task: list[str]) -> Path:
+    return out_dir / "components" / f"{source_name}--{'+'.join(t.replace('/', '_') for t in task)}.safetensors"
 
 
 def rows() -> list[dict]:
@@ -167,54 +181,95 @@ def joint_accuracy(out_dir: Path, row: dict, manifest) -> float:
 
 
 def run_row(out_dir: Path, row: dict, finetune_epochs: int) -> dict:
-    """Score1 of every calibration: the `auto` protocol fits every gate once on each component's own fit images
-    and judges them on the own held-out images; the same statistics give each gate's assembly (so `auto`'s
-    Score1 is its choice's). Parallel mode (padded gives the same logits: tests/test_calibration.py)."""
+    """Score1 of every calibration on the default (reconstructed) components: the `auto` protocol fits every one
+    once on each component's own fit images and judges them on the own held-out images; the same statistics give
+    each one's assembly. Parallel mode (padded gives the same logits: tests/core/test_calibration.py). Then the
+    paper's method end to end (pure components, scaled), and the default assembly as a user gets it: `assemble`
+    on the component files without flags, its file size against the components' files."""
     members = [part(out_dir, name, task) for name, task in row["members"]]
+    pure = [part(out_dir, name, task, reconstruct=False) for name, task in row["members"]]
     result: dict = {"label": row["label"], "score1": {}}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         plain = assembly(members, "parallel", calibration="none")
         result["score1"]["none"] = accuracy(*plain)
         scaled_members = [scaled(member, task_data(member.manifest.classes, "train")) for member in members]
+        pure_paper = assembly(pure, "padded", calibration="scale")
     manifest = plain.manifest
+    result["pure_scale"] = accuracy(*pure_paper)
     targets = [manifest.classes.index(ref) for m in members for ref in m.manifest.classes]
     spec = manifest.input
-    started = time.monotonic()
     splits = [own_split(CNN(), task_data(member.manifest.classes, "train")) for member in scaled_members]
-    candidates = ["scale", *GATES]  # every one measured; `auto` itself chooses among the data-free ones
+    candidates = ["scale", *GATES, "joint"]  # every one measured; `auto` itself chooses among the data-free ones
     _, record = choose_calibration(scaled_members, splits, targets, candidates=candidates)
-    data_free = {name: value for name, value in record["held_out_accuracy"].items() if name not in PER_SAMPLE}
-    choice = max(data_free, key=lambda name: (data_free[name], -candidates.index(name)))  # auto's rule and ties
-    result["auto_seconds"] = time.monotonic() - started
-    result["auto_choice"], result["auto_held_out"] = choice, record["held_out_accuracy"]
-    for calibration in ("scale", *GATES):
+    result["auto_held_out"] = record["held_out_accuracy"]
+    for calibration in candidates:
         stats = record["fitted"].get(calibration)
         model = assemble([m.model for m in scaled_members], (spec.channels, *spec.size), "parallel", targets,
                          calibration=calibration if stats else None, stats=stats)
         result["score1"][calibration] = accuracy(model, manifest)
         log(f"{row['name']}: {calibration} Score1 {100 * result['score1'][calibration]:.2f}% "
             f"(held-out {100 * record['held_out_accuracy'].get(calibration, float('nan')):.2f}%)")
-    result["score1"]["auto"] = result["score1"][choice]
-    log(f"{row['name']}: auto chose {choice} ({result['auto_seconds']:.0f} s)")
+    started = time.monotonic()
+    paths = [part_path(out_dir, name, task) for name, task in row["members"]]
+    default_path = out_dir / "assemblies" / f"{row['name']}.safetensors"
+    default_path.parent.mkdir(exist_ok=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        built = commands.assemble([str(path) for path in paths], str(default_path), progress=False)
+    result["auto_seconds"] = time.monotonic() - started
+    result["auto_choice"], result["default_mode"] = built.calibration.value, built.mode.value
+    result["score1"]["auto"] = accuracy(*modellego.load(default_path))
+    result["default_bytes"] = default_path.stat().st_size
+    result["component_bytes"] = sum(path.stat().st_size for path in paths)
+    log(f"{row['name']}: default assemble chose {result['auto_choice']} ({result['default_mode']}, "
+        f"{result['auto_seconds']:.0f} s): Score1 {100 * result['score1']['auto']:.2f}%, file "
+        f"{result['default_bytes'] / result['component_bytes']:.2f}× the components'")
     result["classes"] = manifest.class_names
     result["base"] = assembly_base(manifest)
     result["oracle"] = oracle(members, manifest)
     result["joint"] = joint_accuracy(out_dir, row, manifest)
     log(f"{row['name']}: oracle {100 * result['oracle']:.2f}%, joint {100 * result['joint']:.2f}%, "
-        f"base {100 * (result['base'] or 0):.2f}%")
+        f"base {100 * (result['base'] or 0):.2f}%, paper's method {100 * result['pure_scale']:.2f}%")
     if finetune_epochs:
-        best = max(GATES, key=lambda name: result["score1"][name])
-        result["best"] = best
         result["score2"] = {}
-        for calibration in dict.fromkeys([best, "scale"]):
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                built = assembly(members, "padded", calibration=calibration, store_training_data=True)
-                tuned, tuned_manifest = finetune(built.model, built.manifest, epochs=finetune_epochs, progress=False)
-            result["score2"][calibration] = accuracy(tuned, tuned_manifest)
-            log(f"{row['name']}: Score2 from {calibration} {100 * result['score2'][calibration]:.2f}%")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            starts = {"default": modellego.load(default_path), "paper": pure_paper}
+            for name, (model, start_manifest) in starts.items():
+                tuned, tuned_manifest = finetune(model, start_manifest, epochs=finetune_epochs, progress=False)
+                result["score2"][name] = accuracy(tuned, tuned_manifest)
+                log(f"{row['name']}: Score2 from the {name} assembly {100 * result['score2'][name]:.2f}%")
     return result
+
+
+def joint_study(out_dir: Path, name: str = "split-lenet5") -> list[dict]:
+    """Which features the joint head reads, and its ridge: Score1 of the head on one row's default components
+    with each component read at its classifier's input, at its first Linear layer's input (the flattened conv
+    features), or at every Linear layer's input (the default when within budget), for λ from 1e-4 to 1e-1."""
+    row = next(row for row in rows() if row["name"] == name)
+    members = [part(out_dir, source_name, task) for source_name, task in row["members"]]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        manifest = assembly(members, "parallel", calibration="none").manifest
+    targets = [manifest.classes.index(ref) for m in members for ref in m.manifest.classes]
+    spec = manifest.input
+    example = (spec.channels, *spec.size)
+    fits = [own_split(CNN(), task_data(member.manifest.classes, "train"))[0] for member in members]
+    linears = [[layer for layer, module in m.model.named_modules() if isinstance(module, torch.nn.Linear)]
+               for m in members]
+    choices = {"classifier input": [names[-1:] for names in linears], "first Linear input": [names[:1] for names in linears],
+               "every Linear input": linears}
+    study = []
+    for label, layers in choices.items():
+        for ridge in (1e-4, 1e-3, 1e-2, 1e-1):
+            head = fit_joint([m.model for m in members], fits, targets, example, ridge=ridge, layers=layers)
+            model = assemble([m.model for m in members], example, "parallel", targets, calibration="joint", stats=head)
+            study.append({"features": label, "width": int(head["weight"].shape[1]), "ridge": ridge,
+                          "score1": accuracy(model, manifest)})
+            log(f"joint study {name}: {label} ({study[-1]['width']} features), ridge {ridge:g}: "
+                f"{100 * study[-1]['score1']:.2f}%")
+    return study
 
 
 def percent(value: float | None) -> str:
@@ -222,55 +277,84 @@ def percent(value: float | None) -> str:
 
 
 def markdown(results: dict, args) -> str:
-    names = list(CALIBRATIONS)
+    names = [name for name in CALIBRATIONS if name != "none"]
     lines = [
         BEGIN,
-        "## Calibrated assembly (issue 11)",
+        "## Calibrated assembly (issues 11, 24)",
         "",
         f"Commands: `benchmarks/train_sources.sh`, then `nice -n 10 python benchmarks/calibration.py` (every row; "
         f"`--rows` and `--finetune-rows` pick some), then `python benchmarks/calibration.py --rows none --doc "
         f"docs/results.md` ({results['seconds'] / 60:.0f} min in all on the shared 2-core CPU; Score2 only where a "
-        "row was fine-tuned, `—` elsewhere). Components cut with the paper's α/β from profiles of 50 samples per class; every gate "
-        "fitted on at most 1,000 of each component's own training images per class; `auto` chooses on 100 "
-        "further own training images per class of every component (README, \"Calibrated assembly\"). Score1 and "
-        "the rest: accuracy (%) on the real test images of the assembly's classes. *Oracle*: each test image "
-        "answered by the component that has its class (the upper bound of any gate). *Joint*: a model trained on "
-        "all the classes, restricted to the assembly's (the 10-class source; for the cross-dataset row a LeNet-5 "
-        "trained on both datasets' classes for 4 epochs). *Base*: the sources' mean Base on the assembly's "
-        f"classes. Score2: after {args.finetune_epochs} fine-tuning epoch(s) of the padded assembly (Adam, lr 1e-3).",
+        "row was fine-tuned, `—` elsewhere). Components cut the way `disassemble` does by default: the paper's α/β "
+        "from profiles of 50 samples per class, re-fitted on the default reconstruction images (README, "
+        "\"Reconstruction\"). Every calibration fitted on at most 1,000 of each component's own training images per "
+        "class; `auto` chooses on 100 further own training images per class of every component (README, "
+        "\"Calibrated assembly\"). Score1 and the rest: accuracy (%) on the real test images of the assembly's "
+        "classes. *Default*: `modellego assemble` on the component files without flags (the calibration `auto` "
+        "chose, the default mode), measured from the file it wrote. *Paper*: the paper's method end to end: "
+        "components cut without reconstruction, padded, parameter scaling. *Oracle*: each test image answered by "
+        "the component that has its class. *Joint-trained*: a model trained on all the classes, restricted to the "
+        "assembly's (the 10-class source; for the cross-dataset row a LeNet-5 trained on both datasets' classes for "
+        "4 epochs). *Base*: the sources' mean Base on the assembly's classes. *File*: the default assembly's file "
+        "against the sum of its components' files. Score2: after "
+        f"{args.finetune_epochs} fine-tuning epoch(s) (Adam, lr 1e-3) of the default assembly / of the paper's.",
         "",
-        "| assembly | " + " | ".join(names) + " | auto (choice) | oracle | joint | base | Score2 best / paper's |",
-        "|---|" + "---|" * (len(names) + 5),
+        "| assembly | none | " + " | ".join(f"{n}*" if n in PER_SAMPLE else n for n in names) +
+        " | default (choice) | paper | oracle | joint-trained | base | file | Score2 default / paper |",
+        "|---|" + "---|" * (len(names) + 8),
     ]
     for name, result in results["rows"].items():
         score1 = result["score1"]
-        best_gate = max(GATES, key=lambda n: score1[n])
-        cells = [f"**{percent(score1[n])}**" if n == best_gate else percent(score1[n]) for n in names]
+        best = max(names, key=lambda n: score1.get(n, -1.0))
+        cells = [f"**{percent(score1.get(n))}**" if n == best else percent(score1.get(n)) for n in ["none", *names]]
         score2 = result.get("score2")
-        second = (f"{percent(score2[result['best']])} ({result['best']}) / {percent(score2['scale'])}"
-                  if score2 else "—")
+        second = f"{percent(score2['default'])} / {percent(score2['paper'])}" if score2 else "—"
+        ratio = result["default_bytes"] / result["component_bytes"]
         lines.append(f"| {result['label']} | " + " | ".join(cells) +
-                     f" | {percent(score1['auto'])} ({result['auto_choice']}) | {percent(result['oracle'])} | "
-                     f"{percent(result['joint'])} | {percent(result['base'])} | {second} |")
-    lines += ["", "`none` = alignment padding only; `scale` = the paper's parameter scaling (1/m_k); the gates as in "
-              "README (\"Calibrated assembly\"). Bold: the best gate of the row. `auto` is the default of "
-              "`modellego assemble`; its choice uses no test image.", ""]
+                     f" | {percent(score1['auto'])} ({result['auto_choice']}) | {percent(result['pure_scale'])} | "
+                     f"{percent(result['oracle'])} | {percent(result['joint'])} | {percent(result['base'])} | "
+                     f"{ratio:.2f}× | {second} |")
+    lines += ["", "`none` = the components as they are; `scale` = the paper's parameter scaling (1/m_k); the gates and "
+              "`joint` (a head fitted in closed form on all components' features) as in README (\"Calibrated "
+              "assembly\"). \\* stores rows of training images in the file: never chosen by `auto`, only with "
+              "`--store-training-data`. Bold: the best of the row. Its choice uses no test image.", ""]
     rows_done = results["rows"]
-    below = [r["label"] for r in rows_done.values() if r["score1"]["auto"] < r["score1"]["scale"] - 0.01]
-    lines.append(f"- Default (`auto`) more than 1 point below the paper's scaling: "
+    below = [f"{r['label']} ({percent(r['score1']['auto'])} vs {percent(r['score1']['scale'])})"
+             for r in rows_done.values() if r["score1"]["auto"] < r["score1"]["scale"] - 0.01]
+    lines.append(f"- Default more than 1 point below the paper's scaling on the same components: "
                  f"{', '.join(below) if below else 'on no row'}.")
-    if "split-lenet5" in rows_done:
-        split = rows_done["split-lenet5"]
-        lines.append(f"- LeNet-5 5+5 split: default {percent(split['score1']['auto'])}% "
-                     f"({split['auto_choice']}), paper's scaling {percent(split['score1']['scale'])}%, "
-                     f"oracle {percent(split['oracle'])}%, joint {percent(split['joint'])}%.")
+    below_paper = [r["label"] for r in rows_done.values() if r["score1"]["auto"] < r["pure_scale"] - 0.01]
+    lines.append(f"- Default more than 1 point below the paper's method end to end: "
+                 f"{', '.join(below_paper) if below_paper else 'on no row'}.")
+    for key, what in (("split-lenet5", "LeNet-5 5+5 split"), ("three", "Three components")):
+        if key in rows_done:
+            row = rows_done[key]
+            lines.append(f"- {what}: default {percent(row['score1']['auto'])}% ({row['auto_choice']}), "
+                         f"{100 * (row['joint'] - row['score1']['auto']):.2f} points below the jointly trained model "
+                         f"({percent(row['joint'])}%); the paper's method {percent(row['pure_scale'])}%, oracle "
+                         f"{percent(row['oracle'])}%.")
     if "cross-dataset" in rows_done:
         cross = rows_done["cross-dataset"]
         lines.append(f"- Cross-dataset: default {percent(cross['score1']['auto'])}% vs the sources' mean Base "
                      f"{percent(cross['base'])}%.")
+    ratios = [r["default_bytes"] / r["component_bytes"] for r in rows_done.values()]
+    if ratios:
+        lines.append(f"- Default assembly files: {min(ratios):.2f}–{max(ratios):.2f}× the sum of their components' "
+                     "files; no file holds training images.")
     missing = [row["label"] for row in rows() if row["name"] not in rows_done]
     if missing:
         lines.append(f"- Not measured in this run: {', '.join(missing)}.")
+    if results.get("joint_study"):
+        ridges = sorted({entry["ridge"] for entry in results["joint_study"]})
+        lines += ["", "Which features the joint head reads, and its ridge λ (`--joint-study`: Score1 %, LeNet-5 5+5 split, "
+                  "default components, parallel):", "",
+                  "| features (per component) | width | " + " | ".join(f"λ = {r:g}" for r in ridges) + " |",
+                  "|---|---|" + "---|" * len(ridges)]
+        for label in dict.fromkeys(entry["features"] for entry in results["joint_study"]):
+            entries = {e["ridge"]: e for e in results["joint_study"] if e["features"] == label}
+            width = next(iter(entries.values()))["width"]
+            lines.append(f"| {label} | {width} | " + " | ".join(percent(entries[r]["score1"]) if r in entries else "—"
+                                                            for r in ridges) + " |")
     lines.append(END)
     return "\n".join(lines) + "\n"
 
@@ -282,6 +366,7 @@ def main() -> None:
     parser.add_argument("--rows", default=None, help="comma-separated row names (default: all)")
     parser.add_argument("--finetune-epochs", type=int, default=1)
     parser.add_argument("--finetune-rows", default=None, help="fine-tune only these rows (default: all)")
+    parser.add_argument("--joint-study", action="store_true", help="also measure the joint head's features and ridge")
     args = parser.parse_args()
     args.out_dir.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)
@@ -295,6 +380,8 @@ def main() -> None:
         results["rows"][row["name"]] = {**results["rows"].get(row["name"], {}), **run_row(args.out_dir, row, finetune_epochs)}
         results_path.write_text(json.dumps(results, indent=2))
     results["rows"] = {row["name"]: results["rows"][row["name"]] for row in rows() if row["name"] in results["rows"]}
+    if args.joint_study:
+        results["joint_study"] = joint_study(args.out_dir)
     results["seconds"] = results.get("seconds", 0) + time.monotonic() - START
     results_path.write_text(json.dumps(results, indent=2))
     section = markdown(results, args)
