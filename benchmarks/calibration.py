@@ -38,8 +38,10 @@ from modellego.commands import assembly, assembly_base, choose_calibration, comp
 from modellego.commands.assemble import scaled
 from modellego.core.assemble import assemble
 from modellego.core.evaluate import evaluate, predict
-from modellego.core.gates import CALIBRATIONS, GATES, PER_SAMPLE
+from modellego.core.gates import CALIBRATIONS, GATES, PER_SAMPLE, raw_score
+from modellego.core.gates import _gaussian as gaussian_of
 from modellego.core.joint import fit as fit_joint
+from modellego.core.joint import observe as observe_joint
 from modellego.core.locate import locate
 from modellego.core.profile import profile
 from modellego.data.task import task_data
@@ -138,6 +140,48 @@ def rows() -> list[dict]:
 
 def accuracy(model, manifest) -> float:
     return evaluate(model, task_data(manifest.classes, "test")).accuracy
+
+
+def multilayer_mahalanobis(out_dir: Path, row: dict) -> dict:
+    """The Mahalanobis gate on every Linear layer's input of each component at once (the joint head's features)
+    instead of its classifier's input only, measured here rather than shipped: per component, class means and
+    the shrunk shared covariance of those features on its own fit images (gates._gaussian), the score z-scored
+    on the same images, the gate's mixture of the scaled components' posteriors; Score1 on the test images and
+    routing accuracy (test images whose most typical component has their class)."""
+    members = [part(out_dir, name, task) for name, task in row["members"]]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        manifest = assembly(members, "parallel", calibration="none").manifest
+        scaled_members = [scaled(member, task_data(member.manifest.classes, "train")) for member in members]
+    targets = torch.tensor([manifest.classes.index(ref) for m in members for ref in m.manifest.classes])
+    test = task_data(manifest.classes, "test")
+    test_images = torch.stack([test[k][0] for k in range(len(test))])
+    parts, typical = [], []
+    for member in scaled_members:
+        model = member.model.eval()
+        layers = [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)]
+        fit_data, _ = own_split(CNN(), task_data(member.manifest.classes, "train"))
+        fit_images = torch.stack([fit_data[k][0] for k in range(len(fit_data))])
+        with torch.no_grad():
+            fit_features = torch.cat([observe_joint(model, batch, layers) for batch in fit_images.split(512)]).double()
+            test_features = torch.cat([observe_joint(model, batch, layers) for batch in test_images.split(512)]).double()
+            logits = torch.cat([model(batch) for batch in test_images.split(512)])
+        gaussian = gaussian_of(fit_features, fit_data.targets, len(member.manifest.classes))
+
+        def score(features: torch.Tensor) -> torch.Tensor:
+            return raw_score("mahalanobis", None, features, [], gaussian)
+
+        own = score(fit_features)
+        typical.append((score(test_features) - own.mean()) / own.std())
+        parts.append(logits.log_softmax(1))
+    weights = torch.stack(typical, 1).log_softmax(1)
+    mixed = torch.cat([part_ + weights[:, c:c + 1].float() for c, part_ in enumerate(parts)], 1)
+    merged = torch.full((len(test), int(targets.max()) + 1), float("-inf")).scatter_reduce(
+        1, targets.expand(len(test), -1), mixed, "amax")
+    owners = [torch.tensor([manifest.classes.index(ref) for ref in m.manifest.classes]) for m in members]
+    routed = torch.tensor([bool(torch.isin(label, owners[int(c)])) for label, c in zip(test.targets, weights.argmax(1))])
+    return {"score1": (merged.argmax(1) == test.targets).float().mean().item(),
+            "routing": routed.float().mean().item(), "layers": len(layers)}
 
 
 def oracle(members: list[Brick], manifest) -> float:
@@ -344,6 +388,16 @@ def markdown(results: dict, args) -> str:
     missing = [row["label"] for row in rows() if row["name"] not in rows_done]
     if missing:
         lines.append(f"- Not measured in this run: {', '.join(missing)}.")
+    multilayer = {name: row for name, row in rows_done.items() if "mahalanobis_multilayer" in row}
+    if multilayer:
+        lines += ["", "The Mahalanobis gate on every Linear layer's input of each component (the joint head's features) "
+                  "instead of its classifier's input only (`--multilayer`; measured, not shipped). Routing: test "
+                  "images whose most typical component has their class:", "",
+                  "| assembly | mahalanobis | mahalanobis, every Linear input (routing) | joint |", "|---|---|---|---|"]
+        for row in multilayer.values():
+            found = row["mahalanobis_multilayer"]
+            lines.append(f"| {row['label']} | {percent(row['score1']['mahalanobis'])} | {percent(found['score1'])} "
+                         f"({percent(found['routing'])}) | {percent(row['score1']['joint'])} |")
     if results.get("joint_study"):
         ridges = sorted({entry["ridge"] for entry in results["joint_study"]})
         lines += ["", "Which features the joint head reads, and its ridge λ (`--joint-study`: Score1 %, LeNet-5 5+5 split, "
@@ -366,10 +420,13 @@ def main() -> None:
     parser.add_argument("--rows", default=None, help="comma-separated row names (default: all)")
     parser.add_argument("--finetune-epochs", type=int, default=1)
     parser.add_argument("--finetune-rows", default=None, help="fine-tune only these rows (default: all)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the machine is shared)")
+    parser.add_argument("--multilayer", action="store_true",
+                        help="also measure the Mahalanobis gate on every Linear layer's input (not shipped)")
     parser.add_argument("--joint-study", action="store_true", help="also measure the joint head's features and ridge")
     args = parser.parse_args()
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     wanted = set(args.rows.split(",")) if args.rows else None
     results_path = args.out_dir / "results.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {"rows": {}}
@@ -382,6 +439,12 @@ def main() -> None:
     results["rows"] = {row["name"]: results["rows"][row["name"]] for row in rows() if row["name"] in results["rows"]}
     if args.joint_study:
         results["joint_study"] = joint_study(args.out_dir)
+    if args.multilayer:
+        for row in rows():
+            if row["name"] in results["rows"]:
+                found = results["rows"][row["name"]]["mahalanobis_multilayer"] = multilayer_mahalanobis(args.out_dir, row)
+                log(f"{row['name']}: multi-layer Mahalanobis Score1 {100 * found['score1']:.2f}%, "
+                    f"routing {100 * found['routing']:.2f}%")
     results["seconds"] = results.get("seconds", 0) + time.monotonic() - START
     results_path.write_text(json.dumps(results, indent=2))
     section = markdown(results, args)

@@ -440,7 +440,25 @@ def test_cli_assembles_with_a_gate_and_finetunes_it(component_files):
     assert modellego.read_manifest(tuned).architecture["gate"]["method"] == "mahalanobis"
 
 
-@pytest.mark.parametrize("calibration", [None, "scale", "knn", "pattern"])
+def test_cli_default_assembly_says_how_auto_chose_and_a_joint_head_fine_tunes(component_files):
+    folder, paths = component_files
+    out, joint, tuned = (folder / name for name in ("default.safetensors", "joint.safetensors", "joint-tuned.safetensors"))
+    result = invoke("assemble", paths["digits-a"], paths["digits-b"], "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    record = modellego.read_manifest(out).provenance["assembled"]
+    assert record["mode"] == "parallel" and "stored_training_data" not in record
+    chosen = record["calibration_choice"]["chosen"]
+    assert f"auto chose {chosen} on {record['calibration_choice']['held_out_samples']:,}" in result.stdout
+    assert "joint " in result.stdout  # every candidate's held-out accuracy is printed, the joint head's among them
+    result = invoke("assemble", paths["digits-a"], paths["digits-b"], "--calibration", "joint", "--mode", "padded",
+                    "--out", str(joint))
+    assert result.returncode == 0, result.stderr
+    assert modellego.read_manifest(joint).architecture["joint"]["classes"] == 5
+    assert invoke("finetune", str(joint), "--epochs", "1", "--out", str(tuned)).returncode == 0
+    assert "joint" in modellego.read_manifest(tuned).architecture
+
+
+@pytest.mark.parametrize("calibration", [None, "scale", "knn", "pattern", "joint"])
 def test_cli_names_the_missing_training_dataset(calibration, component_files, tmp_path):
     folder, paths = component_files
     out = tmp_path / "assembly.safetensors"

@@ -94,10 +94,10 @@ def test_two_processes_reconstruct_like_one(digits_model):
         torch.testing.assert_close(together, alone, rtol=1e-4, atol=1e-5, msg=name)
 
 
-@pytest.mark.parametrize("calibration", ["mahalanobis", "pattern"])
+@pytest.mark.parametrize("calibration", ["mahalanobis", "pattern", "joint"])
 def test_two_processes_fit_the_one_process_gate(digits_model, calibration):
-    """A gate's statistics come from each process's share of a component's images, gathered in batch order: the
-    assembled file holds the one-process statistics."""
+    """A gate's statistics come from each process's share of a component's images, gathered in batch order, and a
+    joint head's sums are added up over the processes: the assembled file holds the one-process numbers."""
     folder, model = digits_model
     profile_path = folder / "g.profile.safetensors"
     if not profile_path.exists():
@@ -115,7 +115,7 @@ def test_two_processes_fit_the_one_process_gate(digits_model, calibration):
     result = torchrun(*arguments, "--out", str(two))
     assert result.returncode == 0, result.stderr[-3000:]
     single, shared = load(one)[0].state_dict(), load(two)[0].state_dict()
-    assert single.keys() == shared.keys() and any("gate" in key for key in single)
+    assert single.keys() == shared.keys() and any(key.startswith(("gate.", "head.")) for key in single)
     for name, alone in single.items():
         torch.testing.assert_close(shared[name], alone, rtol=1e-6, atol=1e-7, msg=name)
 
