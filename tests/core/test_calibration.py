@@ -389,17 +389,26 @@ def test_a_hostile_joint_head_record_is_refused(tmp_path):
     second = digit_component("lenet5", 1.0, "5,7,9", seed=2)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        built = commands.assembly([first, second], "parallel", calibration="joint")
+        built = commands.assembly([first, second], "padded", calibration="joint")
     path = tmp_path / "joint.safetensors"
     modellego.save(built.model, path, built.manifest)
     record = json.loads(modellego.read_manifest(path).to_json())
     tensors = {name: tensor.contiguous() for name, tensor in built.model.state_dict().items()}
-    for field, value in (("features", 10**12), ("method", "knn"), ("classes", 10**5 + 1), ("components", [[{"layer": 3}]] * 2)):
+    for field, value in (("features", 10**12), ("method", "knn"), ("classes", 10**5 + 1),
+                         ("components", [[{"layer": 3}]] * 2)):
         hostile_record = json.loads(json.dumps(record))
         hostile_record["architecture"]["joint"][field] = value
         hostile = tmp_path / "hostile.safetensors"
         save_file(tensors, str(hostile), metadata={"modellego": json.dumps(hostile_record)})
         with pytest.raises(ModellegoError, match="joint"):
+            modellego.load(hostile)
+    # the head's tensors: positions beyond the layer it reads, weights that are not finite
+    layer = next(name for name, value in tensors.items() if name.startswith("head.c"))
+    for key, value in ((layer, torch.full_like(tensors[layer], 10**6)),
+                       ("head.linear.weight", torch.full_like(tensors["head.linear.weight"], float("nan")))):
+        hostile = tmp_path / "hostile.safetensors"
+        save_file({**tensors, key: value}, str(hostile), metadata={"modellego": json.dumps(record)})
+        with pytest.raises(ModellegoError, match="outside its|non-finite"):
             modellego.load(hostile)
 
 

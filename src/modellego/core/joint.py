@@ -145,8 +145,8 @@ def fit(models: Sequence[nn.Module], data: Sequence[Dataset], targets: Sequence[
             onehot = nn.functional.one_hot(mapping[offsets[c] + torch.as_tensor(labels)], classes).double()
             count += len(features)
             total += features.sum(0)
-            gram += features.T @ features
-            cross += features.T @ onehot
+            gram.addmm_(features.T, features)  # in place: no second D × D matrix per batch
+            cross.addmm_(features.T, onehot)
             hits += onehot.sum(0)
     count_tensor = torch.tensor([float(count)], dtype=torch.float64)
     for tensor in (count_tensor, total, gram, cross, hits):

@@ -16,6 +16,7 @@ from torch import nn
 
 from modellego.core.gates import Gate
 from modellego.core.hashing import weights_hash
+from modellego.core.joint import Joint, JointHead
 from modellego.core.modules import MergeOutputs, Normalize
 from modellego.core.shapes import conform, layer_facts
 from modellego.errors import ModellegoError
@@ -119,9 +120,31 @@ def _check_values(model: nn.Module, manifest: Manifest, raw: RawFile) -> None:
                     raise _inconsistent(raw, manifest, f"{name}.{key} holds negative positions")
                 if buffer.is_floating_point() and not torch.isfinite(buffer).all():
                     raise _inconsistent(raw, manifest, f"{name}.{key} holds non-finite statistics")
+        elif isinstance(module, JointHead):
+            _check_joint_head(name, module, model, manifest, raw)
         elif isinstance(module, Normalize):
             if not (torch.isfinite(module.mean).all() and torch.isfinite(module.std).all() and (module.std > 0).all()):
                 raise _inconsistent(raw, manifest, f"{name} has non-finite means or non-positive deviations")
+
+
+def _check_joint_head(name: str, head: JointHead, model: nn.Module, manifest: Manifest, raw: RawFile) -> None:
+    """A joint head reads Linear layers' inputs of the assembly it sits in, at positions inside them, with finite
+    weights."""
+    if not isinstance(model, Joint) or model.head is not head:
+        raise _inconsistent(raw, manifest, f"{name}: a joint head sits only on the outermost assembly")
+    layers = dict(model.assembly.named_modules())
+    for c, component in enumerate(head.taps()):
+        for tap in component:
+            layer = layers.get(tap.layer)
+            if not isinstance(layer, nn.Linear):
+                raise _inconsistent(raw, manifest, f"{name} reads {show(tap.layer)}, which is not a Linear layer "
+                                                   "of the assembly")
+            if tap.columns is not None and tap.columns.numel() and \
+                    (int(tap.columns.min()) < 0 or int(tap.columns.max()) >= layer.in_features):
+                raise _inconsistent(raw, manifest, f"{name} reads positions of {tap.layer} outside its "
+                                                   f"{layer.in_features} inputs")
+    if not (torch.isfinite(head.linear.weight).all() and torch.isfinite(head.linear.bias).all()):
+        raise _inconsistent(raw, manifest, f"{name} holds non-finite weights")
 
 
 def _inconsistent(raw: RawFile, manifest: Manifest, reason: str) -> ModellegoError:
