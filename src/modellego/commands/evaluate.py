@@ -15,7 +15,7 @@ from modellego.commands.common import (
     runtime_options,
     source_baselines,
 )
-from modellego.core.evaluate import accuracy_of, count_params
+from modellego.core.evaluate import accuracy_of, check_finite, count_params
 from modellego.core.gates import PER_SAMPLE, STORED_AS
 from modellego.data.subsets import per_class_slice
 from modellego.data.task import DataOptions
@@ -45,6 +45,7 @@ def evaluate_file(path: FilePath, dataset: str | None = None, classes: str | Non
                         "--no-verify": not data.verify, **runtime_options(precision, workers)})
     test = _limited(kind.data(manifest, "test", data, dataset=dataset, only=classes), max_per_class)
     logits, labels = kind.predict(model, test, batch_size or 256, progress)
+    check_finite(logits, str(path))
     result = accuracy_of(logits.argmax(1), labels, list(test.classes))
     report = {"accuracy": result.accuracy, "per_class": result.per_class, "samples": result.samples,
               "params": count_params(model), "flops": kind.count_flops(model, manifest.input), "data": test.name,
@@ -70,6 +71,7 @@ def compare(component_path: FilePath, source_path: FilePath, data: DataOptions |
     test = _limited(kind.data(part.manifest, "test", data), max_per_class)
     baselines = source_baselines(kind, source, part.manifest.classes, test, batch_size or 256, progress)
     logits, labels = kind.predict(part.model, test, batch_size or 256, progress)
+    check_finite(logits, str(component_path))
     own = accuracy_of(logits.argmax(1), labels, part.manifest.class_names)
     return {**baselines, "accuracy": own.accuracy, "per_class": own.per_class, "params": count_params(part.model),
             "flops": kind.count_flops(part.model, part.manifest.input), "source_params": count_params(source.model),

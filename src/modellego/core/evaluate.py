@@ -10,6 +10,7 @@ from torch.utils.data import Dataset
 from torch.utils.flop_counter import FlopCounterMode
 
 from modellego import runtime
+from modellego.errors import ModellegoError
 from modellego.memory import fit_inference, sample_shape_of
 from modellego.progress import track
 
@@ -56,9 +57,19 @@ def accuracy_of(predictions: torch.Tensor, labels: torch.Tensor, class_names: li
     return Accuracy(overall, per_class, len(labels))
 
 
+def check_finite(logits: torch.Tensor, what: str = "the model") -> None:
+    """Refuse to score outputs that are not all finite: an argmax over NaN is an arbitrary class, not an accuracy."""
+    bad = int((~torch.isfinite(logits)).any(1).sum()) if logits.numel() else 0
+    if bad:
+        raise ModellegoError(f"{what} gives non-finite outputs (NaN or infinite) on {bad:,} of {len(logits):,} "
+                             "samples, so it is not scored; the file may be damaged or the model diverged in training")
+
+
 def evaluate(model: nn.Module, dataset: Dataset, batch_size: int = 256, progress: bool = False) -> Accuracy:
-    """Accuracy of `model` (argmax over all its outputs) on `dataset`, overall and per class."""
+    """Accuracy of `model` (argmax over all its outputs) on `dataset`, overall and per class; non-finite outputs
+    are refused, not scored."""
     logits, labels = predict(model, dataset, batch_size, progress)
+    check_finite(logits)
     return accuracy_of(logits.argmax(1), labels, dataset.classes)
 
 

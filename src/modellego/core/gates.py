@@ -45,6 +45,7 @@ from modellego.core.channels import ChannelGraph
 from modellego.core.choice import Choice
 from modellego.core.contributions import window_sums
 from modellego.core.layers import example_batch, execution_order, head, parameter_layers
+from modellego.core.modules import Parallel
 from modellego.errors import ModellegoError
 
 
@@ -97,7 +98,10 @@ NEAREST_NEIGHBOURS = 5
 NEAREST_SIDE = 32         # `nearest` compares images average-pooled to at most 32×32
 NEAREST_SCALE = 0.01      # `nearest` distances are comparable across components: divided by this, not z-scored
 SHRINKAGE = 0.1           # covariance shrinkage towards its mean variance (Ledoit–Wolf style, fixed)
+MIN_VARIANCE = 1e-6       # the covariance's mean variance is at least this, so the precision stays below 1e7
 DEFAULT_TEMPERATURE = 1.0
+TEMPERATURES = (1e-3, 1e3)  # the gate temperatures a file may hold: the softmax over z / T stays finite
+MAX_STATISTIC = 1e8       # a statistic's magnitude in a file: distances and z-scores stay far from float32's range
 PATTERN_LAYERS = 3        # the last parameter layers whose contribution patterns the `pattern` gate compares
 
 
@@ -331,7 +335,7 @@ def _gaussian(features: Tensor, labels: Tensor, classes: int) -> dict[str, Tenso
     means = _class_means(features, labels, classes)
     centred = features - means[labels]
     covariance = centred.T @ centred / max(len(features) - 1, 1)
-    scale = covariance.diagonal().mean().clamp(min=1e-8)
+    scale = covariance.diagonal().mean().clamp(min=MIN_VARIANCE)
     shrunk = (1 - SHRINKAGE) * covariance + SHRINKAGE * scale * torch.eye(len(covariance), dtype=covariance.dtype)
     return {"means": means, "precision": torch.linalg.inv(shrunk)}
 
@@ -371,8 +375,9 @@ class Gate(nn.Module):
         """A gate from each component's taps (where it sits in the assembly) and its fitted statistics."""
         if method not in GATES:
             raise ModellegoError(f"unknown gate {method!r}; choose one of {', '.join(GATES)}")
-        if not (math.isfinite(temperature) and temperature > 0):
-            raise ModellegoError(f"the gate temperature must be a positive number, got {temperature}")
+        if not (math.isfinite(temperature) and TEMPERATURES[0] <= temperature <= TEMPERATURES[1]):
+            raise ModellegoError(f"the gate temperature must be between {TEMPERATURES[0]:g} and "
+                                 f"{TEMPERATURES[1]:g}, got {temperature}")
 
         def describe(tap: Tap) -> dict[str, Any]:
             return {"layer": tap.layer, "rows": tap.rows is not None, "columns": tap.columns is not None}
@@ -391,6 +396,62 @@ class Gate(nn.Module):
                     if value is not None:
                         setattr(gate, f"c{c}_t{t}_{part}", value.clone().long())
         return gate
+
+    def problem(self, assembly: nn.Module, example_input: Tensor | tuple[int, ...]) -> str | None:
+        """What makes this gate (read from a file) unfit for `assembly`, the model it sits on, or None: its
+        temperature and statistics within bounds that keep its arithmetic finite (deviations at least the floor
+        fitting gives them), one logit slice per component following each other over all outputs, and taps at
+        the layers its method reads (a component's classifier input; `pattern`: its compared layers), at
+        positions inside them."""
+        if not TEMPERATURES[0] <= self.temperature <= TEMPERATURES[1]:
+            return f"gate temperature {self.temperature:g} is outside {TEMPERATURES[0]:g}..{TEMPERATURES[1]:g}"
+        outputs = int(assembly.merge.targets.numel())
+        stop = 0
+        for c, component in enumerate(self.components):
+            if component["start"] != stop or component["stop"] > outputs:
+                return (f"gate component {c} reads logits {component['start']}..{component['stop']}; the components' "
+                        f"slices must follow each other over the {outputs} outputs")
+            stop = component["stop"]
+        if stop != outputs:
+            return f"the gate's components read {stop} of the {outputs} outputs"
+        for c in range(len(self.components)):
+            stats = self.stats(c)
+            for name, value in stats.items():
+                if value.is_floating_point() and not (torch.isfinite(value).all() and
+                                                      value.abs().max() <= MAX_STATISTIC):
+                    return f"gate statistic c{c}_{name} is not finite or beyond {MAX_STATISTIC:g} in magnitude"
+            floor = 1e-3 * max(1.0, abs(float(stats["mean"].item())))
+            if self.method != "nearest" and not float(stats["std"].item()) >= floor * (1 - 1e-6):
+                return f"gate deviation c{c}_std is {float(stats['std'].item()):g}, below its floor {floor:g}"
+            if self.method == "nearest" and not math.isclose(float(stats["std"].item()), NEAREST_SCALE, rel_tol=1e-6):
+                return f"the nearest gate's scale c{c}_std must be {NEAREST_SCALE}"
+        return self._tap_problem(assembly, example_input)
+
+    def _tap_problem(self, assembly: nn.Module, example_input: Tensor | tuple[int, ...]) -> str | None:
+        modules = dict(assembly.named_modules())
+        parallel = isinstance(assembly, Parallel)
+        for c, tap in enumerate(self.taps()):
+            owner, prefix = (assembly.members[c], f"members.{c}.") if parallel else (assembly, "")
+            owner_example = example_batch(owner, example_input)
+            if self.method in FEATURE_GATES:
+                classifier = prefix + head(owner, owner_example)[0]
+                if tap.features.layer != classifier:
+                    return f"gate component {c} reads features at {tap.features.layer}, not its classifier's input"
+            if self.method == "pattern":
+                allowed = {prefix + name for name in pattern_layers(owner, owner_example)}
+                if any(t.layer not in allowed for t in tap.pattern):
+                    return f"gate component {c} compares patterns at layers the pattern gate does not read"
+            for one in [tap.features, *tap.pattern]:
+                layer = modules.get(one.layer)
+                if not isinstance(layer, (nn.Conv2d, nn.Linear)):
+                    return f"gate component {c} reads {one.layer}, which is not a Conv2d or Linear layer"
+                inputs = layer.in_features if isinstance(layer, nn.Linear) else layer.in_channels
+                outputs = layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
+                for positions, size, what in ((one.columns, inputs, "inputs"), (one.rows, outputs, "outputs")):
+                    if positions is not None and positions.numel() and \
+                            (int(positions.min()) < 0 or int(positions.max()) >= size):
+                        return f"gate component {c} reads positions of {one.layer} outside its {size} {what}"
+        return None
 
     def taps(self) -> list[ComponentTaps]:
         """Where each component sits, with its index buffers."""

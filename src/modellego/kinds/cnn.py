@@ -87,12 +87,12 @@ class CNN(ModelKind):
         size = sequence(data.get("size"), f"{field}.size", 2, 2)
         side = [integer(v, f"{field}.size[{i}]", 1, MAX_SIDE) for i, v in enumerate(size)]
         stats = {}
-        for name, low in (("mean", -1e6), ("std", 0.0)):
+        for name, low in (("mean", -1e6), ("std", 1e-6)):  # a smaller deviation would divide images into infinities
             values = sequence(data.get(name), f"{field}.{name}", 1, channels * MAX_MEMBERS)
             if len(values) % channels:
                 raise Invalid(f"{field}.{name} has {len(values)} values; it needs one per input channel "
                               f"({channels}), or a multiple for stacked normalisations")
-            stats[name] = tuple(number(v, f"{field}.{name}[{i}]", low, 1e6, low_open=name == "std")
+            stats[name] = tuple(number(v, f"{field}.{name}[{i}]", low, 1e6)
                                 for i, v in enumerate(values))
         if len(stats["mean"]) != len(stats["std"]):
             raise Invalid(f"{field}.mean and {field}.std have different lengths")
