@@ -381,6 +381,7 @@ def test_cli_refuses_bad_reconstruction_options(files, tmp_path):
     assert_user_error(invoke(*base, "--reconstruct-samples", "0"), "--reconstruct-samples")
     assert_user_error(invoke(*base, "--reconstruct-samples", "5", "--no-reconstruct"), "--no-reconstruct")
     assert_user_error(invoke(*base, "--ridge", "0"), "--ridge")
+    assert_user_error(invoke(*base, "--ridge", "1e-30"), "--ridge must be between")
     assert_user_error(invoke(*base, "--auto", "--grid-step", "0"), "--grid-step")
     assert_user_error(invoke(*base, "--grid-step", "0.05"), "--grid-step only applies with --auto")
     assert not out.exists()

@@ -35,6 +35,7 @@ from modellego.kinds import ModelKind, kind_of
 
 AGREEMENT_GAP = 0.10  # a component this far below its restricted source on the profile's images gets a warning
 MAX_RIDGE = 1e6
+MIN_RIDGE = 1e-8  # below this the re-fit's normal equations are as good as unregularised: near-singular layers blow up
 
 
 @dataclass
@@ -158,8 +159,8 @@ def check_options(auto: bool, max_drop: float, grid_step: float, reconstruct: bo
             raise ModellegoError(f"--reconstruct-samples must be at least 1, got {reconstruct_samples}")
     if not reconstruct and ridge != RIDGE:
         raise ModellegoError("--ridge has no effect with --no-reconstruct; drop one of them")
-    if not 0 < ridge <= MAX_RIDGE:
-        raise ModellegoError(f"--ridge must be positive and at most {MAX_RIDGE:g}, got {ridge}")
+    if not MIN_RIDGE <= ridge <= MAX_RIDGE:
+        raise ModellegoError(f"--ridge must be between {MIN_RIDGE:g} and {MAX_RIDGE:g}, got {ridge}")
 
 
 @runs_models
