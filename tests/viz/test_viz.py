@@ -169,3 +169,26 @@ def test_heatmap_values_match_a_slow_reference():
     classifier = heatmap_values(profile, "head")
     relative = profile.relative("head")
     assert torch.allclose(classifier, torch.stack([relative[k, k] for k in range(3)]))
+
+
+def test_figures_of_names_with_control_characters_are_well_formed_svg(digits_files, tmp_path):
+    """A class or layer name holding an ESC byte is drawn as its escape: the SVG parses as XML."""
+    import xml.etree.ElementTree as ElementTree
+
+    from modellego.io.modelfile import load
+    from modellego.viz import heatmap_figure
+
+    figure = heatmap_figure(torch.rand(2, 5), ["a\x1bb", "tab\tand\x00nul"], "layer\x07", "title\x1b[31m")
+    path = tmp_path / "heat.svg"
+    figure.savefig(path)
+    text = path.read_text()
+    ElementTree.fromstring(text)
+    assert "\\x1b" in text
+    _, model_path, profile_path = digits_files
+    model, _ = load(model_path)
+    profile = load_profile(profile_path)
+    routes = decision_routes(model, profile, locate(model, profile), "2,7")
+    routes.classes = ["two\x1b", "seven"]
+    path = tmp_path / "route.svg"
+    route_figure(routes).savefig(path)
+    ElementTree.fromstring(path.read_text())

@@ -10,6 +10,7 @@ from matplotlib.figure import Figure
 
 from modellego.core.profile import Profile
 from modellego.errors import ModellegoError
+from modellego.viz.text import drawable
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,7 @@ def heatmap_values(profile: Profile, layer: str, output_masks: torch.Tensor | No
 def heatmap_figure(values: torch.Tensor, classes: list[str], layer: str, title: str = "") -> Figure:
     """The heat map: one row per class (named), one column per input channel, a colour bar in [0, 1]."""
     rows, columns = values.shape
+    classes, layer, title = [drawable(name) for name in classes], drawable(layer), drawable(title)
     figure = Figure(figsize=(min(20.0, max(7.5, 2.5 + columns * 0.12)), min(14.0, max(3.0, 1.2 + rows * 0.32))),
                     layout="constrained")
     axes = figure.add_subplot()

@@ -19,6 +19,7 @@ from modellego.core.locate import ComponentMasks
 from modellego.core.profile import Profile
 from modellego.core.samples import resolve_classes
 from modellego.errors import ModellegoError
+from modellego.viz.text import drawable
 
 INPUT = "input"
 MAX_LINKS = 40  # per class and pair of connected layers: enough to see a route, few enough for 512 channels
@@ -145,6 +146,7 @@ def route_figure(routes: Routes, title: str = "") -> Figure:
     if len(routes.classes) > len(CLASS_COLOURS):
         raise ModellegoError(f"a route figure shows at most {len(CLASS_COLOURS)} classes, got {len(routes.classes)}")
     columns = {name: position for position, name in enumerate(routes.layers)}
+    names, title = [drawable(name) for name in routes.classes], drawable(title)
     figure = Figure(figsize=(min(30.0, max(10.0, 1.0 + 0.95 * len(routes.layers))), 7.5), layout="constrained")
     axes = figure.add_subplot()
     for link in sorted(routes.links, key=lambda link: link.strength):
@@ -165,13 +167,13 @@ def route_figure(routes: Routes, title: str = "") -> Figure:
                      linewidths=0, zorder=2)
     last = routes.layers[-1]
     head_channels = routes.kept[last].shape[1]
-    for route, name in enumerate(routes.classes):
+    for route, name in enumerate(names):
         rows = routes.kept[last][route].nonzero().flatten().tolist()
         for row in rows:
             axes.annotate(name, (columns[last], _channel_y(row, head_channels)), xytext=(6, 0),
                           textcoords="offset points", va="center", fontsize=8, color=CLASS_COLOURS[route])
     axes.set_xticks(range(len(routes.layers)),
-                    [f"{name}\n{routes.kinds[name]}, {routes.kept[name].shape[1]} ch" for name in routes.layers],
+                    [f"{drawable(name)}\n{routes.kinds[name]}, {routes.kept[name].shape[1]} ch" for name in routes.layers],
                     rotation=45, ha="right", fontsize=8)
     axes.set_yticks([0.0, 1.0], ["last channel", "channel 0"], fontsize=8)
     axes.set_xlim(-0.5, len(routes.layers) - 0.1)
@@ -179,11 +181,11 @@ def route_figure(routes: Routes, title: str = "") -> Figure:
     axes.set_xlabel("layer (execution order); channels spread over the column's height")
     for side in ("top", "right"):
         axes.spines[side].set_visible(False)
-    handles = [Patch(color=CLASS_COLOURS[k], label=f"{name} only") for k, name in enumerate(routes.classes)]
+    handles = [Patch(color=CLASS_COLOURS[k], label=f"{name} only") for k, name in enumerate(names)]
     if len(routes.classes) > 1:
         handles.append(Patch(color=SHARED_COLOUR, label="kept by several classes"))
     handles += [Patch(color=UNUSED_COLOUR, label="kept by none"),
                 Line2D([], [], color="#555555", label="strongest contributions (opacity = strength)")]
     figure.legend(handles=handles, loc="outside lower center", ncol=min(3, len(handles)), fontsize=8, frameon=False)
-    axes.set_title(title or f"Decision routes of {', '.join(routes.classes)}", fontsize=9)
+    axes.set_title(title or f"Decision routes of {', '.join(names)}", fontsize=9)
     return figure
