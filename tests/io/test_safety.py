@@ -425,3 +425,18 @@ def test_each_malformed_tensor_is_one_clean_refusal(tmp_path, key, shape):
     if MATRIX_FILE:
         with open(MATRIX_FILE + ".files", "a") as handle:
             handle.write(json.dumps([f"tensor {key} of shape {shape}", outcome.replace(str(path), "FILE")]) + "\n")
+
+
+def test_an_output_path_through_a_file_or_ending_in_a_separator_is_refused(files, tmp_path):
+    """`--out model.safetensors/r.png` names a folder that cannot exist (no `mkdir -p` advice); `--out o.png/`
+    names a folder (nothing written as ./o.png)."""
+    base = ["route", str(files["model"]), "--profile", str(files["profile"]), "--classes", "0"]
+    assert_user_error(invoke(*base, "--out", f"{files['model']}/r.png"), "is a file")
+    result = invoke(*base, "--out", f"{tmp_path}/o.png/")
+    assert_user_error(result, "ends in a separator")
+    assert list(tmp_path.iterdir()) == [] and not Path("o.png").exists()
+
+
+def test_a_class_index_beyond_the_model_names_its_classes(files, tmp_path):
+    result = invoke("eval", str(files["model"]), "--classes", "7")
+    assert_user_error(result, "class index 7 is out of range", "by its name or its position")

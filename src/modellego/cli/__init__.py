@@ -5,6 +5,7 @@ assemble; `figures`: route, heatmap) that share one application and its option d
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import traceback
 import warnings
@@ -52,6 +53,17 @@ def _verbose_first(args: list[str]) -> list[str]:
     return args
 
 
+def _check_output_files(args: list[str]) -> None:
+    """`--out` names a file: a value ending in a separator names a folder (typer's Path would drop the separator and
+    write a file of that name instead)."""
+    for position, arg in enumerate(args):
+        value = arg.split("=", 1)[1] if arg.startswith("--out=") else \
+            args[position + 1] if arg == "--out" and position + 1 < len(args) else None
+        if value is not None and value.endswith(("/", os.sep)):
+            raise ModellegoError(f"--out {value} ends in a separator, so it names a folder; give a file name such as "
+                                 f"{value.rstrip('/' + os.sep)}/model.safetensors")
+
+
 def _show_warning_once(shown: set[str]):
     """A `warnings.showwarning` that prints each distinct message once as `warning: ...` on stderr."""
     def show(message, category, filename, lineno, file=None, line=None) -> None:
@@ -79,6 +91,7 @@ def _run() -> None:
     try:
         distributed.setup()
         out.quiet = not distributed.is_main()  # under torchrun, the first process speaks for all
+        _check_output_files(sys.argv[1:])
         app(args=_verbose_first(sys.argv[1:]) or ["--help"], standalone_mode=False)
     except ModellegoError as error:
         if distributed.is_main():

@@ -72,7 +72,11 @@ def resolve_classes(classes: Sequence[str], selection: str | Sequence[str | int]
         elif isinstance(item, int) or (isinstance(item, str) and item.lstrip("-").isdigit()):
             index = int(item)
             if not 0 <= index < len(classes):
-                raise ModellegoError(f"class index {index} is out of range: {dataset} has classes 0..{len(classes) - 1}")
+                shown = ", ".join(f"{k}: {name!r}" for k, name in enumerate(classes[:20])) + \
+                    (", ..." if len(classes) > 20 else "")
+                raise ModellegoError(f"class index {index} is out of range: {dataset} has {len(classes)} classes, "
+                                     f"numbered by position 0..{len(classes) - 1} ({shown}); name a class by its "
+                                     "name or its position")
         else:
             shown = ", ".join(repr(name) for name in classes[:20]) + (", ..." if len(classes) > 20 else "")
             raise ModellegoError(f"class {item!r} is not in {dataset}; its classes are {shown}")

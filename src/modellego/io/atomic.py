@@ -26,10 +26,17 @@ def file_hash(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def _check_folder(target: Path) -> None:
+def _check_folder(target: Path, given: str) -> None:
+    if given.endswith(("/", os.sep)):
+        raise ModellegoError(f"output path {given} ends in a separator, so it names a folder; give a file name "
+                             f"such as {given.rstrip('/' + os.sep)}/model.safetensors")
     if target.is_dir():
         raise ModellegoError(f"output path {target} is a folder; give a file name such as {target}/model.safetensors")
     if not target.parent.is_dir():
+        blocking = next((folder for folder in target.parents if folder.exists()), None)
+        if blocking is not None and not blocking.is_dir():
+            raise ModellegoError(f"output folder {target.parent} cannot exist: {blocking} is a file; give a path in a "
+                                 "folder")
         raise ModellegoError(f"output folder {target.parent} does not exist; create it first (mkdir -p {target.parent})")
     if not os.access(target.parent, os.W_OK):
         raise ModellegoError(f"output folder {target.parent} is not writable")
@@ -39,7 +46,7 @@ def check_output_path(path: str | os.PathLike, inputs: Iterable[str | os.PathLik
     """Fail early (before any work) when `path` cannot be written: its folder must exist and take a new file,
     and it must not be one of the command's `inputs` (same file, also through links), which it would destroy."""
     target = Path(path)
-    _check_folder(target)
+    _check_folder(target, os.fspath(path))
     probe_folder(target.parent)
     for source in inputs:
         if source is not None and _same_file(target, Path(source)):
@@ -117,7 +124,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     """Run `write(temp_path)`, fsync it, rename it onto `path` and fsync the folder, so a reader never sees a
     half-written file and a crash leaves the old file or the new one. A full disk is one clear error."""
     target = Path(path)
-    _check_folder(target)
+    _check_folder(target, os.fspath(path))
     remove_stale_temps(target)
     try:
         handle, temp = tempfile.mkstemp(prefix=f".{target.name}.{os.getpid()}-", suffix=".tmp", dir=target.parent)
