@@ -459,6 +459,9 @@ def test_cli_default_assembly_says_how_auto_chose_and_a_joint_head_fine_tunes(co
     chosen = record["calibration_choice"]["chosen"]
     assert f"auto chose {chosen} on {record['calibration_choice']['held_out_samples']:,}" in result.stdout
     assert "joint " in result.stdout  # every candidate's held-out accuracy is printed, the joint head's among them
+    shown = invoke("eval", str(out))  # components cut without --evaluate: the Base is said to be unknown, and why
+    assert shown.returncode == 0 and "mean Base of the source models: not known" in shown.stdout
+    assert "--evaluate" in json.loads(invoke("eval", str(out), "--json").stdout)["base_missing"]
     result = invoke("assemble", paths["digits-a"], paths["digits-b"], "--calibration", "joint", "--mode", "padded",
                     "--out", str(joint))
     assert result.returncode == 0, result.stderr

@@ -123,6 +123,9 @@ def eval_command(
     if result.get("base") is not None:
         out.print(f"assembly: accuracy {percent(result['accuracy'])}; mean Base of the source models on the same "
                   f"classes {percent(result['base'])}")
+    elif result.get("base_missing"):
+        out.print(safe(f"assembly: accuracy {percent(result['accuracy'])}; mean Base of the source models: not "
+                       f"known ({result['base_missing']})"))
 
 
 def _print_comparison(file: Path, source: Path, result: dict) -> None:

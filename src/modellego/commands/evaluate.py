@@ -52,6 +52,10 @@ def evaluate_file(path: FilePath, dataset: str | None = None, classes: str | Non
               "unit": kind.unit}
     if manifest.kind == "assembly":
         report["base"] = assembly_base(manifest)
+        if report["base"] is None:
+            report["base_missing"] = ("a component was cut without --evaluate, so its source's Base was not "
+                                      "recorded; `modellego disassemble ... --evaluate` records it, `modellego eval "
+                                      "COMPONENT --against SOURCE` measures it")
     return report
 
 
