@@ -5,28 +5,48 @@ The method's core takes any nn.Module and any labelled data: `profile`, `locate`
 `scale`. `modellego.commands` wraps it with files, manifests and datasets by name (one function per command);
 `modellego.kinds` holds what differs between model kinds (CNNs, GCNs)."""
 
+from __future__ import annotations
+
+import importlib
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as _version
-
-from modellego import commands, data, models
-from modellego.core.assemble import assemble, scale
-from modellego.core.cut import disassemble
-from modellego.core.evaluate import count_flops, count_params
-from modellego.core.locate import PAPER, ComponentMasks, Thresholds, locate
-from modellego.core.profile import Profile, profile
-from modellego.core.search import search_thresholds
-from modellego.errors import ModellegoError
-from modellego.io.manifest import Brick, ClassRef, Manifest
-from modellego.io.masks import load_masks, save_masks
-from modellego.io.modelfile import load, read_manifest, save
-from modellego.io.profiles import load_profile, save_profile
-from modellego.kinds.cnn import finetune, train_model
-from modellego.models import list_models
+from typing import Any
 
 try:
     __version__ = _version("modellego")
 except PackageNotFoundError:  # running from a source tree that was never installed
     __version__ = "0+unknown"
+
+# Imported on first use (PEP 562), so that `modellego --version` and `--help` answer without importing torch.
+_SUBMODULES = ("commands", "data", "models")
+_EXPORTS = {
+    "assemble": "modellego.core.assemble", "scale": "modellego.core.assemble", "disassemble": "modellego.core.cut",
+    "count_flops": "modellego.core.evaluate", "count_params": "modellego.core.evaluate",
+    "PAPER": "modellego.core.locate", "ComponentMasks": "modellego.core.locate", "Thresholds": "modellego.core.locate",
+    "locate": "modellego.core.locate", "Profile": "modellego.core.profile", "profile": "modellego.core.profile",
+    "search_thresholds": "modellego.core.search", "ModellegoError": "modellego.errors",
+    "Brick": "modellego.io.manifest", "ClassRef": "modellego.io.manifest", "Manifest": "modellego.io.manifest",
+    "load_masks": "modellego.io.masks", "save_masks": "modellego.io.masks", "load": "modellego.io.modelfile",
+    "read_manifest": "modellego.io.modelfile", "save": "modellego.io.modelfile",
+    "load_profile": "modellego.io.profiles", "save_profile": "modellego.io.profiles",
+    "finetune": "modellego.kinds.cnn", "train_model": "modellego.kinds.cnn", "list_models": "modellego.models",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _SUBMODULES:
+        value = importlib.import_module(f"modellego.{name}")
+    elif name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    else:
+        raise AttributeError(f"module 'modellego' has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_SUBMODULES, *_EXPORTS})
+
 
 __all__ = [
     "PAPER", "Brick", "ClassRef", "ComponentMasks", "Manifest", "ModellegoError", "Profile", "Thresholds",

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -173,3 +175,31 @@ def test_bad_image_sizes_are_refused_before_any_work(tmp_path):
     assert_user_error(invoke(*TRAIN, "--image-size", "big", "--out", str(out)), "--image-size")
     assert_user_error(invoke(*TRAIN, "--image-size", "64", "--out", str(out)), "has 28×28 images")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_version_and_top_level_help_answer_without_torch():
+    """`--version` and `--help` answer from cli/quick.py: in a fresh interpreter, torch is never imported, and the
+    help lists exactly the application's commands with their docstrings' summaries."""
+    import inspect
+
+    import typer.main
+
+    from modellego.cli.application import app
+    from modellego.cli.quick import COMMANDS, OPTIONS, version
+
+    probe = ("import sys; from unittest import mock; from modellego.cli import main\n"
+             "for args in (['--version'], ['--help'], []):\n"
+             "    with mock.patch.object(sys, 'argv', ['modellego', *args]): main()\n"
+             "print('TORCH' if 'torch' in sys.modules else 'NO TORCH')")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().endswith("NO TORCH") and f"modellego {version()}" in result.stdout
+    commands = typer.main.get_command(app).commands
+    assert [name for name, _ in COMMANDS] == list(commands)
+    for name, summary in COMMANDS:
+        assert summary == inspect.cleandoc(commands[name].callback.__doc__).split("\n\n")[0].replace("\n", " ")
+        assert name in result.stdout
+    options = {parameter.opts[0] for parameter in typer.main.get_command(app).params}
+    assert {name for name, _ in OPTIONS} == options | {"--help"}
+    # the version also answers through the application, after other global options
+    assert invoke("--debug", "--version").stdout.strip() == f"modellego {version()}"

@@ -1,129 +1,17 @@
-"""The `modellego` command: a thin layer over `modellego.commands`, one public function per command. The
-commands are grouped in modules (`models`: train, eval, info, finetune, demo; `method`: profile, disassemble,
-assemble; `figures`: route, heatmap) that share one application and its option declarations (`options`)."""
+"""The `modellego` command. `--version` and the top-level help answer at once (cli/quick.py); everything else
+runs the application (cli/application.py), which imports torch."""
 
 from __future__ import annotations
 
-import logging
-import os
 import sys
-import traceback
-import warnings
 
-import torch
-import typer
-
-from modellego import distributed
-from modellego.cli import figures, method, models  # noqa: F401, I001  (each registers its commands on `app`, in this order)
-from modellego.cli.options import app, err, out
-from modellego.errors import ModellegoError
-
-_options = {"debug": False}
-
-
-@app.callback()
-def _global_options(
-    debug: bool = typer.Option(False, "--debug", help="On an unexpected error, print the full traceback."),
-    verbose: bool = typer.Option(False, "--verbose", help="Also print what each loop is estimated to need in "
-                                 "memory (before the command or after it: `modellego train ... --verbose`)."),
-) -> None:
-    """Make new classifiers without training: disassemble trained models, assemble components."""
-    _options["debug"] = debug
-    if verbose:
-        _show_memory_estimates()
-
-
-class _ErrLines(logging.Handler):
-    def emit(self, record: logging.LogRecord) -> None:
-        err.print(record.getMessage(), highlight=False, markup=False, soft_wrap=True)
-
-
-def _show_memory_estimates() -> None:
-    """Print modellego.memory's estimates (one `memory: ...` line each) on stderr."""
-    logger = logging.getLogger("modellego.memory")
-    if not any(isinstance(handler, _ErrLines) for handler in logger.handlers):
-        logger.addHandler(_ErrLines())
-    logger.setLevel(logging.INFO)
-
-
-def _verbose_first(args: list[str]) -> list[str]:
-    """`--verbose` is a global option; accept it after the command too, where users type it."""
-    if "--verbose" in args[1:] and "--" not in args:
-        return ["--verbose", *[arg for arg in args if arg != "--verbose"]]
-    return args
-
-
-def _check_output_files(args: list[str]) -> None:
-    """`--out` names a file: a value ending in a separator names a folder (typer's Path would drop the separator and
-    write a file of that name instead)."""
-    for position, arg in enumerate(args):
-        value = arg.split("=", 1)[1] if arg.startswith("--out=") else \
-            args[position + 1] if arg == "--out" and position + 1 < len(args) else None
-        if value is not None and value.endswith(("/", os.sep)):
-            raise ModellegoError(f"--out {value} ends in a separator, so it names a folder; give a file name such as "
-                                 f"{value.rstrip('/' + os.sep)}/model.safetensors")
-
-
-def _show_warning_once(shown: set[str]):
-    """A `warnings.showwarning` that prints each distinct message once as `warning: ...` on stderr."""
-    def show(message, category, filename, lineno, file=None, line=None) -> None:
-        text = str(message)
-        if text not in shown and distributed.is_main():
-            shown.add(text)
-            err.print(f"warning: {text}", highlight=False, markup=False, soft_wrap=True)
-    return show
+from modellego.cli.quick import answer
 
 
 def main() -> None:
-    """Entry point: user mistakes print one line on stderr and exit with code 2, unexpected errors one line
-    asking for a report (exit 1, the traceback with --debug), warnings one `warning:` line each."""
-    _options["debug"] = False
-    logging.getLogger("modellego.memory").setLevel(logging.WARNING)  # --verbose turns the estimates on
-    with warnings.catch_warnings():
-        if not sys.warnoptions:  # -W / PYTHONWARNINGS, when given, decide what is shown
-            warnings.simplefilter("ignore")
-            warnings.simplefilter("always", UserWarning)
-        warnings.showwarning = _show_warning_once(set())
-        _run()
+    """Entry point (see cli/application.py's `main` for how errors and warnings are reported)."""
+    if answer(sys.argv[1:]):
+        return
+    from modellego.cli.application import main as run
 
-
-def _run() -> None:
-    try:
-        distributed.setup()
-        out.quiet = not distributed.is_main()  # under torchrun, the first process speaks for all
-        _check_output_files(sys.argv[1:])
-        app(args=_verbose_first(sys.argv[1:]) or ["--help"], standalone_mode=False)
-    except ModellegoError as error:
-        if distributed.is_main():
-            err.print(f"error: {error}", highlight=False, markup=False, soft_wrap=True)
-        sys.exit(2)
-    except torch.OutOfMemoryError as error:  # the estimate before the work was too low: still one line
-        if _options["debug"]:
-            sys.stderr.write(traceback.format_exc())
-        if distributed.is_main():
-            detail = (str(error).splitlines() or ["out of memory"])[0][:200]
-            err.print(f"error: the device ran out of memory ({detail}); nothing was written: free memory on it, "
-                      "lower --batch-size where the command has one, or choose another --device",
-                      highlight=False, markup=False, soft_wrap=True)
-        sys.exit(2)
-    except typer.Abort:
-        err.print("aborted", highlight=False)
-        sys.exit(130)
-    except typer.TyperException as error:
-        command = " ".join(sys.argv[1:2]) if len(sys.argv) > 1 and not sys.argv[1].startswith("-") else ""
-        hint = f"see `modellego {command} --help`".replace("  ", " ")
-        err.print(f"error: {error.format_message()} ({hint})", highlight=False, markup=False, soft_wrap=True)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        err.print("interrupted", highlight=False)
-        sys.exit(130)
-    except Exception as error:  # a bug: one line by default, the traceback on request
-        if _options["debug"]:
-            sys.stderr.write(traceback.format_exc())
-        else:
-            message = str(error).splitlines()[0] if str(error) else ""
-            err.print(f"error: {type(error).__name__}: {message} (please report this at the project's issue "
-                      "tracker; rerun with --debug for the traceback)", highlight=False, markup=False, soft_wrap=True)
-        sys.exit(1)
-    finally:
-        distributed.teardown()
+    run()
