@@ -440,3 +440,44 @@ def test_an_output_path_through_a_file_or_ending_in_a_separator_is_refused(files
 def test_a_class_index_beyond_the_model_names_its_classes(files, tmp_path):
     result = invoke("eval", str(files["model"]), "--classes", "7")
     assert_user_error(result, "class index 7 is out of range", "by its name or its position")
+
+
+def test_damaged_or_foreign_masks_are_refused_in_one_line(tmp_path):
+    """Masks whose mask and score differ in shape, with NaN settings or scores, or located on another model
+    (2 classes for a 4-class model, another width) are refused with one line, not an IndexError later."""
+    from safetensors.torch import load_file, safe_open, save_file
+
+    from modellego.core.cut import disassemble
+    from modellego.core.locate import locate
+    from modellego.data.spec import InputSpec
+    from modellego.io.masks import MASKS_FORMAT, load_masks, save_masks
+    from modellego.models.classifier import classifier
+
+    model, _ = small_model(classes=4)
+    masks = locate(model, small_profile(model))
+    path = save_masks(masks, tmp_path / "masks.safetensors")
+    tensors = load_file(str(path))
+    with safe_open(str(path), "pt") as handle:
+        header = dict(handle.metadata())
+    meta_key = MASKS_FORMAT
+    meta = json.loads(header[meta_key])
+    layer = meta["layers"][0]
+
+    def written(changed_tensors: dict, changed_meta: dict) -> Path:
+        target = tmp_path / "edited.safetensors"
+        save_file(changed_tensors, str(target), metadata={**header, meta_key: json.dumps(changed_meta)})
+        return target
+
+    score = tensors[f"score/{layer}"]
+    cases = {"differ in shape": ({**tensors, f"score/{layer}": score[:, :-1].contiguous()}, meta),
+             "score is not finite": ({**tensors, f"score/{layer}": torch.full_like(score, float("nan"))}, meta),
+             "settings.alpha_conv": (tensors, {**meta, "settings": {**meta["settings"], "alpha_conv": float("nan")}})}
+    for message, (changed_tensors, changed_meta) in cases.items():
+        with pytest.raises(ModellegoError, match=message):
+            load_masks(written(changed_tensors, changed_meta))
+    other, _ = small_model(classes=10)
+    with pytest.raises(ModellegoError, match="located on another model|beyond the model"):
+        disassemble(other, masks, [0])
+    wide = classifier("lenet5", InputSpec(1, (28, 28), (0.286,), (0.353,)), 4, 2.0)
+    with pytest.raises(ModellegoError, match="located on another model"):
+        disassemble(wide, masks, [0])

@@ -140,6 +140,9 @@ def disassemble_with_cut(model: nn.Module, masks: ComponentMasks, classes: str |
                          graph: ChannelGraph | None = None) -> tuple[nn.Module, Cut]:
     """`disassemble`, also returning the `Cut` (which source channels each layer kept), which reconstruction
     needs to match the component's channels to the source's."""
+    problem = masks.problem_with(model)
+    if problem:
+        raise ModellegoError(problem)
     task = resolve_classes(masks.classes, classes, "the model's classes")
     if graph is not None and graph.model is not model:
         raise ModellegoError("the graph was traced on another model; pass the ChannelGraph of this model")

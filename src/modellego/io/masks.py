@@ -10,9 +10,10 @@ import torch
 from modellego.core.locate import ComponentMasks
 from modellego.errors import ModellegoError
 from modellego.io.artifacts import read_artifact, write_artifact
-from modellego.io.fields import Invalid, integer, mapping, parse_json, sequence, string
+from modellego.io.fields import Invalid, integer, mapping, number, parse_json, sequence, string
 
 MASKS_FORMAT = "modellego-masks"
+MAX_CHANNELS = 1 << 20  # a layer's outputs in a masks file
 
 
 def save_masks(masks: ComponentMasks, path: str | os.PathLike) -> Path:
@@ -37,15 +38,21 @@ def load_masks(path: str | os.PathLike) -> ComponentMasks:
         expected = {f"{kind}/{name}" for kind in ("mask", "score") for name in layers}
         if set(raw.entries) != expected:
             raise Invalid("its tensors do not match its layers")
-        if any(len(shape) != 2 or shape[0] != len(classes) for _, shape in raw.entries.values()):
-            raise Invalid("every mask and score must be classes × channels")
-        settings = {str(key): float(value) for key, value in mapping(meta.get("settings", {}), "settings").items()}
+        if any(len(shape) != 2 or shape[0] != len(classes) or not 0 < shape[1] <= MAX_CHANNELS
+               for _, shape in raw.entries.values()):
+            raise Invalid(f"every mask and score must be classes × channels (1 to {MAX_CHANNELS:,} channels)")
+        if any(raw.entries[f"mask/{name}"][1] != raw.entries[f"score/{name}"][1] for name in layers):
+            raise Invalid("a layer's mask and score differ in shape")
+        settings = {str(key): number(value, f"settings.{key}", -1e6, 1e6)
+                    for key, value in mapping(meta.get("settings", {}), "settings").items()}
         shape = tuple(integer(side, "input_shape[]", 1, 4_096)
                       for side in sequence(meta.get("input_shape", []), "input_shape", 0, 3))
         classifier = string(meta.get("classifier"), "classifier", 1_000)
     except (Invalid, TypeError, ValueError) as error:
         raise ModellegoError(f"{path} holds damaged modellego masks ({error})") from None
     tensors = raw.tensors("modellego masks")
+    if not all(torch.isfinite(tensors[f"score/{name}"]).all() for name in layers):
+        raise ModellegoError(f"{path} holds damaged modellego masks (a score is not finite)")
     return ComponentMasks(masks={name: tensors[f"mask/{name}"].bool() for name in layers},
                           scores={name: tensors[f"score/{name}"] for name in layers}, classes=classes,
                           classifier=classifier, settings=settings, profile_hash=str(meta.get("profile_hash", "")),
