@@ -124,6 +124,14 @@ def test_profile_of_other_layers_or_shapes_is_refused_by_the_model(files, tmp_pa
     reshaped.contributions[good.layers[0]] = torch.rand(4, 3, 1) + 0.1
     with pytest.raises(ModellegoError, match="shape"):
         reshaped.check_model(model)
+    # computed on inputs of another shape than the model takes; sample positions beyond the training data
+    other_input = Profile(**{**good.__dict__, "input_shape": (1, 32, 32)})
+    with pytest.raises(ModellegoError, match="inputs of shape"):
+        other_input.check_model(model, (1, 28, 28))
+    far = Profile(**{**good.__dict__, "samples": good.samples.clone()})
+    far.samples[0] = 10**9
+    with pytest.raises(ModellegoError, match="sample positions reach 1,000,000,000"):
+        far.check_samples(60_000)
 
 
 def test_old_files_still_load(files):

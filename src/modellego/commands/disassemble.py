@@ -191,9 +191,10 @@ def disassemble(model_path: FilePath, profile_path: FilePath, classes: str | Seq
     positions = resolve_classes(source.manifest.class_names, classes, "the model's classes")
     names = [source.manifest.class_names[k] for k in positions]
     profile = load_profile(profile_path, positions, names)  # only the task's records are read
-    kind.check_profile(source.model, profile)
+    kind.check_profile(source.model, profile, source.manifest.input)
     task = list(range(len(positions)))  # the profile's rows: the task's classes, in the task's order
     train = kind.data(source.manifest, "train", data)
+    profile.check_samples(len(train))
     samples = (kind.reconstruction_samples(train, profile, task, reconstruct_samples, seed, source.model)
                if reconstruct else None)
     graph = kind.channels(source.model, source.manifest.input)  # traced once: search, locate, cut

@@ -55,7 +55,7 @@ def route(model_path: FilePath, profile_path: FilePath, classes: str | Sequence[
                              "(heatmap draws its profile's layers)")
     positions = resolve_classes(source.manifest.class_names, classes, "the model's classes")
     class_profile = load_profile(profile_path, positions, [source.manifest.class_names[k] for k in positions])
-    class_profile.check_model(source.model)
+    kind.check_profile(source.model, class_profile, source.manifest.input)
     masks = locate(source.model, class_profile, thresholds)
     routes = viz.decision_routes(source.model, class_profile, masks, list(range(len(positions))), max_links)
     settings = ", ".join(f"{key} {value:g}" for key, value in thresholds.as_dict().items())
@@ -110,7 +110,7 @@ def heatmap(profile_path: FilePath, out: FilePath, layer: str | None = None, mod
     output_masks, weighting = None, "all outputs"
     if model_path is not None:
         source, kind = open_model(model_path)
-        kind.check_profile(source.model, class_profile)
+        kind.check_profile(source.model, class_profile, source.manifest.input)
         graph = kind.channels(source.model, source.manifest.input)
         output_masks = kind.locate(source.model, class_profile, thresholds, graph, DEFAULT_FLATTEN).masks[layer]
         weighting = "outputs each class keeps"

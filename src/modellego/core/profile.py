@@ -143,11 +143,23 @@ class Profile:
                        kinds=dict(self.kinds), world_size=max(self.world_size, other.world_size),
                        positions=self.positions, num_outputs=self.num_outputs)
 
-    def check_model(self, model: nn.Module) -> None:
-        """Refuse a model other than the one this profile was computed on, and a profile whose layers or sums'
-        shapes do not fit the model's Conv2d/Linear layers (an edited file can keep the model's hash)."""
+    def check_model(self, model: nn.Module, input_shape: tuple[int, ...] | None = None) -> None:
+        """Refuse a model other than the one this profile was computed on, a profile whose layers or sums' shapes
+        do not fit the model's Conv2d/Linear layers (an edited file can keep the model's hash), and one computed on
+        inputs of another shape than the model's `input_shape` (C, H, W), when both are known."""
         sizes = {name: (output_channels(layer), input_channels(layer)) for name, layer in parameter_layers(model).items()}
         self.check_fits(weights_hash(model), sizes, "Conv2d/Linear")
+        if input_shape is not None and self.input_shape and tuple(self.input_shape) != tuple(input_shape):
+            raise ModellegoError(f"this profile was computed on inputs of shape {list(self.input_shape)}, the model "
+                                 f"takes {list(input_shape)}; run `modellego profile` on this model again")
+
+    def check_samples(self, count: int) -> None:
+        """Refuse sample positions outside training data of `count` samples: the profile was computed on other
+        data (or edited), and its positions would index past the data."""
+        if self.samples.numel() and (int(self.samples.min()) < 0 or int(self.samples.max()) >= count):
+            raise ModellegoError(f"this profile's sample positions reach {int(self.samples.max()):,}, but the training "
+                                 f"data has {count:,} samples: it was computed on other data; run `modellego "
+                                 "profile` again on this data")
 
     def check_fits(self, model_hash: str, sizes: dict[str, tuple[int, int]], what: str) -> None:
         """Refuse this profile for a model of another hash, or whose parameter layers (`sizes`: name → (outputs,

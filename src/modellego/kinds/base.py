@@ -175,7 +175,7 @@ class ModelKind(ABC):
         """(output, input) channel pairs of the layers a profile sums over: the values of one class's record."""
 
     @abstractmethod
-    def check_profile(self, model: nn.Module, profile: Profile) -> None:
+    def check_profile(self, model: nn.Module, profile: Profile, spec: Any = None) -> None:
         """Refuse a profile of another model, or whose layers and sums do not fit this model."""
 
     @abstractmethod

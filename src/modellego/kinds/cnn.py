@@ -256,8 +256,8 @@ class CNN(ModelKind):
     def pairs(self, model: nn.Module) -> int:
         return channel_pairs(model)
 
-    def check_profile(self, model: nn.Module, profile: Profile) -> None:
-        profile.check_model(model)
+    def check_profile(self, model: nn.Module, profile: Profile, spec: InputSpec | None = None) -> None:
+        profile.check_model(model, shape_of(spec) if spec is not None else None)
 
     def channels(self, model: nn.Module, spec: InputSpec) -> ChannelGraph:
         return ChannelGraph(model, shape_of(spec))

@@ -555,7 +555,7 @@ class GCN(ModelKind):
     def pairs(self, model: nn.Module) -> int:
         return sum(conv.lin.weight.numel() for conv in gcn_layers(model).values())
 
-    def check_profile(self, model: nn.Module, profile: Profile) -> None:
+    def check_profile(self, model: nn.Module, profile: Profile, spec: GraphSpec | None = None) -> None:
         sizes = {name: tuple(conv.lin.weight.shape) for name, conv in gcn_layers(model).items()}
         profile.check_fits(weights_hash(model), sizes, "GCNConv")
 
