@@ -170,3 +170,42 @@ def test_merged_candidates_are_the_streamed_ones(confidence, limit, shards):
         parts.append({0: kept} if len(kept[0]) else {})
     merged = _merge_candidates(parts, limit)
     assert torch.equal(merged[0][0], alone[0])
+
+
+def launch(*args: str, cwd=None, env: dict | None = None, timeout: int = 900) -> subprocess.CompletedProcess:
+    """`python -m modellego.launch --standalone --nproc_per_node 2 ARGS`: torchrun with modellego's errors."""
+    command = [sys.executable, "-m", "modellego.launch", "--standalone", "--nproc_per_node=2", *args]
+    environment = dict(os.environ, COLUMNS="200", PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1", **(env or {}))
+    return subprocess.run(command, capture_output=True, text=True, env=environment, cwd=cwd, timeout=timeout)
+
+
+def one_error_line(result: subprocess.CompletedProcess, fragment: str) -> None:
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
+    assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], result.stderr[-2000:]
+
+
+def test_an_error_on_every_rank_is_one_line_from_the_launcher(digits_model, tmp_path):
+    _, model = digits_model
+    result = launch("finetune", str(tmp_path / "missing.safetensors"), "--epochs", "1",
+                    "--out", str(tmp_path / "tuned.safetensors"))
+    one_error_line(result, "no such file")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_error_on_rank_1_only_is_one_line_from_the_launcher(digits_model, tmp_path):
+    """Rank 1 runs in another folder (a sitecustomize on its path moves it), so the relative input is missing on
+    that process only, as on a machine without the file: its line is the one printed, nothing is written."""
+    folder, model = digits_model
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "lenet.safetensors").write_bytes(model.read_bytes())
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(
+        "import os, tempfile\nif os.environ.get('RANK') == '1':\n    os.chdir(tempfile.mkdtemp())\n")
+    path = os.pathsep.join([str(hooks), os.environ.get("PYTHONPATH", "")])
+    result = launch("finetune", "lenet.safetensors", "--epochs", "1", "--out", "tuned.safetensors", cwd=work,
+                    env={"PYTHONPATH": path})
+    one_error_line(result, "no such file: lenet.safetensors")
+    assert sorted(p.name for p in work.iterdir()) == ["lenet.safetensors"]

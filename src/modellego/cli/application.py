@@ -9,15 +9,18 @@ import os
 import sys
 import traceback
 import warnings
+from pathlib import Path
+from typing import NoReturn
 
 import torch
 import typer
 
-from modellego import distributed
+from modellego import distributed, launch
 from modellego.cli import figures, method, models  # noqa: F401, I001  (each registers its commands on `app`, in this order)
 from modellego.cli.options import app, err, out
 from modellego.cli.quick import version
 from modellego.errors import ModellegoError
+from modellego.launch import ERRORS_FOLDER
 
 _options = {"debug": False}
 
@@ -96,6 +99,18 @@ def main() -> None:
         _run()
 
 
+def _fail(line: str, code: int) -> NoReturn:
+    """Report one `error:` line and exit with `code`. Under modellego's launcher (modellego.launch) every process
+    leaves its line in the launcher's folder and the launcher prints the first process's; otherwise the first
+    process prints it (the others met the same error, or are stopped by torchrun)."""
+    folder = os.environ.get(ERRORS_FOLDER)
+    if folder:
+        launch.leave_error(Path(folder), line, code)
+    elif distributed.is_main():
+        err.print(line, highlight=False, markup=False, soft_wrap=True)
+    sys.exit(code)
+
+
 def _run() -> None:
     try:
         distributed.setup()
@@ -103,36 +118,29 @@ def _run() -> None:
         _check_output_files(sys.argv[1:])
         app(args=_verbose_first(sys.argv[1:]) or ["--help"], standalone_mode=False)
     except ModellegoError as error:
-        if distributed.is_main():
-            err.print(f"error: {error}", highlight=False, markup=False, soft_wrap=True)
-        sys.exit(2)
+        _fail(f"error: {error}", 2)
     except torch.OutOfMemoryError as error:  # the estimate before the work was too low: still one line
         if _options["debug"]:
             sys.stderr.write(traceback.format_exc())
-        if distributed.is_main():
-            detail = (str(error).splitlines() or ["out of memory"])[0][:200]
-            err.print(f"error: the device ran out of memory ({detail}); nothing was written: free memory on it, "
-                      "lower --batch-size where the command has one, or choose another --device",
-                      highlight=False, markup=False, soft_wrap=True)
-        sys.exit(2)
+        detail = (str(error).splitlines() or ["out of memory"])[0][:200]
+        _fail(f"error: the device ran out of memory ({detail}); nothing was written: free memory on it, lower "
+              "--batch-size where the command has one, or choose another --device", 2)
     except typer.Abort:
         err.print("aborted", highlight=False)
         sys.exit(130)
     except typer.TyperException as error:
         command = " ".join(sys.argv[1:2]) if len(sys.argv) > 1 and not sys.argv[1].startswith("-") else ""
         hint = f"see `modellego {command} --help`".replace("  ", " ")
-        err.print(f"error: {error.format_message()} ({hint})", highlight=False, markup=False, soft_wrap=True)
-        sys.exit(2)
+        _fail(f"error: {error.format_message()} ({hint})", 2)
     except KeyboardInterrupt:
         err.print("interrupted", highlight=False)
         sys.exit(130)
     except Exception as error:  # a bug: one line by default, the traceback on request
         if _options["debug"]:
             sys.stderr.write(traceback.format_exc())
-        else:
-            message = str(error).splitlines()[0] if str(error) else ""
-            err.print(f"error: {type(error).__name__}: {message} (please report this at the project's issue "
-                      "tracker; rerun with --debug for the traceback)", highlight=False, markup=False, soft_wrap=True)
-        sys.exit(1)
+            sys.exit(1)
+        message = str(error).splitlines()[0] if str(error) else ""
+        _fail(f"error: {type(error).__name__}: {message} (please report this at the project's issue tracker; rerun "
+              "with --debug for the traceback)", 1)
     finally:
         distributed.teardown()
