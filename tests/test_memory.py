@@ -181,3 +181,45 @@ def test_issue_command_under_a_small_ulimit_ends_with_one_clear_line(tmp_path):
     assert_user_error(done, "training googlenet on 3×224×224 inputs needs about", "GiB of memory at batch size 64",
                       "(all 64 training images)", "available (ulimit -v)")
     assert not out.exists()
+
+
+def test_the_suggested_batch_and_auto_batch_run_under_an_address_space_limit(tmp_path):
+    """Under `ulimit -v` about 390 MB above what the command maps once torch is imported (the hostile pass's
+    `ulimit -v 4000000` on this machine) and 470 MB: a refused batch size names one that then trains (or, where
+    memory is too tight to promise one, says so), `--auto-batch` trains, and both models evaluate; running out
+    anyway is one line, never an allocator's traceback. Before malloc's arenas were limited to one under such a
+    limit, the suggested batch and --auto-batch both ran out."""
+    import re
+    import shlex
+    import subprocess
+    import sys
+
+    probe = "import modellego.cli.application; print(open('/proc/self/status').read().split('VmSize:')[1].split()[0])"
+    baseline = int(subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                                  check=True).stdout.strip())
+    limit = 0
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        command = f"ulimit -v {limit}; exec {shlex.quote(sys.executable)} -m modellego {shlex.join(args)}"
+        return subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+
+    train = ["train", "--model", "lenet5", "--data", "digits", "--epochs", "1"]
+    for headroom in (390_000, 470_000):
+        limit = baseline + headroom
+        refused = run(*train, "--batch-size", "65536", "--out", "refused.safetensors")
+        assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr
+        assert not (tmp_path / "refused.safetensors").exists()
+        suggested = re.search(r"--batch-size (\d+) fits", refused.stderr)
+        # with room, a batch size is named; without (390 MB here), the refusal says so and points to --auto-batch
+        assert suggested or (headroom == 390_000 and "too tight" in refused.stderr), refused.stderr
+        runs = [("auto", ["--auto-batch"])] + ([("suggested", ["--batch-size", suggested.group(1)])] if suggested else [])
+        for name, options in runs:
+            trained = run(*train, *options, "--out", f"{name}-{headroom}.safetensors")
+            if headroom == 390_000 and trained.returncode != 0:
+                # at the very edge, a thread or workspace can still find no address space: one line, nothing written
+                assert trained.returncode == 2 and "out of memory" in trained.stderr, trained.stderr[-1500:]
+                assert not (tmp_path / f"{name}-{headroom}.safetensors").exists()
+                continue
+            assert trained.returncode == 0, (headroom, name, trained.stderr[-1500:])
+            scored = run("eval", f"{name}-{headroom}.safetensors")
+            assert scored.returncode == 0 and "all" in scored.stdout, (headroom, name, scored.stderr[-1500:])

@@ -15,7 +15,7 @@ from typing import NoReturn
 import torch
 import typer
 
-from modellego import distributed, launch
+from modellego import distributed, launch, memory
 from modellego.cli import figures, method, models  # noqa: F401, I001  (each registers its commands on `app`, in this order)
 from modellego.cli.options import app, err, out
 from modellego.cli.quick import version
@@ -90,6 +90,7 @@ def main() -> None:
     """Entry point: user mistakes print one line on stderr and exit with code 2, unexpected errors one line
     asking for a report (exit 1, the traceback with --debug), warnings one `warning:` line each."""
     _options["debug"] = False
+    memory.limit_malloc_arenas()  # before any worker thread allocates
     logging.getLogger("modellego.memory").setLevel(logging.WARNING)  # --verbose turns the estimates on
     with warnings.catch_warnings():
         if not sys.warnoptions:  # -W / PYTHONWARNINGS, when given, decide what is shown
@@ -111,6 +112,25 @@ def _fail(line: str, code: int) -> NoReturn:
     sys.exit(code)
 
 
+# What the CPU allocator and oneDNN say when memory runs out (a MemoryError is not raised for these).
+_MEMORY_MESSAGES = ("can't allocate memory", "could not create a primitive", "not enough memory",
+                    "can't start new thread")  # a thread's stack and malloc arena are address space too
+
+
+def _out_of_memory(error: RuntimeError) -> bool:
+    return any(message in str(error) for message in _MEMORY_MESSAGES)
+
+
+def _bug(error: Exception) -> NoReturn:
+    """An unexpected error: one line asking for a report (exit 1), the traceback with --debug."""
+    if _options["debug"]:
+        sys.stderr.write(traceback.format_exc())
+        sys.exit(1)
+    message = str(error).splitlines()[0] if str(error) else ""
+    _fail(f"error: {type(error).__name__}: {message} (please report this at the project's issue tracker; rerun "
+          "with --debug for the traceback)", 1)
+
+
 def _run() -> None:
     try:
         distributed.setup()
@@ -125,6 +145,14 @@ def _run() -> None:
         detail = (str(error).splitlines() or ["out of memory"])[0][:200]
         _fail(f"error: the device ran out of memory ({detail}); nothing was written: free memory on it, lower "
               "--batch-size where the command has one, or choose another --device", 2)
+    except RuntimeError as error:
+        if not _out_of_memory(error):
+            _bug(error)
+        if _options["debug"]:
+            sys.stderr.write(traceback.format_exc())
+        detail = (str(error).splitlines() or ["out of memory"])[0][:200]
+        _fail(f"error: the machine ran out of memory ({detail}); nothing was written: lower --batch-size (training: "
+              "--auto-batch chooses one that fits) or free memory", 2)
     except typer.Abort:
         err.print("aborted", highlight=False)
         sys.exit(130)
@@ -136,11 +164,6 @@ def _run() -> None:
         err.print("interrupted", highlight=False)
         sys.exit(130)
     except Exception as error:  # a bug: one line by default, the traceback on request
-        if _options["debug"]:
-            sys.stderr.write(traceback.format_exc())
-            sys.exit(1)
-        message = str(error).splitlines()[0] if str(error) else ""
-        _fail(f"error: {type(error).__name__}: {message} (please report this at the project's issue tracker; rerun "
-              "with --debug for the traceback)", 1)
+        _bug(error)
     finally:
         distributed.teardown()
