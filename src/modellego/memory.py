@@ -37,7 +37,7 @@ OVERHEAD_FACTOR = 2.0
 OVERHEAD_BYTES = 64 * 2**20
 # Only this share of the memory available is planned for: other processes and page cache move under our feet.
 USABLE_SHARE = 0.9
-SUGGESTION_HEADROOM = 32 * 2**20  # the --batch-size a refusal suggests leaves this much more free (plan_training)
+SUGGESTION_HEADROOM = 32 * 2**20  # under ulimit -v, a refusal's --batch-size leaves this much more free (plan_training)
 
 
 class _LiveTensors(TorchDispatchMode):
@@ -399,7 +399,8 @@ def plan_training(model: nn.Module, sample_shape: Sequence[int], batch_size: int
     # 78 to 95 MiB under `ulimit -v 4000000`), and must still pass this check. --auto-batch, which is not checked
     # again, takes half the largest that fits where that room is not there (oneDNN's workspaces come on top:
     # measured, batch 84 failed where 46 ran).
-    suggested = largest_fitting_batch(result, model, training=True, headroom=SUGGESTION_HEADROOM)
+    headroom = SUGGESTION_HEADROOM if result.limit == "ulimit -v" else 0  # where the variation was measured
+    suggested = largest_fitting_batch(result, model, training=True, headroom=headroom)
     if fitting < 1:
         raise ModellegoError(
             f"training {name} on {shape} inputs needs about {gib(result.peak_bytes)} of memory at {batch} and still "
