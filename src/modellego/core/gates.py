@@ -148,7 +148,8 @@ def contribution_block(layer: nn.Module, x: Tensor, rows: Tensor | None, columns
         return torch.einsum("oiu,biu->boi", weight.flatten(2), sums.flatten(2)).clamp(min=0)
 
 
-def _features(x: Tensor, columns: Tensor | None) -> Tensor:
+def flat_features(x: Tensor, columns: Tensor | None) -> Tensor:
+    """A layer's input per sample, flattened, at `columns` only (None: all)."""
     x = x.reshape(x.shape[0], -1) if x.dim() > 2 else x
     return x if columns is None else x.index_select(1, columns)
 
@@ -242,7 +243,7 @@ def _component_view(logits: Tensor, inputs: dict[str, Tensor], modules: dict[str
     if method == "nearest":
         features = image_features(inputs[""])  # the assembly's input, stored under the root module's name
     else:
-        features = _features(inputs[tap.features.layer], tap.features.columns) if method in FEATURE_GATES else None
+        features = flat_features(inputs[tap.features.layer], tap.features.columns) if method in FEATURE_GATES else None
     patterns = [contribution_block(modules[t.layer], inputs[t.layer], t.rows, t.columns)
                 for t in tap.pattern] if method == "pattern" else []
     return logits[:, tap.start:tap.stop], features, patterns

@@ -30,7 +30,7 @@ from torch.utils.data import BatchSampler, Dataset, SequentialSampler
 
 from modellego import distributed, runtime
 from modellego.core.channels import ChannelGraph
-from modellego.core.gates import Tap
+from modellego.core.gates import Tap, flat_features
 from modellego.core.layers import example_batch, execution_order, parameter_layers
 from modellego.errors import ModellegoError
 
@@ -76,14 +76,9 @@ def _input_widths(model: nn.Module, example: Tensor, names: Sequence[str]) -> di
     return widths
 
 
-def features_at(modules: dict[str, nn.Module], inputs: dict[str, Tensor], taps: Sequence[Tap]) -> Tensor:
+def features_at(inputs: dict[str, Tensor], taps: Sequence[Tap]) -> Tensor:
     """One component's features: the inputs recorded at its taps, flattened, its own columns only, joined."""
-    parts = []
-    for tap in taps:
-        value = inputs[tap.layer]
-        value = value.reshape(value.shape[0], -1)
-        parts.append(value if tap.columns is None else value.index_select(1, tap.columns))
-    return torch.cat(parts, 1)
+    return torch.cat([flat_features(inputs[tap.layer], tap.columns) for tap in taps], 1)
 
 
 @torch.no_grad()
@@ -98,7 +93,7 @@ def observe(model: nn.Module, images: Tensor, layers: Sequence[str]) -> Tensor:
     finally:
         for handle in handles:
             handle.remove()
-    return features_at(modules, inputs, [Tap(name) for name in layers])
+    return features_at(inputs, [Tap(name) for name in layers])
 
 
 @torch.no_grad()
@@ -233,7 +228,7 @@ class Joint(nn.Module):
         inputs: dict[str, Tensor] = {}
 
         def answered(module: nn.Module, args: tuple, output: Tensor) -> Tensor:
-            return self.head([features_at(modules, inputs, component) for component in taps])
+            return self.head([features_at(inputs, component) for component in taps])
 
         wanted = {tap.layer for component in taps for tap in component}
         handles = [modules[name].register_forward_pre_hook(lambda m, a, n=name: inputs.__setitem__(n, a[0]))
