@@ -326,9 +326,10 @@ def markdown(results: dict, args) -> str:
         BEGIN,
         "## Calibrated assembly (issues 11, 24)",
         "",
-        f"Commands: `benchmarks/train_sources.sh`, then `nice -n 10 python benchmarks/calibration.py` (every row; "
-        f"`--rows` and `--finetune-rows` pick some), then `python benchmarks/calibration.py --rows none --doc "
-        f"docs/results.md` ({results['seconds'] / 60:.0f} min in all on the shared 2-core CPU; Score2 only where a "
+        f"Commands: `benchmarks/train_sources.sh`, then `nice -n 10 python benchmarks/calibration.py --joint-study` "
+        f"(every row; `--rows` and `--finetune-rows` pick some), then `python benchmarks/calibration.py --rows none "
+        f"--multilayer --doc docs/results.md` ({results['seconds'] / 60:.0f} min in all on the shared 2-core CPU, "
+        "which other jobs shared; Score2 only where a "
         "row was fine-tuned, `—` elsewhere). Components cut the way `disassemble` does by default: the paper's α/β "
         "from profiles of 50 samples per class, re-fitted on the default reconstruction images (README, "
         "\"Reconstruction\"). Every calibration fitted on at most 1,000 of each component's own training images per "
