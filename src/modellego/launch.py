@@ -13,13 +13,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-ERRORS_FOLDER = "MODELLEGO_ERRORS_FOLDER"  # set by the launcher for its processes
-
-
-def leave_error(folder: Path, line: str, code: int) -> None:
-    """A process's `error:` line and exit code, for the launcher (one file per process, named by its rank)."""
-    rank = int(os.environ.get("RANK", "0"))
-    (folder / f"rank-{rank:06d}.txt").write_text(f"{code}\n{line}\n")
+from modellego import distributed
 
 
 def split(args: list[str]) -> tuple[list[str], list[str]]:
@@ -45,7 +39,7 @@ def main(argv: list[str] | None = None) -> None:
         for name in ("torch.distributed.elastic", "torch.distributed.run"):
             logging.getLogger(name).setLevel(logging.CRITICAL)
     with tempfile.TemporaryDirectory(prefix="modellego-errors-") as folder:
-        os.environ[ERRORS_FOLDER] = folder
+        os.environ[distributed.ERRORS_FOLDER] = folder
         try:
             run(parse_args([*options, "-m", "modellego", *command]))
         except ChildFailedError as failure:

@@ -15,12 +15,11 @@ from typing import NoReturn
 import torch
 import typer
 
-from modellego import distributed, launch, memory
+from modellego import distributed, memory
 from modellego.cli import figures, method, models  # noqa: F401, I001  (each registers its commands on `app`, in this order)
 from modellego.cli.options import app, err, out
 from modellego.cli.quick import version
 from modellego.errors import ModellegoError
-from modellego.launch import ERRORS_FOLDER
 
 _options = {"debug": False}
 
@@ -104,9 +103,9 @@ def _fail(line: str, code: int) -> NoReturn:
     """Report one `error:` line and exit with `code`. Under modellego's launcher (modellego.launch) every process
     leaves its line in the launcher's folder and the launcher prints the first process's; otherwise the first
     process prints it (the others met the same error, or are stopped by torchrun)."""
-    folder = os.environ.get(ERRORS_FOLDER)
+    folder = os.environ.get(distributed.ERRORS_FOLDER)
     if folder:
-        launch.leave_error(Path(folder), line, code)
+        distributed.leave_error(Path(folder), line, code)
     elif distributed.is_main():
         err.print(line, highlight=False, markup=False, soft_wrap=True)
     sys.exit(code)

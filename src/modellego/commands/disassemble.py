@@ -194,7 +194,7 @@ def disassemble(model_path: FilePath, profile_path: FilePath, classes: str | Seq
     kind.check_profile(source.model, profile, source.manifest.input)
     task = list(range(len(positions)))  # the profile's rows: the task's classes, in the task's order
     train = kind.data(source.manifest, "train", data)
-    profile.check_samples(len(train))
+    kind.check_profile_samples(profile, train)
     samples = (kind.reconstruction_samples(train, profile, task, reconstruct_samples, seed, source.model)
                if reconstruct else None)
     graph = kind.channels(source.model, source.manifest.input)  # traced once: search, locate, cut

@@ -248,6 +248,10 @@ class ModelKind(ABC):
         own samples of the task (a kind whose re-fits need more says how many)."""
         return None
 
+    def check_profile_samples(self, profile: Profile, train: Any) -> None:
+        """Refuse a profile whose sample positions fall outside `train` (positions as `subset` takes them)."""
+        profile.check_samples(len(train))
+
     def reconstruction_samples(self, train: Any, profile: Profile, task: list[int], per_class: int | None = None,
                                seed: int = 0, model: nn.Module | None = None) -> Any:
         """The samples reconstruction re-fits on: with `per_class`, that many of each task class drawn with `seed`

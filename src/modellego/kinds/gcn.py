@@ -423,6 +423,9 @@ class GCN(ModelKind):
     def union(self, parts: Sequence[Nodes], labels: Tensor) -> Nodes:
         return Nodes(parts[0].task, torch.cat([part.index for part in parts]), labels)
 
+    def check_profile_samples(self, profile: Profile, train: Nodes) -> None:
+        profile.check_samples(int(train.task.graph.x.shape[0]))  # a graph profile's samples are node ids
+
     def positions(self, samples: Nodes, rows: Tensor) -> Tensor:
         return samples.index[rows]
 
