@@ -114,7 +114,8 @@ def main() -> None:
              "and reads it with `modellego.load` in a fresh Python (address space limited to 2 GB beyond importing "
              "torch). Peak RSS includes importing torch. Every edit that loads gives finite outputs on ordinary "
              "images (tests/io/test_calibrated_files.py fuzzes this with hypothesis).", "",
-             f"{refused} of {len(rows)} edited files refused at load; the rest load and are harmless.", "",
+             (f"All {len(rows)} edited files refused at load." if refused == len(rows) else
+              f"{refused} of {len(rows)} edited files refused at load; the rest load and are harmless."), "",
              "| calibration | edit | outcome | seconds | peak RSS (MB) |", "|---|---|---|---:|---:|"]
     for calibration, case, shown, seconds, peak in rows:
         lines.append(f"| {calibration} | {case} | {shown.replace('|', '/')} | "
