@@ -14,7 +14,7 @@ PACKAGE = "modellego"
 # Each layer may import itself and the layers after it in this list, never one before it.
 LAYERS = ["__main__", "launch", "cli", "benchmarking", "commands", "viz", "io.modelfile", "io.profiles", "io.masks", "io.artifacts", "kinds",
           "models", "data", "train", "io.manifest", "io.safetensors", "io.atomic", "io.fields", "core", "memory",
-          "runtime", "distributed", "progress", "errors", "io"]  # io: its package module, which imports nothing
+          "runtime", "distributed", "progress", "startup", "errors", "io"]  # io: its package module, which imports nothing
 
 
 def modules() -> dict[str, Path]:

@@ -5,7 +5,6 @@ Without torchrun, or with one process, every function here is the identity and n
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any, Sequence, TypeVar
 
 import torch
@@ -128,11 +127,3 @@ def barrier() -> None:
     if active():
         dist.barrier()
 
-
-ERRORS_FOLDER = "MODELLEGO_ERRORS_FOLDER"  # set by modellego.launch for its processes
-
-
-def leave_error(folder: Path, line: str, code: int) -> None:
-    """A process's `error:` line and exit code, for modellego.launch (one file per process, named by its rank)."""
-    rank_ = int(os.environ.get("RANK", "0"))
-    (folder / f"rank-{rank_:06d}.txt").write_text(f"{code}\n{line}\n")

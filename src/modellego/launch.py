@@ -13,7 +13,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from modellego import distributed
+from modellego.errors import ERRORS_FOLDER
 
 
 def split(args: list[str]) -> tuple[list[str], list[str]]:
@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> None:
         for name in ("torch.distributed.elastic", "torch.distributed.run"):
             logging.getLogger(name).setLevel(logging.CRITICAL)
     with tempfile.TemporaryDirectory(prefix="modellego-errors-") as folder:
-        os.environ[distributed.ERRORS_FOLDER] = folder
+        os.environ[ERRORS_FOLDER] = folder
         try:
             run(parse_args([*options, "-m", "modellego", *command]))
         except ChildFailedError as failure:

@@ -13,7 +13,6 @@ the straight line through the two peaks is extended to the batch size asked for.
 from __future__ import annotations
 
 import logging
-import os
 import resource
 import warnings
 import weakref
@@ -231,7 +230,6 @@ def memory_limits(cgroup_root: Path = Path("/sys/fs/cgroup")) -> dict[str, int]:
     kernel's estimate for the whole machine), the cgroup's limit minus its usage (v2 `memory.max`, at this
     process's cgroup and every ancestor; v1 `memory.limit_in_bytes`), and `ulimit -v` (`RLIMIT_AS` minus the
     address space already mapped) / `ulimit -d` (`RLIMIT_DATA`)."""
-    import resource
 
     limits: dict[str, int] = {}
     try:
@@ -277,26 +275,6 @@ def device_memory(device: torch.device) -> tuple[int | None, str | None]:
     free, _ = torch.cuda.mem_get_info(device)
     cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
     return free + cached, f"free on {device}"
-
-
-M_ARENA_MAX = -8  # glibc's mallopt parameter: the most malloc arenas the process may create
-
-
-def limit_malloc_arenas() -> bool:
-    """Under an address-space limit (`ulimit -v`), let every thread share one malloc arena: glibc otherwise
-    reserves 64 MiB of address space per thread's arena (measured: with 2 threads, training at batch 200 ran out
-    under a limit where batch 100 ran; with one arena, batch 400 ran), which the planner's estimate of allocated
-    memory does not see. Returns whether it was set (glibc only; nothing to do without such a limit)."""
-    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
-    if soft == resource.RLIM_INFINITY or os.environ.get("MALLOC_ARENA_MAX"):
-        return False
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None)
-        return bool(libc.mallopt(M_ARENA_MAX, 1))
-    except (OSError, AttributeError):  # not glibc
-        return False
 
 
 def _available(device: torch.device | None = None) -> tuple[int | None, str | None]:

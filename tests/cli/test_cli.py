@@ -178,8 +178,9 @@ def test_bad_image_sizes_are_refused_before_any_work(tmp_path):
 
 
 def test_version_and_top_level_help_answer_without_torch():
-    """`--version` and `--help` answer from cli/quick.py: in a fresh interpreter, torch is never imported, and the
-    help lists exactly the application's commands with their docstrings' summaries."""
+    """`--version` and `--help` answer from cli/quick.py, a command's `--help` and an option typer refuses from the
+    application before torch is imported: in a fresh interpreter torch is never imported. The top-level help lists
+    exactly the application's commands with their docstrings' summaries."""
     import inspect
 
     import typer.main
@@ -188,8 +189,13 @@ def test_version_and_top_level_help_answer_without_torch():
     from modellego.cli.quick import COMMANDS, OPTIONS, version
 
     probe = ("import sys; from unittest import mock; from modellego.cli import main\n"
-             "for args in (['--version'], ['--help'], []):\n"
-             "    with mock.patch.object(sys, 'argv', ['modellego', *args]): main()\n"
+             "for args in (['--version'], ['--help'], [], ['train', '--help'], ['assemble', '--help'],\n"
+             "             ['disassemble', '--help'], ['route', '--help'], ['train', '--epochs', 'abc']):\n"
+             "    with mock.patch.object(sys, 'argv', ['modellego', *args]):\n"
+             "        try:\n"
+             "            main()\n"
+             "        except SystemExit:\n"
+             "            pass\n"
              "print('TORCH' if 'torch' in sys.modules else 'NO TORCH')")
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr

@@ -12,14 +12,13 @@ import warnings
 from pathlib import Path
 from typing import NoReturn
 
-import torch
 import typer
 
-from modellego import distributed, memory
+from modellego import startup
 from modellego.cli import figures, method, models  # noqa: F401, I001  (each registers its commands on `app`, in this order)
 from modellego.cli.options import app, err, out
 from modellego.cli.quick import version
-from modellego.errors import ModellegoError
+from modellego.errors import ERRORS_FOLDER, ModellegoError, leave_error
 
 _options = {"debug": False}
 
@@ -79,7 +78,7 @@ def _show_warning_once(shown: set[str]):
     """A `warnings.showwarning` that prints each distinct message once as `warning: ...` on stderr."""
     def show(message, category, filename, lineno, file=None, line=None) -> None:
         text = str(message)
-        if text not in shown and distributed.is_main():
+        if text not in shown and _is_main():
             shown.add(text)
             err.print(f"warning: {text}", highlight=False, markup=False, soft_wrap=True)
     return show
@@ -89,7 +88,7 @@ def main() -> None:
     """Entry point: user mistakes print one line on stderr and exit with code 2, unexpected errors one line
     asking for a report (exit 1, the traceback with --debug), warnings one `warning:` line each."""
     _options["debug"] = False
-    memory.limit_malloc_arenas()  # before any worker thread allocates
+    startup.limit_malloc_arenas()  # before any worker thread allocates
     logging.getLogger("modellego.memory").setLevel(logging.WARNING)  # --verbose turns the estimates on
     with warnings.catch_warnings():
         if not sys.warnoptions:  # -W / PYTHONWARNINGS, when given, decide what is shown
@@ -99,14 +98,26 @@ def main() -> None:
         _run()
 
 
+def _launched() -> bool:
+    """Whether torchrun started this process as one of several (what modellego.distributed.launched says)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def _is_main() -> bool:
+    """Whether this process speaks for the run: always without torchrun, rank 0 with it."""
+    if "modellego.distributed" not in sys.modules:
+        return True
+    return sys.modules["modellego.distributed"].is_main()
+
+
 def _fail(line: str, code: int) -> NoReturn:
     """Report one `error:` line and exit with `code`. Under modellego's launcher (modellego.launch) every process
     leaves its line in the launcher's folder and the launcher prints the first process's; otherwise the first
     process prints it (the others met the same error, or are stopped by torchrun)."""
-    folder = os.environ.get(distributed.ERRORS_FOLDER)
+    folder = os.environ.get(ERRORS_FOLDER)
     if folder:
-        distributed.leave_error(Path(folder), line, code)
-    elif distributed.is_main():
+        leave_error(Path(folder), line, code)
+    elif _is_main():
         err.print(line, highlight=False, markup=False, soft_wrap=True)
     sys.exit(code)
 
@@ -132,19 +143,22 @@ def _bug(error: Exception) -> NoReturn:
 
 def _run() -> None:
     try:
-        distributed.setup()
-        out.quiet = not distributed.is_main()  # under torchrun, the first process speaks for all
+        if _launched():  # torchrun's processes join their group (this imports torch; --help does not need it)
+            from modellego import distributed
+
+            distributed.setup()
+        out.quiet = not _is_main()  # under torchrun, the first process speaks for all
         _check_output_files(sys.argv[1:])
         app(args=_verbose_first(sys.argv[1:]) or ["--help"], standalone_mode=False)
     except ModellegoError as error:
         _fail(f"error: {error}", 2)
-    except torch.OutOfMemoryError as error:  # the estimate before the work was too low: still one line
-        if _options["debug"]:
-            sys.stderr.write(traceback.format_exc())
-        detail = (str(error).splitlines() or ["out of memory"])[0][:200]
-        _fail(f"error: the device ran out of memory ({detail}); nothing was written: free memory on it, lower "
-              "--batch-size where the command has one, or choose another --device", 2)
     except RuntimeError as error:
+        if type(error).__name__ == "OutOfMemoryError":  # torch's, on a device: the estimate before was too low
+            if _options["debug"]:
+                sys.stderr.write(traceback.format_exc())
+            detail = (str(error).splitlines() or ["out of memory"])[0][:200]
+            _fail(f"error: the device ran out of memory ({detail}); nothing was written: free memory on it, lower "
+                  "--batch-size where the command has one, or choose another --device", 2)
         if not _out_of_memory(error):
             _bug(error)
         if _options["debug"]:
@@ -165,4 +179,5 @@ def _run() -> None:
     except Exception as error:  # a bug: one line by default, the traceback on request
         _bug(error)
     finally:
-        distributed.teardown()
+        if "modellego.distributed" in sys.modules:
+            sys.modules["modellego.distributed"].teardown()

@@ -8,7 +8,6 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from modellego import commands
 from modellego.cli.options import (
     MAX_ROWS,
     AlphaConvOption,
@@ -16,12 +15,13 @@ from modellego.cli.options import (
     BetaConvOption,
     BetaFcOption,
     app,
+    commands,
     option_int,
     option_text,
     out,
     safe,
 )
-from modellego.core.locate import PAPER, Thresholds
+from modellego.core.thresholds import PAPER, Thresholds
 from modellego.errors import ModellegoError
 
 

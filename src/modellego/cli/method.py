@@ -7,7 +7,6 @@ from typing import Optional
 
 import typer
 
-from modellego import commands
 from modellego.cli.options import (
     MAX_SAMPLES_PER_CLASS,
     AlphaConvOption,
@@ -20,6 +19,7 @@ from modellego.cli.options import (
     GridStepOption,
     ImageSizeOption,
     InferenceBatchOption,
+    LazyModule,
     NoVerifyOption,
     PrecisionOption,
     RidgeOption,
@@ -28,6 +28,7 @@ from modellego.cli.options import (
     app,
     check_batch,
     classes_option,
+    commands,
     data_options,
     option_int,
     option_seed,
@@ -37,10 +38,11 @@ from modellego.cli.options import (
     run_options,
     safe,
 )
-from modellego.core.evaluate import count_params
-from modellego.core.locate import DEFAULT_FLATTEN, Thresholds
+from modellego.core.thresholds import DEFAULT_FLATTEN, Thresholds
 from modellego.errors import ModellegoError
-from modellego.kinds import kind_of
+
+evaluation = LazyModule("modellego.core.evaluate")
+kinds = LazyModule("modellego.kinds")
 
 
 @app.command()
@@ -142,7 +144,7 @@ def disassemble(
     accuracy = (f"test accuracy {percent(metrics['test_accuracy'])} (restricted base "
                 f"{percent(metrics['restricted_base'])}), " if evaluate else "")
     out.print(safe(f"component for {', '.join(result.brick.manifest.class_names)}: {accuracy}"
-                   f"{metrics['params']:,} params ({count_params(result.source.model):,} in the source), "
+                   f"{metrics['params']:,} params ({evaluation.count_params(result.source.model):,} in the source), "
                    f"{metrics['flops']:,} FLOPs -> {out_path}"))
 
 
@@ -179,8 +181,8 @@ def assemble(
                                **run_options(device, precision, workers))
     model, manifest = result.brick
     how = f"auto: {result.calibration.value}" if result.choice and "chosen" in result.choice else result.calibration.value
-    kind = kind_of(manifest.architecture)
-    params, flops = count_params(model), kind.count_flops(model, manifest.input)
+    kind = kinds.kind_of(manifest.architecture)
+    params, flops = evaluation.count_params(model), kind.count_flops(model, manifest.input)
     out.print(safe(f"assembled {len(components)} components ({result.mode.value}, calibration {how}): "
                    f"{len(manifest.classes)} classes, {params:,} params, {flops:,} FLOPs -> {out_path}"))
     out.print(safe(f"the components side by side: {result.members_params:,} params, {result.members_flops:,} FLOPs "

@@ -10,7 +10,6 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from modellego import commands
 from modellego.cli.options import (
     MAX_ROWS,
     AutoBatchOption,
@@ -31,6 +30,7 @@ from modellego.cli.options import (
     check_training,
     check_width,
     classes_option,
+    commands,
     data_options,
     option_int,
     option_seed,
@@ -41,7 +41,6 @@ from modellego.cli.options import (
     run_options,
     safe,
 )
-from modellego.data.datasets import check_image_size
 from modellego.errors import ModellegoError
 from modellego.io.atomic import output_folder
 
@@ -251,6 +250,8 @@ def import_command(
 ) -> None:
     """Bring a pretrained classifier in: a model file from a builder and its weights, no download."""
     check_width(width)
+    from modellego.data.datasets import check_image_size
+
     check_image_size(image_size)
     names = classes_option(classes, classes_file)
     if names is None:

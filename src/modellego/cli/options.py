@@ -4,24 +4,38 @@ from files safely."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import re
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import typer
 from rich.console import Console
 from rich.text import Text
 
-from modellego.core.locate import PAPER
-from modellego.core.reconstruct import RIDGE
-from modellego.core.search import GRID_STEP
-from modellego.data.datasets import check_image_size
-from modellego.data.task import DataOptions
+from modellego.core.thresholds import GRID_STEP, PAPER, RIDGE
 from modellego.errors import ModellegoError
 from modellego.io.fields import SEED_MAX, Invalid, number, show
+
+if TYPE_CHECKING:
+    from modellego.data.task import DataOptions
+
+
+class LazyModule:
+    """A module imported when first used: the commands import torch, which `--help` and option errors do not
+    need (they answer before it is imported)."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+
+    def __getattr__(self, attribute: str) -> Any:
+        return getattr(importlib.import_module(self._name), attribute)
+
+
+commands = LazyModule("modellego.commands")
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Make new classifiers without training: disassemble trained models, assemble components.")
@@ -104,10 +118,14 @@ MAX_BATCH = 65_536
 MAX_SAMPLES_PER_CLASS = 100_000
 
 
-def data_options(root: Optional[Path], image_size: Optional[int], no_verify: bool) -> DataOptions:
+def data_options(root: Optional[Path], image_size: Optional[int], no_verify: bool) -> "DataOptions":
     """Where the data is, checked at the edge."""
     if image_size is not None:
+        from modellego.data.datasets import check_image_size
+
         check_image_size(image_size)
+    from modellego.data.task import DataOptions
+
     return DataOptions(root, image_size, not no_verify)
 
 

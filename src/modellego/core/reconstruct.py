@@ -16,11 +16,11 @@ from torch.utils.data import Dataset, Subset, TensorDataset
 
 from modellego import distributed, runtime
 from modellego.core.layers import execution_order, parameter_layers
+from modellego.core.thresholds import RIDGE  # noqa: F401  (re-exported: the re-fit's default)
 from modellego.errors import ModellegoError
 from modellego.memory import fit_inference, sample_shape_of
 from modellego.progress import track
 
-RIDGE = 1e-3  # λ relative to the mean diagonal of XᵀX, so that it does not depend on the activations' scale
 METHOD = "layerwise-ridge"
 
 

@@ -40,12 +40,12 @@ from modellego.core.reconstruct import (
     source_outputs_by_batch,
 )
 from modellego.core.samples import SampleSubset, resolve_classes, task_labels
+from modellego.core.thresholds import GRID_STEP
 from modellego.errors import ModellegoError
 from modellego.progress import track
 
 SEARCH_ALPHAS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6)
 SEARCH_BETAS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)
-GRID_STEP = 0.1
 MIXING_NORMS = (nn.LayerNorm, nn.GroupNorm)  # normalise across channels: masking a channel is not removing it
 
 
