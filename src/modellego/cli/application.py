@@ -112,7 +112,7 @@ def _is_main() -> bool:
 
 def _fail(line: str, code: int) -> NoReturn:
     """Report one `error:` line and exit with `code`. Under modellego's launcher (modellego.launch) every process
-    leaves its line in the launcher's folder and the launcher prints the first process's; otherwise the first
+    leaves its line in the launcher's folder and the launcher chooses the one to print; otherwise the first
     process prints it (the others met the same error, or are stopped by torchrun)."""
     folder = os.environ.get(ERRORS_FOLDER)
     if folder:
