@@ -194,7 +194,7 @@ def test_the_suggested_batch_and_auto_batch_run_under_an_address_space_limit(tmp
     import subprocess
     import sys
 
-    probe = "import modellego.cli.application; print(open('/proc/self/status').read().split('VmSize:')[1].split()[0])"
+    probe = "import modellego.commands, modellego.cli.application; print(open('/proc/self/status').read().split('VmSize:')[1].split()[0])"
     baseline = int(subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
                                   check=True).stdout.strip())
     limit = 0
