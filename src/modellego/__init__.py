@@ -29,7 +29,7 @@ _EXPORTS = {
     "load_masks": "modellego.io.masks", "save_masks": "modellego.io.masks", "load": "modellego.io.modelfile",
     "read_manifest": "modellego.io.modelfile", "save": "modellego.io.modelfile",
     "load_profile": "modellego.io.profiles", "save_profile": "modellego.io.profiles",
-    "finetune": "modellego.kinds.cnn", "train_model": "modellego.kinds.cnn", "list_models": "modellego.models",
+    "Box": "modellego.box", "finetune": "modellego.kinds.cnn", "train_model": "modellego.kinds.cnn", "list_models": "modellego.models",
 }
 
 
@@ -49,7 +49,7 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
-    "PAPER", "Brick", "ClassRef", "ComponentMasks", "Manifest", "ModellegoError", "Profile", "Thresholds",
+    "PAPER", "Box", "Brick", "ClassRef", "ComponentMasks", "Manifest", "ModellegoError", "Profile", "Thresholds",
     "assemble", "commands", "count_flops", "count_params", "data", "disassemble", "finetune", "list_models", "load",
     "load_masks", "load_profile", "locate", "models", "profile", "read_manifest", "save", "save_masks",
     "save_profile", "scale", "search_thresholds", "train_model",

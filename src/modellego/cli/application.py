@@ -15,10 +15,12 @@ from typing import NoReturn
 import typer
 
 from modellego import startup
-from modellego.cli import figures, method, models  # noqa: F401, I001  (each registers its commands on `app`, in this order)
+from modellego.cli import box, figures, method, models  # noqa: F401, I001  (each registers its commands on `app`, in this order)
 from modellego.cli.options import app, err, out
 from modellego.cli.quick import version
 from modellego.errors import ERRORS_FOLDER, ModellegoError, leave_error
+
+app.add_typer(box.box_app, name="box")  # the catalogue's commands, after the others
 
 _options = {"debug": False}
 

@@ -1,0 +1,96 @@
+"""The box (modellego.box): real model, profile and component files registered, found, verified and removed; two
+processes adding at once both land; a changed file is caught; a hostile box file is refused in one line."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import subprocess
+import sys
+
+import pytest
+
+from helpers import assert_user_error, invoke
+from modellego.box import SCHEMA_VERSION, Box
+from modellego.errors import ModellegoError
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """A LeNet-5 trained briefly on digits, its profile and one component (the default cut), as files."""
+    folder = tmp_path_factory.mktemp("box")
+    model, profile, part = folder / "lenet.safetensors", folder / "lenet.profile.safetensors", folder / "part.safetensors"
+    assert invoke("train", "--model", "lenet5", "--data", "digits", "--epochs", "3", "--lr", "0.005",
+                  "--out", str(model)).returncode == 0
+    assert invoke("profile", str(model), "--samples-per-class", "8", "--out", str(profile)).returncode == 0
+    assert invoke("disassemble", str(model), "--profile", str(profile), "--classes", "3,8",
+                  "--out", str(part)).returncode == 0
+    return folder, model, profile, part
+
+
+def test_added_files_are_found_by_class_kind_and_builder_with_their_lineage(files, tmp_path):
+    _, model, profile, part = files
+    with Box(tmp_path / "box.sqlite") as box:
+        added = box.add([model, profile, part])
+        assert [entry.kind for entry in added] == ["model", "profile", "component"]
+        source, _, component = added
+        assert component.classes == [("digits", "3"), ("digits", "8")]
+        assert component.reconstructed is True and component.settings["alpha_conv"] == 0.3
+        assert component.params < source.params and component.flops < source.flops
+        assert [e.id for e in box.find(kind="component", class_name="8")] == [component.id]
+        assert {e.id for e in box.find(dataset="digits", class_name="3")} == {e.id for e in added}
+        assert box.find(builder="resnet18") == []
+        assert [e.id for e in box.lineage(component)] == [source.id]
+        with pytest.raises(ModellegoError, match="in the box already"):
+            box.add([part])
+        with pytest.raises(ModellegoError, match="entries made from it"):
+            box.remove(source.id)
+        assert box.verify() == {e.id: "ok" for e in added}
+
+
+def test_two_processes_adding_at_once_both_land(files, tmp_path):
+    folder, model, _, part = files
+    path = tmp_path / "box.sqlite"
+    Box(path).close()
+    script = "import sys; from modellego.box import Box; Box(sys.argv[1]).add([sys.argv[2]])"
+    runs = [subprocess.Popen([sys.executable, "-c", script, str(path), str(file)]) for file in (model, part)]
+    assert [run.wait(timeout=600) for run in runs] == [0, 0]
+    with Box(path) as box:
+        assert sorted(entry.kind for entry in box.entries()) == ["component", "model"]
+
+
+def test_a_changed_file_is_caught_by_verify(files, tmp_path):
+    _, model, _, _ = files
+    copy = tmp_path / "copy.safetensors"
+    copy.write_bytes(model.read_bytes())
+    box_path = tmp_path / "box.sqlite"
+    assert invoke("box", "add", str(copy), "--box", str(box_path)).returncode == 0
+    assert "as they were added" in invoke("box", "verify", "--box", str(box_path)).stdout
+    copy.write_bytes(copy.read_bytes()[:-1] + b"\x00")
+    assert_user_error(invoke("box", "verify", "--box", str(box_path)), "changed or missing")
+    listed = json.loads(invoke("box", "list", "--json", "--box", str(box_path)).stdout)
+    assert [entry["kind"] for entry in listed] == ["model"]
+
+
+def test_a_hostile_or_foreign_box_file_is_one_line(files, tmp_path):
+    _, model, _, _ = files
+    foreign = tmp_path / "notes.sqlite"
+    foreign.write_text("not a database at all" * 100)
+    assert_user_error(invoke("box", "list", "--box", str(foreign)), "not a modellego box")
+    path = tmp_path / "box.sqlite"
+    with Box(path) as box:
+        box.add([model])
+    with sqlite3.connect(path) as connection:  # a name holding SQL is data, never run
+        connection.execute("UPDATE classes SET name = ? WHERE position = 0", ("x'); DROP TABLE entries; --",))
+    with Box(path) as box:
+        assert box.find(class_name="x'); DROP TABLE entries; --")[0].kind == "model"
+    with sqlite3.connect(path) as connection:
+        connection.execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'")
+    assert_user_error(invoke("box", "list", "--box", str(path)), f"reads version {SCHEMA_VERSION}")
+    other = tmp_path / "other.sqlite"
+    with sqlite3.connect(other) as connection:
+        connection.execute("CREATE TABLE something (x)")
+    assert_user_error(invoke("box", "list", "--box", str(other)), "not a modellego box")
+    assert_user_error(invoke("box", "add", str(tmp_path / "missing.safetensors"), "--box", str(tmp_path / "new.sqlite")),
+                      "no such file")
+    assert not (tmp_path / "new.sqlite").exists()  # nothing written for a refused add
