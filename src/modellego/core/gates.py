@@ -44,7 +44,7 @@ from modellego import distributed, runtime
 from modellego.core.channels import ChannelGraph
 from modellego.core.choice import Choice
 from modellego.core.contributions import window_sums
-from modellego.core.layers import example_batch, execution_order, head, parameter_layers
+from modellego.core.layers import example_batch, execution_order, head, parameter_layers, recorded_inputs
 from modellego.core.modules import Parallel
 from modellego.errors import ModellegoError
 
@@ -206,27 +206,24 @@ def pattern_layers(model: nn.Module, example: Tensor) -> list[str]:
     return eligible[-PATTERN_LAYERS:]
 
 
+def read_layers(taps: Sequence[ComponentTaps], method: str) -> set[str]:
+    """The layers whose inputs `method` reads: each component's classifier input (feature gates), its compared
+    layers (`pattern`); none for the gates that read logits only."""
+    layers = {tap.features.layer for tap in taps} if method in FEATURE_GATES else set()
+    if method == "pattern":
+        layers.update(t.layer for tap in taps for t in tap.pattern)
+    return layers
+
+
 @torch.no_grad()
 def observe(model: nn.Module, images: Tensor, taps: Sequence[ComponentTaps], method: str
             ) -> tuple[Tensor, list[tuple[Tensor, Tensor | None, list[Tensor]]]]:
     """Run `model` once on `images`; per component: its raw logits slice, its features (feature gates) and its
     contribution blocks (`pattern`), read through hooks."""
     modules = dict(model.named_modules())
-    inputs: dict[str, Tensor] = {}
-    wanted = set()
-    for tap in taps:
-        if method in FEATURE_GATES:
-            wanted.add(tap.features.layer)
-        if method == "pattern":
-            wanted.update(t.layer for t in tap.pattern)
-    handles = [modules[name].register_forward_pre_hook(lambda m, a, n=name: inputs.__setitem__(n, a[0]))
-               for name in wanted]
-    inputs[""] = images
-    try:
+    with recorded_inputs(model, read_layers(taps, method)) as inputs:
+        inputs[""] = images
         logits = model(images)
-    finally:
-        for handle in handles:
-            handle.remove()
     return logits, [_component_view(logits, inputs, modules, tap, method) for tap in taps]
 
 
@@ -500,21 +497,16 @@ class Calibrated(nn.Module):
         merge = self.assembly.merge
         taps = self.gate.taps()
         method = self.gate.method
-        wanted = {t.features.layer for t in taps} if method in FEATURE_GATES else set()
-        if method == "pattern":
-            wanted.update(p.layer for t in taps for p in t.pattern)
-        inputs: dict[str, Tensor] = {"": x}
+        with recorded_inputs(self.assembly, read_layers(taps, method)) as inputs:
+            inputs[""] = x
 
-        def gated(module: nn.Module, args: tuple) -> tuple:
-            logits = args[0]
-            views = [_component_view(logits, inputs, modules, tap, method) for tap in taps]
-            return (self.gate.combine(logits, views),)
+            def gated(module: nn.Module, args: tuple) -> tuple:
+                logits = args[0]
+                views = [_component_view(logits, inputs, modules, tap, method) for tap in taps]
+                return (self.gate.combine(logits, views),)
 
-        handles = [modules[name].register_forward_pre_hook(lambda m, a, n=name: inputs.__setitem__(n, a[0]))
-                   for name in wanted]
-        handles.append(merge.register_forward_pre_hook(gated))
-        try:
-            return self.assembly(x)
-        finally:
-            for handle in handles:
+            handle = merge.register_forward_pre_hook(gated)
+            try:
+                return self.assembly(x)
+            finally:
                 handle.remove()

@@ -31,7 +31,7 @@ from torch.utils.data import BatchSampler, Dataset, SequentialSampler
 from modellego import distributed, runtime
 from modellego.core.channels import ChannelGraph
 from modellego.core.gates import Tap, flat_features
-from modellego.core.layers import example_batch, execution_order, parameter_layers
+from modellego.core.layers import example_batch, execution_order, parameter_layers, recorded_inputs
 from modellego.errors import ModellegoError
 
 JOINT = "joint"
@@ -64,16 +64,9 @@ def joint_layers(model: nn.Module, example_input: Tensor | tuple[int, ...], budg
 
 @torch.no_grad()
 def _input_widths(model: nn.Module, example: Tensor, names: Sequence[str]) -> dict[str, int]:
-    modules = dict(model.named_modules())
-    widths: dict[str, int] = {}
-    handles = [modules[name].register_forward_pre_hook(
-        lambda m, a, n=name: widths.__setitem__(n, a[0][:1].numel())) for name in names]
-    try:
+    with recorded_inputs(model, names) as inputs:
         model.eval()(example[:1])
-    finally:
-        for handle in handles:
-            handle.remove()
-    return widths
+    return {name: inputs[name][:1].numel() for name in names}
 
 
 def features_at(inputs: dict[str, Tensor], taps: Sequence[Tap]) -> Tensor:
@@ -84,15 +77,8 @@ def features_at(inputs: dict[str, Tensor], taps: Sequence[Tap]) -> Tensor:
 @torch.no_grad()
 def observe(model: nn.Module, images: Tensor, layers: Sequence[str]) -> Tensor:
     """Run one component on `images`; its features at `layers` (every column its own)."""
-    modules = dict(model.named_modules())
-    inputs: dict[str, Tensor] = {}
-    handles = [modules[name].register_forward_pre_hook(lambda m, a, n=name: inputs.__setitem__(n, a[0]))
-               for name in layers]
-    try:
+    with recorded_inputs(model, layers) as inputs:
         model(images)
-    finally:
-        for handle in handles:
-            handle.remove()
     return features_at(inputs, [Tap(name) for name in layers])
 
 
@@ -223,19 +209,14 @@ class Joint(nn.Module):
         self.head = head
 
     def forward(self, x: Tensor) -> Tensor:
-        modules = dict(self.assembly.named_modules())
         taps = self.head.taps()
-        inputs: dict[str, Tensor] = {}
+        with recorded_inputs(self.assembly, (tap.layer for component in taps for tap in component)) as inputs:
 
-        def answered(module: nn.Module, args: tuple, output: Tensor) -> Tensor:
-            return self.head([features_at(inputs, component) for component in taps])
+            def answered(module: nn.Module, args: tuple, output: Tensor) -> Tensor:
+                return self.head([features_at(inputs, component) for component in taps])
 
-        wanted = {tap.layer for component in taps for tap in component}
-        handles = [modules[name].register_forward_pre_hook(lambda m, a, n=name: inputs.__setitem__(n, a[0]))
-                   for name in wanted]
-        handles.append(self.assembly.merge.register_forward_hook(answered))
-        try:
-            return self.assembly(x)
-        finally:
-            for handle in handles:
+            handle = self.assembly.merge.register_forward_hook(answered)
+            try:
+                return self.assembly(x)
+            finally:
                 handle.remove()

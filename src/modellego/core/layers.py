@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from typing import Iterable, Iterator
+
 import torch
 from torch import nn
 
@@ -83,3 +86,19 @@ def head(model: nn.Module, example_input: torch.Tensor | tuple[int, ...]) -> tup
     if not isinstance(layer, nn.Linear):
         raise ModellegoError(f"the last layer to run, {name}, is not a Linear classifier")
     return name, layer
+
+
+@contextlib.contextmanager
+def recorded_inputs(model: nn.Module, names: Iterable[str]) -> Iterator[dict[str, torch.Tensor]]:
+    """While the context is open, the first input of each named submodule of `model` as it last ran, by name
+    (hooks that live only inside the context): how the gates and the joint head read layers without changing
+    the model."""
+    modules = dict(model.named_modules())
+    inputs: dict[str, torch.Tensor] = {}
+    handles = [modules[name].register_forward_pre_hook(lambda m, a, n=name: inputs.__setitem__(n, a[0]))
+               for name in set(names)]
+    try:
+        yield inputs
+    finally:
+        for handle in handles:
+            handle.remove()
