@@ -142,6 +142,43 @@ def random_masks(model: nn.Module, classes: int, keep: float = 1.0, seed: int = 
     return ComponentMasks(masks, scores, [f"c{k}" for k in range(classes)], classifier_name)
 
 
+DIGITS = InputSpec(1, (28, 28), (0.1557,), (0.2773,))
+
+
+def random_component(builder: str, width: float, task: str, seed: int, spec: InputSpec = DIGITS,
+                     dataset: str = "digits") -> Brick:
+    """A component for `task` of an untrained 10-class `builder` on `dataset`'s classes, cut along random masks
+    keeping 60% of every layer's channels (seeded): real architecture, no training."""
+    import warnings
+
+    from modellego import commands, data
+
+    torch.manual_seed(seed)
+    model = classifier(builder, spec, 10, width).eval()
+    names = [str(k) for k in range(10)] if dataset == "digits" else data.load(dataset, "test").classes
+    manifest = Manifest(architecture={"builder": builder, "in_channels": spec.channels, "num_classes": 10,
+                                      "width": width},
+                        classes=[ClassRef(name, dataset, k) for k, name in enumerate(names)], input=spec)
+    masks = random_masks(model, 10, keep=0.6, seed=seed)
+    masks.classes = names
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return commands.component(Brick(model, manifest), masks, task)
+
+
+def load_without_data(path: Path, monkeypatch) -> Brick:
+    """Load a model file while any dataset read fails the test: a file that needs no data to answer."""
+    from modellego.io.modelfile import load
+
+    def no_data(*args, **kwargs):
+        raise AssertionError("a loaded model read a dataset")
+
+    with monkeypatch.context() as patched:
+        patched.setattr("modellego.data.datasets.load", no_data)
+        patched.setattr("modellego.data.task.load", no_data)
+        return load(path)
+
+
 def synthetic_profile(model: nn.Module, shape: tuple[int, ...], num_classes: int, seed: int) -> Profile:
     """A profile of `model` with random positive sums, layers in execution order (found by running it)."""
     generator = torch.Generator().manual_seed(seed)

@@ -18,8 +18,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 import modellego
-from helpers import assert_user_error, invoke
-from helpers import random_masks as full_masks
+from helpers import DIGITS, assert_user_error, invoke, load_without_data, random_component
 from modellego import commands, data
 from modellego.core.assemble import _padded, _taps, assemble
 from modellego.core.gates import (
@@ -38,10 +37,7 @@ from modellego.core.joint import joint_layers, solve
 from modellego.core.modules import Parallel
 from modellego.data.spec import InputSpec
 from modellego.errors import ModellegoError
-from modellego.io.manifest import Brick, ClassRef, Manifest
-from modellego.models.classifier import classifier
 
-DIGITS = InputSpec(1, (28, 28), (0.1557,), (0.2773,))
 FASHION = InputSpec(1, (28, 28), (0.286,), (0.353,))
 
 
@@ -187,20 +183,6 @@ def reference_single(method: str, model: nn.Sequential, image: torch.Tensor, sta
 
 # --- real architectures, real images ----------------------------------------------------------------------------
 
-def digit_component(builder: str, width: float, task: str, seed: int, spec: InputSpec = DIGITS,
-                    dataset: str = "digits") -> Brick:
-    torch.manual_seed(seed)
-    model = classifier(builder, spec, 10, width).eval()
-    names = [str(k) for k in range(10)] if dataset == "digits" else data.load(dataset, "test").classes
-    manifest = Manifest(architecture={"builder": builder, "in_channels": 1, "num_classes": 10, "width": width},
-                        classes=[ClassRef(name, dataset, k) for k, name in enumerate(names)], input=spec)
-    masks = full_masks(model, 10, keep=0.6, seed=seed)
-    masks.classes = names
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return commands.component(Brick(model, manifest), masks, task)
-
-
 @pytest.fixture(scope="module")
 def digit_images():
     train = data.load("digits", "train")
@@ -208,8 +190,8 @@ def digit_images():
 
 
 def test_padded_equals_parallel_with_every_calibration(digit_images):
-    first = digit_component("lenet5", 1.0, "0,3", seed=1)
-    second = digit_component("lenet5", 1.0, "5,7,9", seed=2)
+    first = random_component("lenet5", 1.0, "0,3", seed=1)
+    second = random_component("lenet5", 1.0, "5,7,9", seed=2)
     own = [TensorDataset(digit_images[:24], torch.arange(24) % 2), TensorDataset(digit_images[24:], torch.arange(24) % 3)]
     images = torch.rand(4, 1, 28, 28)
     for calibration in CALIBRATIONS:
@@ -225,8 +207,8 @@ def test_padded_equals_parallel_with_every_calibration(digit_images):
 
 def test_padded_equals_parallel_through_residual_blocks(digit_images):
     """ResNet-18: the gates' taps (features, contribution blocks) follow channels through residual adds."""
-    first = digit_component("resnet18", 0.125, "0,3", seed=1)
-    second = digit_component("resnet18", 0.125, "5,7,9", seed=2)
+    first = random_component("resnet18", 0.125, "0,3", seed=1)
+    second = random_component("resnet18", 0.125, "5,7,9", seed=2)
     models = [first.model, second.model]
     own = [TensorDataset(digit_images[:16], torch.arange(16) % 2), TensorDataset(digit_images[16:32], torch.arange(16) % 3)]
     example = torch.zeros(1, 1, 28, 28)
@@ -244,9 +226,9 @@ def test_padded_equals_parallel_through_residual_blocks(digit_images):
 
 def test_shared_classes_and_two_datasets_with_a_gate(digit_images):
     """A class in two components gets the max of their calibrated logits; differently normalised inputs stack."""
-    first = digit_component("lenet5", 1.0, "0,3", seed=1)
-    second = digit_component("lenet5", 1.0, "3,8", seed=2)
-    fashion = digit_component("lenet5", 1.0, "Trouser,Bag", seed=3, spec=FASHION, dataset="fashion-mnist")
+    first = random_component("lenet5", 1.0, "0,3", seed=1)
+    second = random_component("lenet5", 1.0, "3,8", seed=2)
+    fashion = random_component("lenet5", 1.0, "Trouser,Bag", seed=3, spec=FASHION, dataset="fashion-mnist")
     own = [TensorDataset(digit_images[:24], torch.arange(24) % 2)] * 3
     stats = [fit("energy", m.model, d, (1, 28, 28)) for m, d in zip((first, second, fashion), own)]
     padded = assemble([first.model, second.model, fashion.model], (1, 28, 28), "padded", targets=[0, 1, 1, 2, 3, 4],
@@ -263,8 +245,8 @@ def test_shared_classes_and_two_datasets_with_a_gate(digit_images):
 
 @pytest.mark.parametrize("mode", ["padded", "parallel"])
 def test_a_saved_calibrated_assembly_gives_the_same_logits_and_needs_no_data(mode, tmp_path, monkeypatch):
-    first = digit_component("lenet5", 1.0, "0,3", seed=1)
-    second = digit_component("lenet5", 1.0, "5,7,9", seed=2)
+    first = random_component("lenet5", 1.0, "0,3", seed=1)
+    second = random_component("lenet5", 1.0, "5,7,9", seed=2)
     images = torch.rand(6, 1, 28, 28)
     for calibration in GATES:
         with warnings.catch_warnings():
@@ -272,21 +254,16 @@ def test_a_saved_calibrated_assembly_gives_the_same_logits_and_needs_no_data(mod
             built = commands.assembly([first, second], mode, calibration=calibration, store_training_data=True)
         path = tmp_path / f"{calibration}.safetensors"
         modellego.save(built.model, path, built.manifest)
-        with monkeypatch.context() as patched:
-            def no_data(*args, **kwargs):
-                raise AssertionError("a loaded assembly read a dataset")
-            patched.setattr("modellego.data.datasets.load", no_data)
-            patched.setattr("modellego.data.task.load", no_data)
-            model, manifest = modellego.load(path)
-            with torch.no_grad():
-                assert torch.equal(model(images), built.model(images)), calibration
+        model, manifest = load_without_data(path, monkeypatch)
+        with torch.no_grad():
+            assert torch.equal(model(images), built.model(images)), calibration
         assert manifest.architecture["gate"]["method"] == calibration
         assert manifest.provenance["assembled"]["calibration"] == calibration
 
 
 def test_auto_chooses_on_own_held_out_training_images(digit_images):
-    first = digit_component("lenet5", 1.0, "0,3", seed=1)
-    second = digit_component("lenet5", 1.0, "5,7,9", seed=2)
+    first = random_component("lenet5", 1.0, "0,3", seed=1)
+    second = random_component("lenet5", 1.0, "5,7,9", seed=2)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         built = commands.assembly([first, second], "parallel")
@@ -335,7 +312,7 @@ def test_a_constant_feature_gets_no_weight():
 
 def test_the_joint_head_reads_every_linear_input_within_its_budget(digit_images):
     """LeNet-5: its three Linear layers' inputs; a budget below the flattened features keeps the later two."""
-    component = digit_component("lenet5", 1.0, "0,3", seed=1).model
+    component = random_component("lenet5", 1.0, "0,3", seed=1).model
     names = [name for name, module in component.named_modules() if isinstance(module, nn.Linear)]
     assert joint_layers(component, (1, 28, 28), 10**6) == names
     assert joint_layers(component, (1, 28, 28), 300) == names[1:]
@@ -346,8 +323,8 @@ def test_the_joint_head_reads_every_linear_input_within_its_budget(digit_images)
 def test_a_joint_assembly_answers_from_all_features_and_loads_without_data(mode, digit_images, tmp_path, monkeypatch):
     """The head's logits are weight · [features of every component] + bias, by hand; the file reloads exactly and
     holds the head (ordinary weights), no training image."""
-    first = digit_component("lenet5", 1.0, "0,3", seed=1)
-    second = digit_component("lenet5", 1.0, "5,7,9", seed=2)
+    first = random_component("lenet5", 1.0, "0,3", seed=1)
+    second = random_component("lenet5", 1.0, "5,7,9", seed=2)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         built = commands.assembly([first, second], mode, calibration="joint")
@@ -372,21 +349,16 @@ def test_a_joint_assembly_answers_from_all_features_and_loads_without_data(mode,
         assert torch.allclose(built.model(images), expected, atol=1e-5)
     path = tmp_path / "joint.safetensors"
     modellego.save(built.model, path, built.manifest)
-    with monkeypatch.context() as patched:
-        def no_data(*args, **kwargs):
-            raise AssertionError("a loaded assembly read a dataset")
-        patched.setattr("modellego.data.datasets.load", no_data)
-        patched.setattr("modellego.data.task.load", no_data)
-        model, manifest = modellego.load(path)
-        with torch.no_grad():
-            assert torch.equal(model(images), built.model(images))
+    model, manifest = load_without_data(path, monkeypatch)
+    with torch.no_grad():
+        assert torch.equal(model(images), built.model(images))
     assert manifest.architecture["joint"]["classes"] == 5
     assert not any("bank" in name for name, _ in model.named_buffers())
 
 
 def test_a_hostile_joint_head_record_is_refused(tmp_path):
-    first = digit_component("lenet5", 1.0, "0,3", seed=1)
-    second = digit_component("lenet5", 1.0, "5,7,9", seed=2)
+    first = random_component("lenet5", 1.0, "0,3", seed=1)
+    second = random_component("lenet5", 1.0, "5,7,9", seed=2)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         built = commands.assembly([first, second], "padded", calibration="joint")
@@ -428,7 +400,7 @@ def component_files(tmp_path_factory):
     paths = {}
     for name, task, seed, dataset, spec in (("digits-a", "0,3", 1, "digits", DIGITS), ("digits-b", "5,7,9", 2, "digits", DIGITS),
                                             ("fashion", "Trouser,Bag", 3, "fashion-mnist", FASHION)):
-        brick = digit_component("lenet5", 1.0, task, seed, spec, dataset)
+        brick = random_component("lenet5", 1.0, task, seed, spec, dataset)
         paths[name] = str(folder / f"{name}.safetensors")
         modellego.save(brick.model, paths[name], brick.manifest)
     return folder, paths

@@ -15,36 +15,19 @@ from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 import modellego
-from helpers import assert_user_error, invoke, random_masks
+from helpers import assert_user_error, invoke, random_component
 from modellego import commands, data
 from modellego.core.gates import CALIBRATIONS
-from modellego.data.spec import InputSpec
 from modellego.errors import ModellegoError
-from modellego.io.manifest import Brick, ClassRef, Manifest
-from modellego.models.classifier import classifier
 
-DIGITS = InputSpec(1, (28, 28), (0.1557,), (0.2773,))
 FITTED = [name for name in CALIBRATIONS if name not in ("none", "scale")]
 VALUES = [0.0, -1.0, 1e-45, -1e-45, 1e-3, 3e38, -3e38, float("nan"), float("inf"), 1e6, 1e9, 7.0]
-
-
-def component(task: str, seed: int) -> Brick:
-    torch.manual_seed(seed)
-    model = classifier("lenet5", DIGITS, 10, 0.5).eval()
-    names = [str(k) for k in range(10)]
-    manifest = Manifest(architecture={"builder": "lenet5", "in_channels": 1, "num_classes": 10, "width": 0.5},
-                        classes=[ClassRef(name, "digits", k) for k, name in enumerate(names)], input=DIGITS)
-    masks = random_masks(model, 10, keep=0.6, seed=seed)
-    masks.classes = names
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return commands.component(Brick(model, manifest), masks, task)
 
 
 @pytest.fixture(scope="module")
 def assemblies(tmp_path_factory) -> dict[str, tuple[dict, dict]]:
     """Per fitted calibration and mode: the assembled file's tensors and manifest record."""
-    first, second = component("0,3", 1), component("5,7,9", 2)
+    first, second = random_component("lenet5", 0.5, "0,3", 1), random_component("lenet5", 0.5, "5,7,9", 2)
     folder = tmp_path_factory.mktemp("calibrated")
     parts = {}
     for calibration in FITTED:
@@ -146,7 +129,7 @@ def test_each_reported_edit_is_refused(assemblies, images, calibration):
 
 def test_eval_refuses_to_score_non_finite_outputs(tmp_path):
     """A model whose weights (not a calibration's numbers) give NaN loads, but `eval` does not print an accuracy."""
-    brick = component("0,3", 1)
+    brick = random_component("lenet5", 0.5, "0,3", 1)
     with torch.no_grad():
         next(brick.model.parameters()).fill_(float("nan"))
     path = tmp_path / "nan.safetensors"
