@@ -148,6 +148,12 @@ def contribution_block(layer: nn.Module, x: Tensor, rows: Tensor | None, columns
         return torch.einsum("oiu,biu->boi", weight.flatten(2), sums.flatten(2)).clamp(min=0)
 
 
+def outside(positions: Tensor | None, size: int) -> bool:
+    """Whether any of `positions` (None: all, which fit) falls outside 0..size−1: a tap read from a file."""
+    return positions is not None and positions.numel() > 0 and \
+        (int(positions.min()) < 0 or int(positions.max()) >= size)
+
+
 def flat_features(x: Tensor, columns: Tensor | None) -> Tensor:
     """A layer's input per sample, flattened, at `columns` only (None: all)."""
     x = x.reshape(x.shape[0], -1) if x.dim() > 2 else x
@@ -446,8 +452,7 @@ class Gate(nn.Module):
                 inputs = layer.in_features if isinstance(layer, nn.Linear) else layer.in_channels
                 outputs = layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
                 for positions, size, what in ((one.columns, inputs, "inputs"), (one.rows, outputs, "outputs")):
-                    if positions is not None and positions.numel() and \
-                            (int(positions.min()) < 0 or int(positions.max()) >= size):
+                    if outside(positions, size):
                         return f"gate component {c} reads positions of {one.layer} outside its {size} {what}"
         return None
 

@@ -30,7 +30,7 @@ from torch.utils.data import BatchSampler, Dataset, SequentialSampler
 
 from modellego import distributed, runtime
 from modellego.core.channels import ChannelGraph
-from modellego.core.gates import Tap, flat_features
+from modellego.core.gates import MAX_STATISTIC, Tap, flat_features, outside
 from modellego.core.layers import example_batch, execution_order, parameter_layers, recorded_inputs
 from modellego.errors import ModellegoError
 
@@ -189,6 +189,23 @@ class JointHead(nn.Module):
                 if tap.columns is not None:
                     setattr(joint, f"c{c}_t{t}_columns", tap.columns.clone().long())
         return joint
+
+    def problem(self, assembly: nn.Module) -> str | None:
+        """What makes this head (read from a file) unfit for `assembly`, the model it sits on, or None: it reads
+        Linear layers of it, at positions inside them, with weights bounded like a gate's statistics (fitted ones
+        stay below 1e7: features' deviations are floored at 1e-6)."""
+        layers = dict(assembly.named_modules())
+        for component in self.taps():
+            for tap in component:
+                layer = layers.get(tap.layer)
+                if not isinstance(layer, nn.Linear):
+                    return f"reads {tap.layer!r}, which is not a Linear layer of the assembly"
+                if outside(tap.columns, layer.in_features):
+                    return f"reads positions of {tap.layer} outside its {layer.in_features} inputs"
+        for tensor in (self.linear.weight, self.linear.bias):
+            if not (torch.isfinite(tensor).all() and tensor.abs().max() <= MAX_STATISTIC):
+                return f"holds weights that are not finite or beyond {MAX_STATISTIC:g} in magnitude"
+        return None
 
     def taps(self) -> list[list[Tap]]:
         return [[Tap(tap["layer"], None, getattr(self, f"c{c}_t{t}_columns") if tap.get("columns") else None)

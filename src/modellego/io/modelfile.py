@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from modellego.core.gates import MAX_STATISTIC, Calibrated, Gate
+from modellego.core.gates import Calibrated, Gate
 from modellego.core.hashing import weights_hash
 from modellego.core.joint import Joint, JointHead
 from modellego.core.modules import MergeOutputs, Normalize
@@ -129,34 +129,16 @@ def _check_values(model: nn.Module, manifest: Manifest, raw: RawFile) -> None:
             if problem:
                 raise _inconsistent(raw, manifest, problem)
         elif isinstance(module, JointHead):
-            _check_joint_head(name, module, model, manifest, raw)
+            if not isinstance(model, Joint) or model.head is not module:
+                raise _inconsistent(raw, manifest, f"{name}: a joint head sits only on the outermost assembly")
+            problem = module.problem(model.assembly)
+            if problem:
+                raise _inconsistent(raw, manifest, f"{name} {problem}")
         elif isinstance(module, Normalize):
             if not (torch.isfinite(module.mean).all() and module.mean.abs().max() <= 1e6 and
                     torch.isfinite(module.std).all() and (module.std >= MIN_INPUT_STD).all()):
                 raise _inconsistent(raw, manifest, f"{name} has means beyond 1e6 or deviations below "
                                                    f"{MIN_INPUT_STD:g} (they would divide the input into infinities)")
-
-
-def _check_joint_head(name: str, head: JointHead, model: nn.Module, manifest: Manifest, raw: RawFile) -> None:
-    """A joint head reads Linear layers' inputs of the assembly it sits in, at positions inside them, with weights
-    bounded like a gate's statistics (fitted ones stay below 1e7: features' deviations are floored at 1e-6)."""
-    if not isinstance(model, Joint) or model.head is not head:
-        raise _inconsistent(raw, manifest, f"{name}: a joint head sits only on the outermost assembly")
-    layers = dict(model.assembly.named_modules())
-    for c, component in enumerate(head.taps()):
-        for tap in component:
-            layer = layers.get(tap.layer)
-            if not isinstance(layer, nn.Linear):
-                raise _inconsistent(raw, manifest, f"{name} reads {show(tap.layer)}, which is not a Linear layer "
-                                                   "of the assembly")
-            if tap.columns is not None and tap.columns.numel() and \
-                    (int(tap.columns.min()) < 0 or int(tap.columns.max()) >= layer.in_features):
-                raise _inconsistent(raw, manifest, f"{name} reads positions of {tap.layer} outside its "
-                                                   f"{layer.in_features} inputs")
-    for tensor in (head.linear.weight, head.linear.bias):
-        if not (torch.isfinite(tensor).all() and tensor.abs().max() <= MAX_STATISTIC):
-            raise _inconsistent(raw, manifest, f"{name} holds weights that are not finite or beyond "
-                                               f"{MAX_STATISTIC:g} in magnitude")
 
 
 def _inconsistent(raw: RawFile, manifest: Manifest, reason: str) -> ModellegoError:
