@@ -12,6 +12,7 @@ Default file: `$MODELLEGO_BOX`, else `$XDG_DATA_HOME/modellego/box.sqlite` (`~/.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sqlite3
@@ -104,6 +105,7 @@ class Box:
                 raise ModellegoError(f"cannot create the box's folder {self.path.parent} ({error.strerror})") from None
         try:
             self.connection = sqlite3.connect(self.path, timeout=BUSY_SECONDS, isolation_level=None)
+            self.connection.row_factory = sqlite3.Row  # rows by column name
             self.connection.execute("PRAGMA foreign_keys = ON")
             if fresh or not self._tables():
                 self.connection.execute("PRAGMA journal_mode = WAL")
@@ -131,17 +133,16 @@ class Box:
             raise ModellegoError(f"{self.path} is a box of schema version {found}; this modellego reads version "
                                  f"{SCHEMA_VERSION}: use the modellego that wrote it, or start a new box")
 
-    def _transaction(self):
-        box = self
-
-        class Transaction:
-            def __enter__(self) -> None:
-                box.connection.execute("BEGIN IMMEDIATE")
-
-            def __exit__(self, kind, value, trace) -> None:
-                box.connection.execute("COMMIT" if kind is None else "ROLLBACK")
-
-        return Transaction()
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """One write, taking the database's write lock at once (other processes wait up to BUSY_SECONDS)."""
+        self.connection.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self.connection.execute("ROLLBACK")
+            raise
+        self.connection.execute("COMMIT")
 
     def close(self) -> None:
         self.connection.close()
@@ -161,9 +162,10 @@ class Box:
         described = [path if isinstance(path, Entry) else describe(Path(path)) for path in paths]
         with self._transaction():
             for entry in described:
-                if self._row_by_path(entry.path) is not None:
-                    raise ModellegoError(f"{entry.path} is in the box already (entry "
-                                         f"{self._row_by_path(entry.path)}); `box remove` it first to add it again")
+                present = self._row_by_path(entry.path)
+                if present is not None:
+                    raise ModellegoError(f"{entry.path} is in the box already (entry {present}); `box remove` it "
+                                         "first to add it again")
                 cursor = self.connection.execute(
                     "INSERT INTO entries (kind, path, sha256, weights_hash, source_hash, builder, input, params, "
                     "flops, accuracy, restricted_base, settings, reconstructed, added) "
@@ -191,9 +193,8 @@ class Box:
             raise ModellegoError(f"the box has no entry {entry_id}; `modellego box list` shows its entries")
         return self._entry(row)
 
-    def _entry(self, row: tuple) -> Entry:
-        columns = [column[0] for column in self.connection.execute("SELECT * FROM entries LIMIT 0").description]
-        values = dict(zip(columns, row))
+    def _entry(self, row: sqlite3.Row) -> Entry:
+        values = dict(row)
         if values["kind"] not in KINDS:
             raise ModellegoError(f"{self.path}: entry {values['id']} has kind {str(values['kind'])[:40]!r}, not one "
                                  "a box holds: the box file was edited; start a new box")
