@@ -11,13 +11,9 @@ import torch
 import torch.distributed as dist
 
 from modellego.errors import ModellegoError
+from modellego.startup import launched
 
 Item = TypeVar("Item")
-
-
-def launched() -> bool:
-    """Whether this process was started by torchrun (or another launcher) as one of several."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
 def setup(backend: str | None = None) -> None:

@@ -1,9 +1,16 @@
-"""What a modellego process sets up before any work, without importing torch."""
+"""What a modellego process knows and sets up before any work, without importing torch: whether a launcher
+started it, and malloc's arenas under an address-space limit."""
 
 from __future__ import annotations
 
 import os
 import resource
+
+
+def launched() -> bool:
+    """Whether torchrun (or another launcher) started this process as one of several."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
 
 M_ARENA_MAX = -8  # glibc's mallopt parameter: the most malloc arenas the process may create
 

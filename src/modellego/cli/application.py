@@ -100,11 +100,6 @@ def main() -> None:
         _run()
 
 
-def _launched() -> bool:
-    """Whether torchrun started this process as one of several (what modellego.distributed.launched says)."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
-
-
 def _is_main() -> bool:
     """Whether this process speaks for the run: always without torchrun, rank 0 with it."""
     if "modellego.distributed" not in sys.modules:
@@ -145,7 +140,7 @@ def _bug(error: Exception) -> NoReturn:
 
 def _run() -> None:
     try:
-        if _launched():  # torchrun's processes join their group (this imports torch; --help does not need it)
+        if startup.launched():  # torchrun's processes join their group (this imports torch; --help does not need it)
             from modellego import distributed
 
             distributed.setup()
