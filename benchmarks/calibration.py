@@ -82,11 +82,10 @@ def source(out_dir: Path, name: str) -> Brick:
 def part(out_dir: Path, source_name: str, task: list[str], reconstruct: bool = True) -> Brick:
     """The component of a source for `task` as `disassemble` cuts it by default (paper α/β from a profile of 50
     per class, re-fitted on the default reconstruction images), or the paper's pure cut (`reconstruct=False`)."""
-    folder = out_dir / ("components" if reconstruct else "components-pure")
-    path = folder / f"{source_name}--{'+'.join(t.replace('/', '_') for t in task)}.safetensors"
+    path = part_path(out_dir, source_name, task, reconstruct)
     if path.exists():
         return modellego.load(path)
-    folder.mkdir(exist_ok=True)
+    path.parent.mkdir(exist_ok=True)
     brick = source(out_dir, source_name)
     train = task_data(brick.manifest.classes, "train")
     class_profile = profile(brick.model, train, samples_per_class=50)
@@ -100,8 +99,10 @@ def part(out_dir: Path, source_name: str, task: list[str], reconstruct: bool = T
     return cut
 
 
-def part_path(out_dir: Path, source_name: str, task: list[str]) -> Path:
-    return out_dir / "components" / f"{source_name}--{'+'.join(t.replace('/', '_') for t in task)}.safetensors"
+def part_path(out_dir: Path, source_name: str, task: list[str], reconstruct: bool = True) -> Path:
+    """Where `part` keeps a component: components/ (the default cut) or components-pure/."""
+    folder = out_dir / ("components" if reconstruct else "components-pure")
+    return folder / f"{source_name}--{'+'.join(t.replace('/', '_') for t in task)}.safetensors"
 
 
 def rows() -> list[dict]:
