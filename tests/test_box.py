@@ -40,7 +40,7 @@ def test_added_files_are_found_by_class_kind_and_builder_with_their_lineage(file
         assert [e.id for e in box.find(kind="component", class_name="8")] == [component.id]
         assert {e.id for e in box.find(dataset="digits", class_name="3")} == {e.id for e in added}
         assert box.find(builder="resnet18") == []
-        assert [e.id for e in box.lineage(component)] == [source.id]
+        assert [e.id for e in box.lineage(component)] == [added[1].id, source.id]  # its profile, its source
         with pytest.raises(ModellegoError, match="in the box already"):
             box.add([part])
         with pytest.raises(ModellegoError, match="entries made from it"):

@@ -140,6 +140,7 @@ def _assembled(members: Sequence[Brick], mode: AssemblyMode | str | None, scale_
     """`assembly`, with the mode and calibration it used and how `auto` chose."""
     members = [Brick(*member) for member in members]
     check_members(len(members))
+    given = [weights_hash(model) for model, _ in members]  # before scaling: the files' weights, as the box knows them
     kinds = {kind_of(member.manifest.architecture).name for member in members}
     if len(kinds) > 1:
         raise ModellegoError(f"the components are models of different kinds ({', '.join(sorted(kinds))}); "
@@ -185,8 +186,9 @@ def _assembled(members: Sequence[Brick], mode: AssemblyMode | str | None, scale_
                                 **({"stored_training_data": stored} if stored else {}),
                                 **({"calibration_choice": record} if record else {}),
                                 "components": [{"hash": weights_hash(m), "classes": mf.class_names,
-                                                "provenance": mf.provenance, "metrics": mf.metrics}
-                                               for m, mf in members]}}
+                                                "provenance": mf.provenance, "metrics": mf.metrics,
+                                                **({"given_hash": before} if before != weights_hash(m) else {})}
+                                               for (m, mf), before in zip(members, given)]}}
     brick = Brick(model, Manifest(architecture=architecture, classes=classes, input=first, kind="assembly",
                                   provenance=provenance))
     return Assembled(brick, mode, calibration, record or None, sum(count_params(m) for m, _ in members),
