@@ -61,6 +61,20 @@ def lenet(tmp_path_factory, fashion_train) -> TrainedFile:
 
 
 @pytest.fixture(scope="session")
+def digits_lenet(tmp_path_factory) -> Path:
+    """A LeNet-5 trained once per session on scikit-learn's digits (3 epochs), saved to disk: the second source
+    (another dataset) of the box's tests."""
+    from modellego import data
+    from modellego.io.modelfile import save
+    from modellego.kinds.cnn import train_model
+
+    model, manifest = train_model("lenet5", data.load("digits", "train"), epochs=3, lr=5e-3, progress=False)
+    path = tmp_path_factory.mktemp("digits") / "digits.safetensors"
+    save(model, path, manifest)
+    return path
+
+
+@pytest.fixture(scope="session")
 def lenet_profile(lenet):
     """The session LeNet-5's profile: its 10 most confident correctly classified training images per class."""
     from modellego.core.profile import profile

@@ -4,6 +4,7 @@ processes adding at once both land; a changed file is caught; a hostile box file
 from __future__ import annotations
 
 import json
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -16,12 +17,11 @@ from modellego.errors import ModellegoError
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory):
+def files(tmp_path_factory, digits_lenet):
     """A LeNet-5 trained briefly on digits, its profile and one component (the default cut), as files."""
     folder = tmp_path_factory.mktemp("box")
     model, profile, part = folder / "lenet.safetensors", folder / "lenet.profile.safetensors", folder / "part.safetensors"
-    assert invoke("train", "--model", "lenet5", "--data", "digits", "--epochs", "3", "--lr", "0.005",
-                  "--out", str(model)).returncode == 0
+    shutil.copyfile(digits_lenet, model)
     assert invoke("profile", str(model), "--samples-per-class", "8", "--out", str(profile)).returncode == 0
     assert invoke("disassemble", str(model), "--profile", str(profile), "--classes", "3,8",
                   "--out", str(part)).returncode == 0
@@ -86,7 +86,7 @@ def test_a_hostile_or_foreign_box_file_is_one_line(files, tmp_path):
         assert box.find(class_name="x'); DROP TABLE entries; --")[0].kind == "model"
     with sqlite3.connect(path) as connection:
         connection.execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'")
-    assert_user_error(invoke("box", "list", "--box", str(path)), f"reads version {SCHEMA_VERSION}")
+    assert_user_error(invoke("box", "list", "--box", str(path)), f"reads versions 1 to {SCHEMA_VERSION}")
     other = tmp_path / "other.sqlite"
     with sqlite3.connect(other) as connection:
         connection.execute("CREATE TABLE something (x)")
@@ -94,3 +94,55 @@ def test_a_hostile_or_foreign_box_file_is_one_line(files, tmp_path):
     assert_user_error(invoke("box", "add", str(tmp_path / "missing.safetensors"), "--box", str(tmp_path / "new.sqlite")),
                       "no such file")
     assert not (tmp_path / "new.sqlite").exists()  # nothing written for a refused add
+
+
+def _edited(path, statement, *values):
+    with sqlite3.connect(path) as connection:
+        connection.execute(statement, values)
+
+
+@pytest.mark.parametrize("statement, values, message", [
+    ("UPDATE entries SET path = ?", ("/etc/passwd",), "outside the box's folders"),
+    ("UPDATE entries SET path = path || ?", ("/../../../etc/passwd",), "outside the box's folders"),
+    ("UPDATE entries SET path = ?", ("relative/model.safetensors",), "outside the box's folders"),
+    ("INSERT INTO folders VALUES (?)", ("/tmp/../etc",), "not a plain absolute path"),
+    ("UPDATE entries SET accuracy = ?", ("ninety",), "accuracy is not a number"),
+    ("UPDATE entries SET flops = ?", (-5,), "flops is not a count"),
+    ("UPDATE entries SET sha256 = ?", ("x",), "SHA-256"),
+    ("UPDATE entries SET kind = ?", ("'; DROP TABLE entries; --",), "not one a box holds"),
+])
+def test_edited_rows_are_refused_in_one_line(files, tmp_path, statement, values, message):
+    _, model, _, _ = files
+    path = tmp_path / "box.sqlite"
+    with Box(path) as box:
+        box.add([model])
+    if "kind" in statement:  # the CHECK constraint stands in the way of an edit through SQL; a raw file need not
+        with sqlite3.connect(path) as connection:
+            connection.execute("PRAGMA ignore_check_constraints = ON")
+            connection.execute(statement, values)
+    else:
+        _edited(path, statement, *values)
+    assert_user_error(invoke("box", "list", "--box", str(path)), message)
+
+
+def test_a_schema_1_box_is_migrated_with_its_rows(files, tmp_path):
+    _, model, _, _ = files
+    path = tmp_path / "box.sqlite"
+    from modellego.box.catalogue import SCHEMA, describe
+
+    version_1 = SCHEMA.replace(",\n    parts TEXT", "").replace("CREATE TABLE IF NOT EXISTS folders (path TEXT PRIMARY KEY);", "")
+    entry = describe(model)
+    with sqlite3.connect(path) as connection:
+        connection.executescript(version_1)
+        connection.execute("INSERT INTO meta VALUES ('schema_version', '1')")
+        connection.execute("INSERT INTO entries (kind, path, sha256, weights_hash, builder, params, added) "
+                           "VALUES ('model', ?, ?, ?, 'lenet5', ?, 0)",
+                           (entry.path, entry.sha256, entry.weights_hash, entry.params))
+        columns = [row[1] for row in connection.execute("PRAGMA table_info(entries)")]
+    assert "parts" not in columns
+    with Box(path) as box:
+        [migrated] = box.entries()
+        assert (migrated.path, migrated.params, migrated.parts) == (entry.path, entry.params, None)
+        assert str(model.parent) in box.folders
+    with sqlite3.connect(path) as connection:
+        assert connection.execute("SELECT value FROM meta").fetchone()[0] == str(SCHEMA_VERSION)

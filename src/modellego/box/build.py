@@ -41,7 +41,8 @@ class Built:
     def record(self) -> dict[str, Any]:
         return {"path": str(self.path), "classes": [f"{d}:{n}" for d, n in self.plan.classes],
                 "accuracy": self.accuracy, "samples": self.samples, "expected_accuracy": self.expected,
-                "params": self.params, "flops": self.flops, "members": [m.id for m in self.members],
+                "params": self.params, "flops": self.flops, "members": [{"id": m.id, "kind": m.kind, "path": m.path, "classes": [f"{d}:{n}" for d, n in m.classes],
+                             "flops": m.flops, "accuracy": m.accuracy} for m in self.members],
                 "entry": self.entry.id, "made": [m.id for m in self.made], "seconds": self.seconds,
                 "calibration": self.calibration, "plan": self.plan.record()}
 
