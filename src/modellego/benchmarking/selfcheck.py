@@ -18,7 +18,7 @@ from torch.utils.data import TensorDataset
 from modellego.commands.assemble import assembly
 from modellego.commands.disassemble import component
 from modellego.core.layers import CHANNELWISE, execution_order, parameter_layers
-from modellego.core.locate import ComponentMasks, locate
+from modellego.core.locate import DEFAULT_FLATTEN, PAPER, ComponentMasks
 from modellego.core.profile import profile
 from modellego.core.reconstruct import reestimate_batchnorm
 from modellego.core.support import check_profile_fits, smallest_input_size, unsupported_reason
@@ -27,6 +27,7 @@ from modellego.data.spec import InputSpec
 from modellego.errors import ModellegoError
 from modellego.io.manifest import Brick, ClassRef, Manifest
 from modellego.io.modelfile import load, save
+from modellego.kinds import kind_of
 from modellego.models import model_names
 from modellego.models.classifier import classifier
 from modellego.models.timm_models import TIMM_FAMILIES, TIMM_PREFIX, timm_classifiers
@@ -164,7 +165,8 @@ def check_builder(builder: str, num_classes: int = 4, samples_per_class: int = 4
             stage = "profile"
             class_profile = profile(model, data, samples_per_class=samples_per_class)
             stage = "locate"
-            masks = locate(model, class_profile)
+            kind = kind_of(manifest.architecture)
+            masks = kind.locate(model, class_profile, PAPER, kind.channels(model, spec), DEFAULT_FLATTEN)
             stage = "disassemble (keep all)"
             whole = component(Brick(model, manifest), _keep_all(masks), list(range(num_classes)))
             with torch.no_grad():

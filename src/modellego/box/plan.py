@@ -154,8 +154,13 @@ def _offer(available: list[ClassKey], shown: int = 12) -> str:
 
 
 def _input_key(entry: "Entry") -> str:
-    return json.dumps({key: value for key, value in (entry.input or {}).items() if key not in ("mean", "std")},
-                      sort_keys=True)
+    """What members of one assembly share: the model kind (one assembly holds one kind) and the input, less its
+    normalisation (each file normalises its own input)."""
+    from modellego.kinds import kind_for_request
+
+    kind = kind_for_request(entry.builder or "", entry.classes[0][0] if entry.classes else "").name
+    return json.dumps({"kind": kind, **{key: value for key, value in (entry.input or {}).items()
+                                        if key not in ("mean", "std")}}, sort_keys=True)
 
 
 def _describe_input(entry: "Entry") -> str:
@@ -251,6 +256,9 @@ def _why_uncovered(wanted: list[ClassKey], relevant: list["Entry"], unused: dict
         shown = "; ".join(f"{', '.join(names[:4])} from models of {spec} input" for spec, names in inputs.items())
         return (f"the asked classes come from models of different inputs ({shown}); an assembly takes one input: "
                 "ask for classes of models with the same channels and size")
+    if len({_input_key(entry) for entry in relevant}) > 1:
+        return ("the asked classes come from models of different kinds (e.g. a CNN and a Transformer); an "
+                "assembly holds one kind: ask for classes that models of one kind hold")
     if max_flops is not None:
         return f"no cover of the asked classes fits --max-flops {max_flops:,}; raise it or register smaller components"
     return ("the asked classes are held only by components that answer other classes too, in another order; "

@@ -133,8 +133,9 @@ def disassemble(
         out.print(f"--auto: restricted base on {search.validation_samples} {held_out} "
                   f"{percent(search.restricted_base)}; chose {pairs} (validation {percent(search.accuracy)}, "
                   f"{len(search.candidates)} of {search.grid} grid points evaluated)")
+        pair = ("alpha_conv", "beta_conv") if "alpha_conv" in search.masks.settings else ("alpha_fc", "beta_fc")
         out.print("Pareto front (validation accuracy vs FLOPs): " + ", ".join(
-            f"α {c['alpha_conv']}/β {c['beta_conv']}: {percent(c['accuracy'])} at {c['flops']:,}"
+            f"α {c[pair[0]]}/β {c[pair[1]]}: {percent(c['accuracy'])} at {c['flops']:,}"
             for c in result.auto["pareto"]))
     if result.reconstruction is not None:
         refit = result.reconstruction

@@ -184,7 +184,7 @@ def disassemble(model_path: FilePath, profile_path: FilePath, classes: str | Seq
     check_options(auto, max_drop, grid_step, reconstruct, reconstruct_samples, ridge)
     check_output_path(out, inputs=[model_path, profile_path])
     source, kind = open_model(model_path, device)
-    kind.check_options({"--flatten": flatten != DEFAULT_FLATTEN, "--alpha-fc": thresholds.alpha_fc != PAPER.alpha_fc,
+    kind.check_options({"--auto": auto, "--flatten": flatten != DEFAULT_FLATTEN, "--alpha-fc": thresholds.alpha_fc != PAPER.alpha_fc,
                         "--beta-fc": thresholds.beta_fc != PAPER.beta_fc,
                         "--image-size": data is not None and data.image_size is not None,
                         "--no-verify": data is not None and not data.verify, **runtime_options(precision, workers)})

@@ -59,7 +59,10 @@ def read_weights(path: FilePath) -> dict[str, torch.Tensor]:
 def _matched(weights: dict[str, torch.Tensor], network: nn.Module) -> dict[str, torch.Tensor]:
     """`weights` renamed to `network`'s names (a common prefix such as DataParallel's "module." dropped; the
     auxiliary classifiers of GoogLeNet and Inception v3, which modellego builds without, left out)."""
+    from modellego.models.vit import renamed_weights
+
     expected = network.state_dict()
+    weights = renamed_weights(network, weights)  # torchvision's names for modules modellego rebuilds (ViT blocks)
     if not any(key.startswith("aux") for key in expected):
         weights = {key: value for key, value in weights.items() if not key.split(".", 1)[-1].startswith("aux")
                    and not key.startswith("aux")}

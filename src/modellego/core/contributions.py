@@ -7,6 +7,8 @@ For a parameter layer with weight W and input x (DESIGN.md, "Contribution"):
   are window sums of the input, so ``C[b,o,i] = Σ_u W[o,i,u] · S[b,i,u]`` and the
   B×O×I×H×W tensor is never built. Grouped convs only have pairs inside one group.
 - Linear: ``C[b,o,i] = W[o,i] · x[b,i]`` (extra middle dims of x are summed first).
+- TokenLinear (a Transformer's Linear on every token, docs/method.md): ``C[b,o,i] = Σ_t max(W[o,i]·x[b,t,i], 0)``,
+  the positive part per token summed over the tokens.
 
 Bias is ignored, and only the positive part ``C⁺ = max(C, 0)`` is returned.
 """
@@ -18,7 +20,12 @@ from torch import Tensor, nn
 
 from modellego.errors import ModellegoError
 
-__all__ = ["contributions", "window_sums"]
+__all__ = ["TokenLinear", "contributions", "window_sums"]
+
+
+class TokenLinear(nn.Linear):
+    """An nn.Linear applied to every token of a sequence [B, T, I]. Its contribution of input i to output o is
+    Σ_t max(W[o,i]·x[t,i], 0): the positive part per token, summed over the tokens (docs/method.md)."""
 
 
 def contributions(layer: nn.Module, x: Tensor) -> Tensor:
@@ -42,12 +49,17 @@ def class_sums(layer: nn.Module, x: Tensor, labels: Tensor, num_classes: int) ->
     of 64 otherwise)."""
     if isinstance(layer, nn.Linear):
         _linear_contributions(layer, x[:1], positive=True)  # the same input checks
-        summed = (x.reshape(x.shape[0], -1, x.shape[-1]).sum(dim=1) if x.dim() > 2 else x).double()
+        tokens = x.reshape(x.shape[0], -1, x.shape[-1]).double()
+        if isinstance(layer, TokenLinear):  # Σ_t max(w·x_t, 0) = w⁺·Σ_t x_t⁺ + w⁻·Σ_t x_t⁻, exactly
+            summed_positive, summed_negative = tokens.clamp(min=0).sum(1), tokens.clamp(max=0).sum(1)
+        else:  # the tokens (extra dims) summed first, then max(w·s, 0) = w⁺·s⁺ + w⁻·s⁻
+            summed = tokens.sum(1)
+            summed_positive, summed_negative = summed.clamp(min=0), summed.clamp(max=0)
         weight = layer.weight.detach().to(dtype=torch.float64, device=x.device)
-        positive = torch.zeros(num_classes, summed.shape[1], dtype=torch.float64, device=x.device)
+        positive = torch.zeros(num_classes, tokens.shape[2], dtype=torch.float64, device=x.device)
         negative = torch.zeros_like(positive)
-        positive.index_add_(0, labels.to(x.device), summed.clamp(min=0))
-        negative.index_add_(0, labels.to(x.device), summed.clamp(max=0))
+        positive.index_add_(0, labels.to(x.device), summed_positive)
+        negative.index_add_(0, labels.to(x.device), summed_negative)
         return (weight.clamp(min=0).unsqueeze(0) * positive.unsqueeze(1)
                 + weight.clamp(max=0).unsqueeze(0) * negative.unsqueeze(1))
     per_sample = contributions(layer, x)
@@ -166,8 +178,14 @@ def _linear_contributions(linear: nn.Linear, x: Tensor, positive: bool) -> Tenso
         raise ModellegoError(
             f"the input of {linear} must be a batch [B, ..., {linear.in_features}], got shape {tuple(x.shape)}"
         )
-    summed = x.reshape(x.shape[0], -1, x.shape[-1]).sum(dim=1) if x.dim() > 2 else x  # [B, I]
     weight = linear.weight.detach().to(dtype=x.dtype, device=x.device)
+    if isinstance(linear, TokenLinear) and x.dim() > 2:
+        tokens = x.reshape(x.shape[0], -1, x.shape[-1])
+        if not positive:  # the signed sum over tokens is the sum first
+            return weight.unsqueeze(0) * tokens.sum(dim=1).unsqueeze(1)
+        return (weight.clamp(min=0).unsqueeze(0) * tokens.clamp(min=0).sum(dim=1).unsqueeze(1)
+                + weight.clamp(max=0).unsqueeze(0) * tokens.clamp(max=0).sum(dim=1).unsqueeze(1))
+    summed = x.reshape(x.shape[0], -1, x.shape[-1]).sum(dim=1) if x.dim() > 2 else x  # [B, I]
     out = weight.unsqueeze(0) * summed.unsqueeze(1)  # [B, O, I]
     if positive:
         out.clamp_(min=0)

@@ -10,7 +10,9 @@ import torch
 from torch import nn
 from torch_pruning import ops as tp_ops
 
+from modellego.core.blocks import HeadAttention, is_transformer, units
 from modellego.core.channels import ChannelGraph
+from modellego.core.contributions import TokenLinear
 from modellego.core.cut import disassemble_with_cut, zero_removed_inputs
 from modellego.core.layers import channel_pairs, execution_order, input_channels, output_channels, parameter_layers
 from modellego.core.masks import ComponentMasks
@@ -26,11 +28,28 @@ def _first_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
 
 
+TRANSFORMERS = "the zoo's vit and torchvision's vit_* builders"
+WINDOWED = {  # attention modellego's Transformer kind does not take apart yet, and why
+    "ShiftedWindowAttention": "Swin's shifted-window attention gives each head a relative position bias over its "
+                              "window and its PatchMerging layers change the residual stream's width",
+    "ShiftedWindowAttentionV2": "Swin V2's shifted-window attention gives each head a learned scale and a "
+                                "continuous position bias, and its PatchMerging layers change the stream's width",
+    "PartitionAttentionLayer": "MaxViT interleaves MBConv convolutions with block and grid attention whose heads "
+                               "carry a relative position bias",
+}
+
+
 def _attention(model: nn.Module) -> str | None:
     for name, module in model.named_modules():
-        if isinstance(module, nn.MultiheadAttention) or "Attention" in type(module).__name__:
-            return (f"attention layers are not supported ({type(module).__name__} at {name}): modellego "
-                    "disassembles convolutional classifiers")
+        if isinstance(module, HeadAttention):
+            continue  # the Transformer kind's attention, whose heads are units (core.tokens)
+        kind = type(module).__name__
+        if kind in WINDOWED:
+            return (f"{WINDOWED[kind]} ({kind} at {name}); modellego takes apart global self-attention blocks "
+                    f"with their heads and MLP neurons as units ({TRANSFORMERS}), not these yet")
+        if isinstance(module, nn.MultiheadAttention) or "Attention" in kind:
+            return (f"its attention ({kind} at {name}) is not a block modellego knows how to take apart; it "
+                    f"takes apart ViT encoder blocks ({TRANSFORMERS}) and convolutional networks")
     return None
 
 
@@ -107,6 +126,8 @@ def unsupported_reason(model: nn.Module, input_shape: tuple[int, ...]) -> str | 
     if not isinstance(layers[head_name], nn.Linear):
         return (f"its last layer to run, {head_name}, is a {type(layers[head_name]).__name__}: modellego "
                 "disassembles classifiers whose logits come from an nn.Linear")
+    if is_transformer(model):
+        return _transformer_reason(model, layers, head_name)
     try:
         with torch.enable_grad():
             graph = ChannelGraph(model, input_shape)
@@ -117,6 +138,19 @@ def unsupported_reason(model: nn.Module, input_shape: tuple[int, ...]) -> str | 
                 "such as ShuffleNet's channel shuffle, are not supported")
     return _slices_reason(graph) or _feeds_reason(model, graph, layers) or \
         _trial_cut_reason(model, input_shape, graph, order)
+
+
+def _transformer_reason(model: nn.Module, layers: dict[str, nn.Module], head_name: str) -> str | None:
+    """Why a Transformer's units cannot be taken apart: a Linear on tokens outside the attention heads and MLPs
+    (its features would be cut by nothing), or a head on tokens."""
+    in_units = {name for unit in units(model) for name in (unit.reader, unit.writer)}
+    for name, layer in layers.items():
+        if isinstance(layer, TokenLinear) and name not in in_units:
+            return (f"its token layer {name} is outside the attention heads and MLP blocks, the units modellego "
+                    "keeps or drops")
+    if isinstance(layers[head_name], TokenLinear):
+        return f"its classifier {head_name} acts on every token; modellego needs a head on the class token"
+    return None
 
 
 SPLITS = ("models that split, slice or mix channels outside torch-pruning's view (CSPNet and Res2Net blocks, "

@@ -10,8 +10,9 @@ from typing import Any
 from modellego.kinds.base import ModelKind, Trained, TrainOptions
 from modellego.kinds.cnn import CNN
 from modellego.kinds.gcn import GCN
+from modellego.kinds.transformer import Transformer
 
-KINDS: tuple[ModelKind, ...] = (GCN(), CNN())
+KINDS: tuple[ModelKind, ...] = (GCN(), Transformer(), CNN())
 
 
 def kind_of(architecture: Any) -> ModelKind:

@@ -1,4 +1,4 @@
-"""The model zoo: CIFAR-style LeNet-5, VGG, ResNet and GoogLeNet builders, plus any torchvision classifier and,
+"""The model zoo: CIFAR-style LeNet-5, VGG, ResNet and GoogLeNet builders, a small ViT, plus any torchvision classifier and,
 with the `timm` extra, any timm model.
 
 Every builder is ``builder(in_channels=3, num_classes=10, width=1.0) -> nn.Module`` and returns the
@@ -20,6 +20,7 @@ from modellego.models.resnet import resnet18, resnet50
 from modellego.models.timm_models import TIMM_PREFIX, build_timm
 from modellego.models.tv import build_torchvision, torchvision_classifiers
 from modellego.models.vgg import vgg11, vgg16
+from modellego.models.vit import vit
 
 __all__ = ["ZOO", "TIMM_PREFIX", "TORCHVISION_PREFIX", "build", "list_models", "model_names", "warn_if_oversized"]
 
@@ -32,6 +33,7 @@ ZOO: dict[str, Callable[..., nn.Module]] = {
     "resnet18": resnet18,
     "resnet50": resnet50,
     "googlenet": googlenet,
+    "vit": vit,
 }
 
 

@@ -1,0 +1,126 @@
+"""Vision Transformers (issue 27): the zoo's ViT, whose blocks' attention heads and MLP neurons are the units a
+component keeps (docs/method.md). Images in, logits out, as for CNNs: the data, training, prediction, scaling,
+gates and parallel assembly are the CNN kind's; what differs is the method's middle — contributions over tokens,
+locating units, cutting them, and the architecture record that rebuilds a component."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from modellego.core.assemble import AssemblyMode
+from modellego.core.blocks import shrink, unit_sizes, units
+from modellego.core.cut import Cut
+from modellego.core.evaluate import predict
+from modellego.core.locate import ComponentMasks, FlattenRule, Thresholds
+from modellego.core.profile import Profile
+from modellego.core.search import SearchResult, restricted_base, search
+from modellego.core.tokens import TokenCandidates, cut_units, locate_units
+from modellego.data.spec import InputSpec
+from modellego.errors import ModellegoError
+from modellego.io.fields import Invalid, integer, mapping, string
+from modellego.io.manifest import MAX_CHANNELS, MAX_NAME, Manifest
+from modellego.kinds.cnn import CNN, PARALLEL
+
+TRANSFORMER_BUILDERS = ("vit", "torchvision:vit_b_16", "torchvision:vit_b_32", "torchvision:vit_l_16",
+                        "torchvision:vit_l_32", "torchvision:vit_h_14")
+MAX_UNITS = 4096  # units per block (heads or MLP neurons) a component record may name
+
+
+def is_transformer_architecture(architecture: Any) -> bool:
+    """Whether a manifest's architecture record is a Transformer's (or a parallel assembly of them)."""
+    if not isinstance(architecture, dict):
+        return False
+    if architecture.get("builder") == PARALLEL:
+        members = architecture.get("members")
+        return isinstance(members, list) and bool(members) and all(map(is_transformer_architecture, members))
+    return architecture.get("builder") in TRANSFORMER_BUILDERS
+
+
+class Transformer(CNN):
+    name = "transformer"
+    unit = "image"
+    default_mode = AssemblyMode.PARALLEL
+    modes = (AssemblyMode.PARALLEL,)
+    default_lr = 2e-3
+
+    unsupported = {
+        "--flatten": "a Transformer flattens nothing: its head reads the class token",
+    }
+
+    def check_mode(self, mode: AssemblyMode) -> None:
+        if mode not in self.modes:
+            raise ModellegoError("Transformer components assemble in --mode parallel only: a padded merge would put "
+                                 "the members' residual streams side by side, and every LayerNorm would normalise "
+                                 "them together; use --mode parallel")
+
+    # --- manifests -------------------------------------------------------------------------------------------------
+
+    def owns(self, architecture: Any) -> bool:
+        return is_transformer_architecture(architecture)
+
+    def handles(self, builder: str, dataset: str) -> bool:
+        return builder in TRANSFORMER_BUILDERS
+
+    def check_architecture(self, value: Any, field: str, spec: Any) -> dict[str, Any]:
+        data = super().check_architecture(value, field, spec)
+        self._check_units(data, field)
+        return data
+
+    def _check_units(self, data: dict[str, Any], field: str) -> None:
+        if data.get("builder") == PARALLEL:
+            for position, member in enumerate(data["members"]):
+                self._check_units(member, f"{field}.members[{position}]")
+            return
+        if "units" not in data:
+            return
+        record = mapping(data["units"], f"{field}.units")
+        if len(record) > MAX_CHANNELS:
+            raise Invalid(f"{field}.units names more than {MAX_CHANNELS} blocks")
+        for name, count in record.items():
+            string(name, f"{field}.units key", MAX_NAME)
+            integer(count, f"{field}.units[{name!r}]", 1, MAX_UNITS)
+
+    def build(self, architecture: dict[str, Any], spec: Any) -> nn.Module:
+        model = super().build({key: value for key, value in architecture.items() if key != "units"}, spec)
+        if "units" in architecture:  # a component: its blocks keep fewer heads / neurons than the builder's
+            known = unit_sizes(model)
+            for name, count in architecture["units"].items():
+                if name not in known:
+                    raise Invalid(f"architecture.units names {name!r}, which is not a block of {architecture['builder']}")
+                if count > known[name]:
+                    raise Invalid(f"architecture.units[{name!r}] is {count}, more than the {known[name]} the builder has")
+            shrink(model, {name: torch.arange(count) for name, count in architecture["units"].items()})
+        return model
+
+    # --- the method ------------------------------------------------------------------------------------------------
+
+    def channels(self, model: nn.Module, spec: InputSpec) -> None:
+        return None  # the units are found from the modules themselves (core.tokens.units)
+
+    def locate(self, model: nn.Module, profile: Profile, thresholds: Thresholds, graph: None,
+               flatten: FlattenRule) -> ComponentMasks:
+        return locate_units(model, profile, thresholds)
+
+    def cut(self, model: nn.Module, masks: ComponentMasks, task: list[int], graph: None,
+            spec: InputSpec) -> tuple[nn.Module, Cut]:
+        return cut_units(model, masks, task)
+
+    def search(self, model: nn.Module, profile: Profile, task: list[int], validation: Dataset, max_drop: float,
+               grid: Sequence[Thresholds], samples: Dataset | None, ridge: float, flatten: FlattenRule,
+               graph: None, progress: bool = False) -> SearchResult:
+        logits, labels = predict(model.eval(), validation)
+        labels, restricted = restricted_base(logits, labels, [profile.output_positions[k] for k in task],
+                                             profile.outputs)
+        candidates = TokenCandidates(model, profile, task, validation, samples, ridge)
+        return search(candidates, grid, labels, restricted, max_drop, progress)
+
+    def component_architecture(self, source: Manifest, component: nn.Module, task: list[int]) -> dict[str, Any]:
+        return dict(source.architecture, num_classes=len(task), units=unit_sizes(component))
+
+    def kept_units(self, model: nn.Module) -> dict[str, int]:
+        """Heads or neurons per block (for reports)."""
+        return {unit.module: unit.size for unit in units(model)}

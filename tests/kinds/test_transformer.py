@@ -1,0 +1,154 @@
+"""The method on Vision Transformers (docs/method.md): contributions over tokens against a literal reference; a
+component keeping every unit computes its source's task logits; dropping a head removes exactly that head's rows
+and columns and computes what the source computes without it; components save, load and assemble in parallel
+with the same outputs; padded mode is refused; the chain runs on real data (digits)."""
+
+from __future__ import annotations
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from helpers import DIGITS, assert_user_error, invoke
+from modellego.core.blocks import HeadAttention, units
+from modellego.core.contributions import TokenLinear, class_sums, contributions
+from modellego.core.masks import ComponentMasks
+from modellego.core.tokens import cut_units
+from modellego.io.manifest import Brick, ClassRef, Manifest
+from modellego.io.modelfile import load, save
+from modellego.kinds import kind_of
+from modellego.models.classifier import classifier
+
+
+def reference_token_contributions(layer: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """C⁺[b,o,i] = Σ_t max(W[o,i]·x[b,t,i], 0), literally."""
+    batch, tokens, inputs = x.shape
+    out = torch.zeros(batch, layer.out_features, inputs, dtype=torch.float64)
+    for b in range(batch):
+        for t in range(tokens):
+            for o in range(layer.out_features):
+                for i in range(inputs):
+                    out[b, o, i] += max(float(layer.weight[o, i].detach()) * float(x[b, t, i]), 0.0)
+    return out
+
+
+@settings(max_examples=25, deadline=None)
+@given(batch=st.integers(1, 3), tokens=st.integers(1, 5), inputs=st.integers(1, 4), outputs=st.integers(1, 4),
+       seed=st.integers(0, 10_000))
+def test_token_contributions_are_the_positive_parts_per_token_summed(batch, tokens, inputs, outputs, seed):
+    torch.manual_seed(seed)
+    layer = TokenLinear(inputs, outputs)
+    x = torch.randn(batch, tokens, inputs)
+    expected = reference_token_contributions(layer, x)
+    assert torch.allclose(contributions(layer, x).double(), expected, atol=1e-5)
+    labels = torch.randint(0, 2, (batch,))
+    sums = class_sums(layer, x, labels, 2)
+    for k in range(2):
+        assert torch.allclose(sums[k], expected[labels == k].sum(0), atol=1e-5)
+
+
+def vit(classes: int = 4, seed: int = 0) -> Brick:
+    """A random ViT (width 0.5: 2 heads of 32, MLPs of 128) on digits' input, with its manifest."""
+    torch.manual_seed(seed)
+    model = classifier("vit", DIGITS, classes, 0.5).eval()
+    manifest = Manifest(architecture={"builder": "vit", "in_channels": 1, "num_classes": classes, "width": 0.5},
+                        classes=[ClassRef(str(k), "digits", k) for k in range(classes)], input=DIGITS)
+    return Brick(model, manifest)
+
+
+def masks_keeping(model: torch.nn.Module, classes: int, drop: dict[str, list[int]] | None = None) -> ComponentMasks:
+    """Masks keeping every unit for every class, except the heads `drop[block]` (by index)."""
+    layers = {name: module for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
+    masks = {name: torch.ones(classes, layer.out_features, dtype=torch.bool) for name, layer in layers.items()}
+    for unit in units(model):
+        if unit.kind == "heads":
+            for head in (drop or {}).get(unit.module, []):
+                for third in range(3):
+                    start = third * unit.size * unit.group + head * unit.group
+                    masks[unit.reader][:, start:start + unit.group] = False
+    head = "net.head"
+    masks[head] = torch.eye(classes, dtype=torch.bool)
+    return ComponentMasks(masks, {name: mask.float() for name, mask in masks.items()},
+                          [str(k) for k in range(classes)], head)
+
+
+def test_a_component_keeping_every_unit_computes_its_sources_task_logits():
+    model, _ = vit()
+    component, cut = cut_units(model, masks_keeping(model, 4), [3, 1])
+    images = torch.rand(5, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.allclose(component(images), model(images)[:, [3, 1]], atol=1e-5)
+    assert cut.outputs["net.head"].tolist() == [3, 1]
+
+
+def test_dropping_a_head_removes_exactly_its_rows_and_columns():
+    model, _ = vit()
+    block = "net.blocks.1.attn"
+    component, _ = cut_units(model, masks_keeping(model, 4, {block: [0]}), [0, 1, 2, 3])
+    source, cut_attention = dict(model.named_modules())[block], dict(component.named_modules())[block]
+    assert isinstance(cut_attention, HeadAttention) and cut_attention.heads == source.heads - 1
+    d, heads = source.head_dim, source.heads
+    kept_rows = [third * heads * d + row for third in range(3) for row in range(d, heads * d)]
+    assert torch.equal(cut_attention.qkv.weight, source.qkv.weight[kept_rows])
+    assert torch.equal(cut_attention.qkv.bias, source.qkv.bias[kept_rows])
+    assert torch.equal(cut_attention.proj.weight, source.proj.weight[:, d:])
+    assert torch.equal(cut_attention.proj.bias, source.proj.bias)
+    for name, module in component.named_modules():  # every other block is the source's
+        if isinstance(module, HeadAttention) and name != block:
+            assert torch.equal(module.qkv.weight, dict(model.named_modules())[name].qkv.weight)
+    with torch.no_grad():  # the same as the source with that head's output projection zeroed
+        source.proj.weight[:, :d] = 0
+        images = torch.rand(4, 1, 28, 28)
+        assert torch.allclose(component(images), model(images), atol=1e-5)
+
+
+def test_components_save_load_and_assemble_in_parallel(tmp_path):
+    from modellego import commands
+
+    model, manifest = vit(seed=1)
+    kind = kind_of(manifest.architecture)
+    assert kind.name == "transformer"
+    paths = []
+    for task, drop in (([0, 1], {"net.blocks.0.attn": [1]}), ([2, 3], {"net.blocks.2.attn": [0]})):
+        component, _ = cut_units(model, masks_keeping(model, 4, drop), task)
+        part = Manifest(architecture=kind.component_architecture(manifest, component, task),
+                        classes=[manifest.classes[k] for k in task], input=DIGITS, kind="component")
+        paths.append(tmp_path / f"part{task[0]}.safetensors")
+        save(component, paths[-1], part)
+        loaded, _ = load(paths[-1])
+        images = torch.rand(3, 1, 28, 28)
+        with torch.no_grad():
+            assert torch.equal(loaded.eval()(images), component(images))
+    out = tmp_path / "assembly.safetensors"
+    commands.assemble(paths, out, calibration="none", progress=False)
+    assembly, assembled = load(out)
+    members = [load(path)[0].eval() for path in paths]
+    images = torch.rand(3, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.allclose(assembly.eval()(images), torch.cat([member(images) for member in members], 1))
+    assert [ref.name for ref in assembled.classes] == ["0", "1", "2", "3"]
+    assert_user_error(invoke("assemble", *map(str, paths), "--mode", "padded", "--out", str(tmp_path / "p.safetensors")),
+                      "parallel")
+
+
+def test_the_chain_runs_on_real_data(tmp_path):
+    """train → profile → disassemble (re-fitted, and --auto) → assemble → eval, as a user runs it, on digits."""
+    model, profile = tmp_path / "vit.safetensors", tmp_path / "vit.profile.safetensors"
+    assert invoke("train", "--model", "vit", "--width", "0.5", "--data", "digits", "--epochs", "8",
+                  "--lr", "0.004", "--out", str(model)).returncode == 0
+    assert invoke("profile", str(model), "--samples-per-class", "8", "--out", str(profile)).returncode == 0
+    parts = [tmp_path / "a.safetensors", tmp_path / "b.safetensors"]
+    result = invoke("disassemble", str(model), "--profile", str(profile), "--classes", "0,1", "--evaluate",
+                    "--out", str(parts[0]))
+    assert result.returncode == 0, result.stderr
+    result = invoke("disassemble", str(model), "--profile", str(profile), "--classes", "7,9", "--auto",
+                    "--out", str(parts[1]))
+    assert result.returncode == 0, result.stderr
+    _, manifest = load(parts[0])
+    assert manifest.metrics["test_accuracy"] >= manifest.metrics["restricted_base"] - 0.05
+    assert set(manifest.architecture["units"]) == {f"net.blocks.{b}.{part}" for b in range(6) for part in ("attn", "mlp")}
+    assert invoke("assemble", *map(str, parts), "--out", str(tmp_path / "asm.safetensors")).returncode == 0
+    evaluated = invoke("eval", str(tmp_path / "asm.safetensors"), "--json")
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert_user_error(invoke("disassemble", str(model), "--profile", str(profile), "--classes", "0,1",
+                             "--flatten", "keep-all", "--out", str(tmp_path / "x.safetensors")), "flattens nothing")
