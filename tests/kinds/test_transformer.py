@@ -152,3 +152,20 @@ def test_the_chain_runs_on_real_data(tmp_path):
     assert evaluated.returncode == 0, evaluated.stderr
     assert_user_error(invoke("disassemble", str(model), "--profile", str(profile), "--classes", "0,1",
                              "--flatten", "keep-all", "--out", str(tmp_path / "x.safetensors")), "flattens nothing")
+
+
+def test_torchvision_vits_become_units_with_the_same_outputs_and_import_torchvisions_names():
+    import torchvision
+
+    from modellego.commands.imported import load_weights
+    from modellego.models import build
+
+    torch.manual_seed(0)
+    reference = torchvision.models.vit_b_32(weights=None, num_classes=4).eval()
+    converted = build("torchvision:vit_b_32", 3, 4).eval()
+    assert len([unit for unit in units(converted) if unit.kind == "heads"]) == 12
+    load_weights(converted, reference.state_dict(), "vit_b_32.pth")  # torchvision's names: in_proj_weight, mlp.0, ...
+    images = torch.rand(2, 3, 224, 224)
+    with torch.no_grad():
+        assert torch.allclose(converted(images), reference(images), atol=1e-5)
+    assert kind_of({"builder": "torchvision:vit_b_32"}).name == "transformer"
