@@ -34,7 +34,7 @@ from modellego.core.reconstruct import (
     reconstruct_component,
 )
 from modellego.core.samples import SampleSubset
-from modellego.core.search import ImageCandidates, SearchResult, restricted_base, search, validation_data
+from modellego.core.search import Candidates, ImageCandidates, SearchResult, restricted_base, search, validation_data
 from modellego.core.support import check_supported
 from modellego.data import datasets
 from modellego.data.spec import InputSpec
@@ -298,8 +298,13 @@ class CNN(ModelKind):
         logits, labels = predict(model.eval(), validation)
         labels, restricted = restricted_base(logits, labels, [profile.output_positions[k] for k in task],
                                              profile.outputs)
-        candidates = ImageCandidates(model, profile, task, validation, graph, flatten, samples, ridge)
+        candidates = self.candidates(model, profile, task, validation, samples, ridge, flatten, graph)
         return search(candidates, grid, labels, restricted, max_drop, progress)
+
+    def candidates(self, model: nn.Module, profile: Profile, task: list[int], validation: Dataset,
+                   samples: Dataset | None, ridge: float, flatten: FlattenRule, graph: ChannelGraph) -> Candidates:
+        """What the α/β search walks for this kind (core.search.Candidates)."""
+        return ImageCandidates(model, profile, task, validation, graph, flatten, samples, ridge)
 
     def scale(self, model: nn.Module, samples: Dataset, spec: InputSpec,
               progress: bool = False) -> tuple[nn.Module, list[float]]:

@@ -5,7 +5,7 @@ locating units, cutting them, and the architecture record that rebuilds a compon
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -14,10 +14,8 @@ from torch.utils.data import Dataset
 from modellego.core.assemble import AssemblyMode
 from modellego.core.blocks import shrink, unit_sizes, units
 from modellego.core.cut import Cut
-from modellego.core.evaluate import predict
 from modellego.core.locate import ComponentMasks, FlattenRule, Thresholds
 from modellego.core.profile import Profile
-from modellego.core.search import SearchResult, restricted_base, search
 from modellego.core.tokens import TokenCandidates, cut_units, locate_units
 from modellego.data.spec import InputSpec
 from modellego.errors import ModellegoError
@@ -109,14 +107,9 @@ class Transformer(CNN):
             spec: InputSpec) -> tuple[nn.Module, Cut]:
         return cut_units(model, masks, task)
 
-    def search(self, model: nn.Module, profile: Profile, task: list[int], validation: Dataset, max_drop: float,
-               grid: Sequence[Thresholds], samples: Dataset | None, ridge: float, flatten: FlattenRule,
-               graph: None, progress: bool = False) -> SearchResult:
-        logits, labels = predict(model.eval(), validation)
-        labels, restricted = restricted_base(logits, labels, [profile.output_positions[k] for k in task],
-                                             profile.outputs)
-        candidates = TokenCandidates(model, profile, task, validation, samples, ridge)
-        return search(candidates, grid, labels, restricted, max_drop, progress)
+    def candidates(self, model: nn.Module, profile: Profile, task: list[int], validation: Dataset,
+                   samples: Dataset | None, ridge: float, flatten: FlattenRule, graph: None) -> TokenCandidates:
+        return TokenCandidates(model, profile, task, validation, samples, ridge)
 
     def component_architecture(self, source: Manifest, component: nn.Module, task: list[int]) -> dict[str, Any]:
         return dict(source.architecture, num_classes=len(task), units=unit_sizes(component))
