@@ -5,6 +5,7 @@ with the same outputs; padded mode is refused; the chain runs on real data (digi
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -169,3 +170,17 @@ def test_torchvision_vits_become_units_with_the_same_outputs_and_import_torchvis
     with torch.no_grad():
         assert torch.allclose(converted(images), reference(images), atol=1e-5)
     assert kind_of({"builder": "torchvision:vit_b_32"}).name == "transformer"
+
+
+def test_timm_deit_blocks_become_units_with_the_same_outputs_and_names():
+    timm = pytest.importorskip("timm")
+    from modellego.models import build
+
+    torch.manual_seed(0)
+    reference = timm.create_model("deit_tiny_patch16_224", pretrained=False, num_classes=4).eval()
+    converted = build("timm:deit_tiny_patch16_224", 3, 4).eval()
+    assert len(units(converted)) == 24  # 12 blocks: heads and neurons
+    converted.load_state_dict(reference.state_dict())  # timm's own names
+    images = torch.rand(2, 3, 224, 224)
+    with torch.no_grad():
+        assert torch.allclose(converted(images), reference(images), atol=1e-5)

@@ -23,8 +23,15 @@ from modellego.io.fields import Invalid, integer, mapping, string
 from modellego.io.manifest import MAX_CHANNELS, MAX_NAME, Manifest
 from modellego.kinds.cnn import CNN, PARALLEL
 
-TRANSFORMER_BUILDERS = ("vit", "torchvision:vit_b_16", "torchvision:vit_b_32", "torchvision:vit_l_16",
-                        "torchvision:vit_l_32", "torchvision:vit_h_14")
+TRANSFORMER_BUILDERS = ("vit",)
+TRANSFORMER_PREFIXES = ("torchvision:vit_", "timm:vit_", "timm:deit_")  # their blocks are rebuilt as units
+
+
+def is_transformer_builder(builder: Any) -> bool:
+    """Whether `train --model builder` (or a record's builder) makes a Transformer."""
+    return isinstance(builder, str) and (builder in TRANSFORMER_BUILDERS or builder.startswith(TRANSFORMER_PREFIXES))
+
+
 MAX_UNITS = 4096  # units per block (heads or MLP neurons) a component record may name
 
 
@@ -35,7 +42,7 @@ def is_transformer_architecture(architecture: Any) -> bool:
     if architecture.get("builder") == PARALLEL:
         members = architecture.get("members")
         return isinstance(members, list) and bool(members) and all(map(is_transformer_architecture, members))
-    return architecture.get("builder") in TRANSFORMER_BUILDERS
+    return is_transformer_builder(architecture.get("builder"))
 
 
 class Transformer(CNN):
@@ -61,7 +68,7 @@ class Transformer(CNN):
         return is_transformer_architecture(architecture)
 
     def handles(self, builder: str, dataset: str) -> bool:
-        return builder in TRANSFORMER_BUILDERS
+        return is_transformer_builder(builder)
 
     def check_architecture(self, value: Any, field: str, spec: Any) -> dict[str, Any]:
         data = super().check_architecture(value, field, spec)

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from modellego.core.blocks import HeadAttention, TokenMLP
+from modellego.core.contributions import TokenLinear
 from modellego.models.common import scaled
 
 __all__ = ["ViT", "vit"]
@@ -117,3 +118,49 @@ def renamed_weights(network: nn.Module, weights: dict[str, torch.Tensor]) -> dic
         for old, new in getattr(module, "legacy_names", {}).items():
             renames[f"{name}.{old}" if name else old] = f"{name}.{new}" if name else new
     return {renames.get(key, key): value for key, value in weights.items()}
+
+
+class TimmAttention(HeadAttention):
+    """timm's Attention of a plain ViT block (no gate, no query/key norms) as heads: the same weights and names
+    (`qkv`, `proj`), called as timm's block calls it."""
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+        if attn_mask is not None or is_causal:
+            raise ValueError("modellego's attention units attend to every token; this model passes a mask")
+        return super().forward(x)
+
+
+def from_timm(model: nn.Module) -> nn.Module:
+    """timm's ViT-style model with each block's plain attention and MLP as units (in place; the same outputs and
+    state-dict names). Blocks with anything else in them (gates, query/key norms, a norm inside the MLP) stay as
+    timm built them, and the support check says why they cannot be taken apart."""
+    try:
+        from timm.layers import Mlp
+        from timm.layers.attention import Attention
+    except ImportError:
+        return model
+    for name, module in list(model.named_modules()):
+        attention, mlp = getattr(module, "attn", None), getattr(module, "mlp", None)
+        if type(attention) is not Attention or type(mlp) is not Mlp:
+            continue
+        plain = (getattr(attention, "gate", None) is None and all(isinstance(getattr(attention, part), nn.Identity)
+                 for part in ("q_norm", "k_norm", "norm")) and isinstance(mlp.norm, nn.Identity)
+                 and isinstance(mlp.act, nn.GELU) and attention.qkv.out_features == 3 * attention.proj.in_features)
+        if not plain:
+            continue
+        units = TimmAttention(attention.qkv.in_features, attention.num_heads, attention.head_dim)
+        units.qkv, units.proj = _token_copy(attention.qkv), _token_copy(attention.proj)
+        neurons = TokenMLP(mlp.fc1.in_features, mlp.fc1.out_features)
+        neurons.fc1, neurons.fc2, neurons.act = _token_copy(mlp.fc1), _token_copy(mlp.fc2), mlp.act
+        module.attn, module.mlp = units, neurons
+    return model
+
+
+def _token_copy(layer: nn.Linear) -> TokenLinear:
+    """`layer` as a TokenLinear with the same weights (and bias, or none)."""
+    copy = TokenLinear(layer.in_features, layer.out_features, bias=layer.bias is not None)
+    with torch.no_grad():
+        copy.weight.copy_(layer.weight)
+        if layer.bias is not None:
+            copy.bias.copy_(layer.bias)
+    return copy
