@@ -28,7 +28,7 @@ def _first_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
 
 
-TRANSFORMERS = "the zoo's vit and torchvision's vit_* builders"
+TRANSFORMERS = "the zoo's vit, torchvision's vit_* and timm's plain ViT and DeiT blocks"
 WINDOWED = {  # attention modellego's Transformer kind does not take apart yet, and why
     "ShiftedWindowAttention": "Swin's shifted-window attention gives each head a relative position bias over its "
                               "window and its PatchMerging layers change the residual stream's width",
