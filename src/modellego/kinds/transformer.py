@@ -1,5 +1,5 @@
-"""Vision Transformers (issue 27): the zoo's ViT, whose blocks' attention heads and MLP neurons are the units a
-component keeps (docs/method.md). Images in, logits out, as for CNNs: the data, training, prediction, scaling,
+"""Vision Transformers (issue 27): the zoo's ViT and torchvision's and timm's ViT-style builders, whose blocks'
+attention heads and MLP neurons are the units a component keeps (docs/method.md). Images in, logits out, as for CNNs: the data, training, prediction, scaling,
 gates and parallel assembly are the CNN kind's; what differs is the method's middle — contributions over tokens,
 locating units, cutting them, and the architecture record that rebuilds a component."""
 
