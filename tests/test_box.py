@@ -106,6 +106,11 @@ def _edited(path, statement, *values):
     ("UPDATE entries SET path = path || ?", ("/../../../etc/passwd",), "outside the box's folders"),
     ("UPDATE entries SET path = ?", ("relative/model.safetensors",), "outside the box's folders"),
     ("INSERT INTO folders VALUES (?)", ("/tmp/../etc",), "not a plain absolute path"),
+    ("INSERT INTO folders VALUES (?)", ("/",), "below the root"),
+    ("UPDATE entries SET input = ?", ('{"size": 5}',), "input is not an input record"),
+    ("UPDATE entries SET builder = ?", (b"\x00",), "builder is not text"),
+    ("ALTER TABLE entries DROP COLUMN sha256", (), "not a modellego box"),
+    ("ALTER TABLE classes RENAME COLUMN name TO label", (), "not a modellego box"),
     ("UPDATE entries SET accuracy = ?", ("ninety",), "accuracy is not a number"),
     ("UPDATE entries SET flops = ?", (-5,), "flops is not a count"),
     ("UPDATE entries SET sha256 = ?", ("x",), "SHA-256"),
@@ -146,3 +151,16 @@ def test_a_schema_1_box_is_migrated_with_its_rows(files, tmp_path):
         assert str(model.parent) in box.folders
     with sqlite3.connect(path) as connection:
         assert connection.execute("SELECT value FROM meta").fetchone()[0] == str(SCHEMA_VERSION)
+
+
+def test_a_link_out_of_the_box_folders_is_refused(files, tmp_path):
+    _, model, _, _ = files
+    inside = tmp_path / "models"
+    inside.mkdir()
+    (inside / "lenet.safetensors").write_bytes(model.read_bytes())
+    path = tmp_path / "box.sqlite"
+    with Box(path) as box:
+        box.add([inside / "lenet.safetensors"])
+    (inside / "lenet.safetensors").unlink()
+    (inside / "lenet.safetensors").symlink_to("/etc/hostname")  # the registered name now leads out of the folders
+    assert_user_error(invoke("box", "list", "--box", str(path)), "outside the box's folders")

@@ -166,6 +166,7 @@ def test_torchvision_vits_become_units_with_the_same_outputs_and_import_torchvis
     converted = build("torchvision:vit_b_32", 3, 4).eval()
     assert len([unit for unit in units(converted) if unit.kind == "heads"]) == 12
     load_weights(converted, reference.state_dict(), "vit_b_32.pth")  # torchvision's names: in_proj_weight, mlp.0, ...
+    load_weights(converted, {f"module.{key}": value for key, value in reference.state_dict().items()}, "dp.pth")
     images = torch.rand(2, 3, 224, 224)
     with torch.no_grad():
         assert torch.allclose(converted(images), reference(images), atol=1e-5)
@@ -184,3 +185,36 @@ def test_timm_deit_blocks_become_units_with_the_same_outputs_and_names():
     images = torch.rand(2, 3, 224, 224)
     with torch.no_grad():
         assert torch.allclose(converted(images), reference(images), atol=1e-5)
+
+
+def test_a_distilled_deit_with_two_heads_is_refused_up_front():
+    pytest.importorskip("timm")
+    from modellego.core.support import unsupported_reason
+    from modellego.models import build
+
+    reason = unsupported_reason(build("timm:deit_tiny_distilled_patch16_224", 3, 4).eval(), (3, 224, 224))
+    assert reason is not None and "2 classifier heads" in reason
+
+
+def test_flops_count_the_attention_of_every_head():
+    from modellego.core.evaluate import count_flops
+
+    model, manifest = vit()
+    linear = 0
+    tokens = (28 // 4) ** 2 + 1
+
+    def hook(module, args, output):
+        nonlocal linear
+        positions = output.shape[2] * output.shape[3] if output.dim() == 4 else output.numel() // output.shape[-1]
+        weights = module.weight.numel() if isinstance(module, torch.nn.Linear) else module.weight[0].numel() * module.out_channels
+        linear += 2 * weights * positions
+
+    handles = [module.register_forward_hook(hook) for module in model.modules()
+               if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d))]
+    with torch.no_grad():
+        model(torch.zeros(1, 1, 28, 28))
+    for handle in handles:
+        handle.remove()
+    heads = [module for module in model.modules() if isinstance(module, HeadAttention)]
+    attention = sum(4 * tokens * tokens * module.head_dim * module.heads for module in heads)
+    assert count_flops(model, manifest.input) == linear + attention

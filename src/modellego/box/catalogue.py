@@ -61,6 +61,11 @@ CREATE TABLE IF NOT EXISTS classes (
 );
 CREATE INDEX IF NOT EXISTS classes_by_name ON classes (dataset, name);
 """
+COLUMNS = {  # what this version reads of each table
+    "entries": {"id", "kind", "path", "sha256", "weights_hash", "source_hash", "builder", "input", "params", "flops",
+                "accuracy", "restricted_base", "settings", "reconstructed", "added", "parts"},
+    "classes": {"entry", "position", "dataset", "name"},
+}
 # Version N's box becomes version N + 1's by these statements (and `_record_folders`), in one transaction.
 MIGRATIONS = {
     1: ["ALTER TABLE entries ADD COLUMN parts TEXT", "CREATE TABLE IF NOT EXISTS folders (path TEXT PRIMARY KEY)"],
@@ -146,8 +151,12 @@ class Catalogue:
         rows = self.connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall()
         return {row[0] for row in rows}
 
+    def _columns(self, table: str) -> set[str]:
+        return {str(row[1]) for row in self.connection.execute(f"PRAGMA table_info({table})").fetchall()}
+
     def _check_schema(self) -> None:
-        if not {"meta", "entries", "classes"} <= self._tables():
+        if not {"meta", "entries", "classes"} <= self._tables() or not COLUMNS["classes"] <= self._columns("classes") \
+                or not COLUMNS["entries"] - {"parts"} <= self._columns("entries"):
             raise ModellegoError(f"{self.path} is not a modellego box (its tables are not a box's); give another --box")
         row = self.connection.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
         version = row[0] if row is not None else None
@@ -157,6 +166,9 @@ class Catalogue:
                                  f"{SCHEMA_VERSION}: use the modellego that wrote it, or start a new box")
         if int(version) < SCHEMA_VERSION:
             self._migrate(int(version))
+        if not COLUMNS["entries"] <= self._columns("entries") or "path" not in self._columns("folders"):
+            raise ModellegoError(f"{self.path} is not a modellego box of schema version {SCHEMA_VERSION} (its tables "
+                                 "lack columns this version writes): the box file was edited; start a new box")
 
     def _migrate(self, version: int) -> None:
         """Bring a box of an earlier schema version to this one, in one transaction (all or nothing)."""
@@ -174,9 +186,9 @@ class Catalogue:
     def _folders(self) -> list[str]:
         folders = [str(row[0]) for row in self.connection.execute("SELECT path FROM folders").fetchall()]
         for folder in folders:
-            if not _clean_path(folder):
+            if not _clean_path(folder) or Path(folder).parent == Path(folder):
                 raise ModellegoError(f"{self.path} records a folder {folder[:80]!r} that is not a plain absolute "
-                                     "path: the box file was edited; start a new box")
+                                     "path below the root: the box file was edited; start a new box")
         return folders + [str(self.files)]
 
     @contextlib.contextmanager
@@ -246,12 +258,17 @@ class Catalogue:
         if values["kind"] not in KINDS:
             raise ModellegoError(f"{self.path}: entry {values['id']} has kind {str(values['kind'])[:40]!r}, not one "
                                  "a box holds: the box file was edited; start a new box")
-        path = str(values["path"])
-        if not _clean_path(path) or not any(path.startswith(folder.rstrip(os.sep) + os.sep) for folder in self.folders):
+        path = str(values.get("path"))
+        if not _clean_path(path) or not all(any(candidate.startswith(folder.rstrip(os.sep) + os.sep)
+                                                for folder in self.folders)
+                                            for candidate in (path, os.path.realpath(path))):  # no link out either
             raise ModellegoError(f"{self.path}: entry {values['id']}'s file {path[:80]!r} lies outside the box's "
                                  "folders: the box file was edited; start a new box")
-        classes = self.connection.execute("SELECT dataset, name FROM classes WHERE entry = ? ORDER BY position",
-                                          (values["id"],)).fetchall()
+        try:
+            classes = self.connection.execute("SELECT dataset, name FROM classes WHERE entry = ? ORDER BY position",
+                                              (values["id"],)).fetchall()
+        except sqlite3.DatabaseError as error:
+            raise ModellegoError(f"{self.path} cannot be read as a box ({error}); start a new box") from None
         try:
             entry = Entry(id=int(values["id"]), kind=values["kind"], path=path,
                           sha256=str(values["sha256"]), classes=[(str(d), str(n)) for d, n in classes],
@@ -262,12 +279,16 @@ class Catalogue:
                           reconstructed=None if values["reconstructed"] is None else bool(values["reconstructed"]),
                           added=float(values["added"]), parts=_unjson(values["parts"]))
             _check_row(entry)
-        except (TypeError, ValueError, json.JSONDecodeError) as error:
+        except (TypeError, ValueError, KeyError, IndexError, json.JSONDecodeError, sqlite3.DatabaseError) as error:
             raise ModellegoError(f"{self.path}: entry {values['id']} is damaged ({error}); start a new box") from None
         return entry
 
     def entries(self) -> Iterator[Entry]:
-        for row in self.connection.execute("SELECT * FROM entries ORDER BY id").fetchall():
+        try:
+            rows = self.connection.execute("SELECT * FROM entries ORDER BY id").fetchall()
+        except sqlite3.DatabaseError as error:
+            raise ModellegoError(f"{self.path} cannot be read as a box ({error}); start a new box") from None
+        for row in rows:
             yield self._entry(row)
 
     def find(self, kind: str | None = None, dataset: str | None = None, class_name: str | None = None,
@@ -393,11 +414,27 @@ def _check_row(entry: Entry) -> None:
         value = getattr(entry, name)
         if value is not None and _number(value) is None:
             raise ValueError(f"its {name} is not a number")
+    for name in ("builder", "weights_hash", "source_hash"):
+        if getattr(entry, name) is not None and not isinstance(getattr(entry, name), str):
+            raise ValueError(f"its {name} is not text")
+    if entry.input is not None and not _input_shape(entry.input):
+        raise ValueError("its input is not an input record")
     for name, expected in (("input", dict), ("settings", dict), ("parts", list)):
         if getattr(entry, name) is not None and not isinstance(getattr(entry, name), expected):
             raise ValueError(f"its {name} is not a {expected.__name__}")
     if entry.parts is not None and not all(isinstance(part, str) for part in entry.parts):
         raise ValueError("its parts are not hashes")
+
+
+def _input_shape(record: Any) -> bool:
+    """Whether `record` reads as an input: images (channels, two sides) or graph nodes (features)."""
+    if not isinstance(record, dict):
+        return False
+    if record.get("kind") == "graph":
+        return isinstance(record.get("features"), int)
+    size = record.get("size")
+    return isinstance(record.get("channels"), int) and isinstance(size, list) and len(size) == 2 and \
+        all(isinstance(side, int) for side in size)
 
 
 def _number(value: Any) -> float | None:

@@ -62,15 +62,16 @@ def _matched(weights: dict[str, torch.Tensor], network: nn.Module) -> dict[str, 
     from modellego.models.vit import renamed_weights
 
     expected = network.state_dict()
-    weights = renamed_weights(network, weights)  # torchvision's names for modules modellego rebuilds (ViT blocks)
     if not any(key.startswith("aux") for key in expected):
         weights = {key: value for key, value in weights.items() if not key.split(".", 1)[-1].startswith("aux")
                    and not key.startswith("aux")}
     for prefix in ("", *PREFIXES):
-        renamed = {key[len(prefix):]: value for key, value in weights.items() if key.startswith(prefix)}
+        # torchvision's names for modules modellego rebuilds (ViT blocks), once the prefix is gone
+        renamed = renamed_weights(network, {key[len(prefix):]: value for key, value in weights.items()
+                                            if key.startswith(prefix)})
         if len(renamed) == len(weights) and set(renamed) & set(expected):
             return renamed
-    return weights
+    return renamed_weights(network, weights)
 
 
 def load_weights(network: nn.Module, weights: dict[str, torch.Tensor], source: FilePath) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -79,6 +80,17 @@ def count_params(model: nn.Module) -> int:
 
 
 @torch.no_grad()
+def _attention_flops(query_shape, key_shape, value_shape, *args, **kwargs) -> int:
+    """Scaled dot-product attention: QKᵀ and the weighted values, 2 FLOPs per multiply-add each."""
+    *batch, queries, depth = query_shape
+    keys, value_depth = key_shape[-2], value_shape[-1]
+    return 2 * math.prod(batch) * queries * keys * (depth + value_depth)
+
+
+# torch's flop counter knows the GPU kernels of scaled_dot_product_attention, not the CPU one (it would count 0)
+CPU_ATTENTION = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _attention_flops}
+
+
 def count_flops(model: nn.Module, spec) -> int:
     """FLOPs of one forward pass on one image of `spec` (an image InputSpec or a shape C, H, W), by
     torch.utils.flop_counter (a multiply-add counts as 2)."""
@@ -86,7 +98,7 @@ def count_flops(model: nn.Module, spec) -> int:
     shape = (spec.channels, *spec.size) if hasattr(spec, "channels") else tuple(spec)
     was_training = model.training
     model.eval()
-    counter = FlopCounterMode(display=False)
+    counter = FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION)
     with counter:
         model(torch.zeros(1, *shape, device=device))
     model.train(was_training)

@@ -150,6 +150,10 @@ def _transformer_reason(model: nn.Module, layers: dict[str, nn.Module], head_nam
                     "keeps or drops")
     if isinstance(layers[head_name], TokenLinear):
         return f"its classifier {head_name} acts on every token; modellego needs a head on the class token"
+    heads = [name for name, layer in layers.items() if isinstance(layer, nn.Linear) and not isinstance(layer, TokenLinear)]
+    if len(heads) > 1:
+        return (f"it has {len(heads)} classifier heads ({', '.join(heads[:3])}) whose logits it combines (a distilled "
+                "DeiT's class and distillation heads); modellego cuts a model with one head")
     return None
 
 

@@ -130,9 +130,11 @@ class TokenCandidates:
         self.images = reconstruct_images
         self.order = execution_order(model, shape)
         self.flops_of = _FlopModel(model, shape)
-        heads = sum(unit.size for unit in units(model) if unit.kind == "heads")
-        # what the parameter layers do not count is attention itself (QKᵀ and the weighted values): per head alike
-        self.per_head = (self.flops_of.total - self.flops_of.full) / max(1, heads)
+        # a head's attention itself (QKᵀ and the weighted values): 2 · 2·T²·d FLOPs over its block's T tokens
+        self.per_head = {unit.module: 4 * self.flops_of.positions.get(unit.reader, 0) ** 2 * unit.group
+                         for unit in units(model) if unit.kind == "heads"}
+        attention = sum(self.per_head[unit.module] * unit.size for unit in units(model) if unit.kind == "heads")
+        self.rest = self.flops_of.total - self.flops_of.full - attention  # what no cut changes
         self.kept: dict[int, dict[str, torch.Tensor]] = {}
         self.last: tuple[Candidate, nn.Module, Reconstruction | None] | None = None
 
@@ -146,10 +148,10 @@ class TokenCandidates:
 
     def flops(self, cut: Cut) -> int:
         kept = self.kept[id(cut)]
-        heads = sum(len(indices) for name, indices in kept.items() if name + ".qkv" in cut.outputs)
+        attention = sum(self.per_head[name] * len(indices) for name, indices in kept.items() if name in self.per_head)
         linear = sum(self.flops_of._layer(name, len(cut.outputs[name]), len(cut.inputs[name]))
                      for name in self.flops_of.layers)
-        return int(linear + self.per_head * heads)
+        return int(linear + attention + self.rest)
 
     def _built(self, candidate: Candidate) -> tuple[nn.Module, Reconstruction | None]:
         if self.last is not None and self.last[0] is candidate:

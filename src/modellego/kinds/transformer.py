@@ -23,15 +23,7 @@ from modellego.errors import ModellegoError
 from modellego.io.fields import Invalid, integer, mapping, string
 from modellego.io.manifest import MAX_CHANNELS, MAX_NAME, Manifest
 from modellego.kinds.cnn import CNN, PARALLEL
-
-TRANSFORMER_BUILDERS = ("vit",)
-TRANSFORMER_PREFIXES = ("torchvision:vit_", "timm:vit_", "timm:deit_")  # their blocks are rebuilt as units
-
-
-def is_transformer_builder(builder: Any) -> bool:
-    """Whether `train --model builder` (or a record's builder) makes a Transformer."""
-    return isinstance(builder, str) and (builder in TRANSFORMER_BUILDERS or builder.startswith(TRANSFORMER_PREFIXES))
-
+from modellego.models.vit import is_transformer_builder
 
 MAX_UNITS = 4096  # units per block (heads or MLP neurons) a component record may name
 

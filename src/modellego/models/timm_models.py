@@ -59,6 +59,7 @@ def build_timm(name: str, in_channels: int, num_classes: int, width: float = 1.0
         text = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise ModellegoError(f"timm could not build {name!r} with {num_classes} classes and {in_channels} input "
                              f"channels ({type(error).__name__}: {text})") from None
-    from modellego.models.vit import from_timm
+    from modellego.models.vit import from_timm, is_transformer_builder
 
-    return from_timm(model)  # a ViT's plain attention blocks as heads and neurons (others are left as they are)
+    # a ViT's plain attention blocks as heads and neurons, for the builders the Transformer kind takes
+    return from_timm(model) if is_transformer_builder(f"{TIMM_PREFIX}{name}") else model

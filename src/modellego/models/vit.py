@@ -14,6 +14,15 @@ from modellego.models.common import scaled
 
 __all__ = ["ViT", "vit"]
 
+TRANSFORMER_BUILDERS = ("vit",)
+TRANSFORMER_PREFIXES = ("torchvision:vit_", "timm:vit_", "timm:deit_")  # their blocks are rebuilt as units
+
+
+def is_transformer_builder(builder: object) -> bool:
+    """Whether `builder` makes a Transformer modellego takes apart (the zoo's vit, torchvision's and timm's ViTs)."""
+    return isinstance(builder, str) and (builder in TRANSFORMER_BUILDERS or builder.startswith(TRANSFORMER_PREFIXES))
+
+
 PATCH = 4
 GRID = 7          # the position embeddings' grid (28 / 4); other grids read it interpolated
 HEAD_DIM = 32
