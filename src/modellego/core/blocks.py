@@ -82,13 +82,15 @@ def unit_rows(unit: Unit, kept: torch.Tensor) -> torch.Tensor:
     return torch.cat([per_head] * 3, dim=-1)
 
 
-def sliced_linear(source: nn.Linear, rows: torch.Tensor | None, columns: torch.Tensor | None) -> nn.Linear:
-    """A copy of `source` keeping `rows` (outputs) and `columns` (inputs); None keeps all."""
+def sliced_linear(source: nn.Linear, rows: torch.Tensor | None, columns: torch.Tensor | None,
+                  kind: type[nn.Linear] | None = None) -> nn.Linear:
+    """A copy of `source` keeping `rows` (outputs) and `columns` (inputs); None keeps all. The copy is of `kind`
+    (default: the source's class), so that a plain Linear can become a TokenLinear."""
     weight = source.weight.detach()
     weight = weight if rows is None else weight[rows]
     weight = weight if columns is None else weight[:, columns]
-    layer = type(source)(weight.shape[1], weight.shape[0], bias=source.bias is not None,
-                         device=weight.device, dtype=weight.dtype)
+    layer = (kind or type(source))(weight.shape[1], weight.shape[0], bias=source.bias is not None,
+                                   device=weight.device, dtype=weight.dtype)
     with torch.no_grad():
         layer.weight.copy_(weight)
         if source.bias is not None:

@@ -16,7 +16,7 @@ from modellego.core.contributions import TokenLinear
 from modellego.core.cut import Cut
 from modellego.core.evaluate import predict
 from modellego.core.layers import execution_order, input_channels, output_channels, parameter_layers
-from modellego.core.locate import input_mask
+from modellego.core.locate import input_mask, minmax
 from modellego.core.masks import ComponentMasks
 from modellego.core.profile import Profile
 from modellego.core.reconstruct import RIDGE, Reconstruction, component_fits, in_memory, reconstruct
@@ -33,12 +33,6 @@ def head_contributions(profile: Profile, unit: Unit) -> torch.Tensor:
     return totals.reshape(*totals.shape[:2], unit.size, unit.group).sum(-1)
 
 
-def relative(totals: torch.Tensor) -> torch.Tensor:
-    """Soft relative contribution over the last dimension (DESIGN.md's R)."""
-    low, high = totals.amin(dim=2, keepdim=True), totals.amax(dim=2, keepdim=True)
-    return (totals - low) / (high - low + 1e-5)
-
-
 def locate_units(model: nn.Module, profile: Profile, thresholds: Thresholds = PAPER) -> ComponentMasks:
     """Every class's heads and MLP neurons (docs/method.md, "Locating"): the head votes the stream features each
     class relies on (S); every block's writer (proj, fc2) votes over its units with S as its output mask. The
@@ -52,12 +46,12 @@ def locate_units(model: nn.Module, profile: Profile, thresholds: Thresholds = PA
     own = torch.zeros(count, profile.outputs)
     own[torch.arange(count), torch.tensor(profile.output_positions, dtype=torch.long)] = 1.0
     alpha, beta = thresholds.pair("linear")
-    stream, stream_scores = input_mask(profile.relative(classifier), own > 0, alpha, beta)
+    stream, _ = input_mask(profile.relative(classifier), own > 0, alpha, beta)
     masks = {name: torch.ones(count, output_channels(layer), dtype=torch.bool) for name, layer in layers.items()}
     scores = {name: torch.ones(count, output_channels(layer)) for name, layer in layers.items()}
     masks[classifier], scores[classifier] = own > 0, own.clone()
     for unit in units(model):
-        kept, normalised = input_mask(relative(head_contributions(profile, unit)), stream, alpha, beta)
+        kept, normalised = input_mask(minmax(head_contributions(profile, unit), dim=2), stream, alpha, beta)
         masks[unit.reader], scores[unit.reader] = unit_rows(unit, kept), unit_rows(unit, normalised)
     return ComponentMasks(masks=masks, scores=scores, classes=list(profile.classes), classifier=classifier,
                           settings={"alpha_fc": alpha, "beta_fc": beta}, profile_hash=profile.digest(),

@@ -12,7 +12,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from modellego.core.assemble import AssemblyMode
-from modellego.core.blocks import shrink, unit_sizes, units
+from modellego.core.blocks import shrink, unit_sizes
 from modellego.core.cut import Cut
 from modellego.core.locate import ComponentMasks, FlattenRule, Thresholds
 from modellego.core.profile import Profile
@@ -124,7 +124,3 @@ class Transformer(CNN):
 
     def component_architecture(self, source: Manifest, component: nn.Module, task: list[int]) -> dict[str, Any]:
         return dict(source.architecture, num_classes=len(task), units=unit_sizes(component))
-
-    def kept_units(self, model: nn.Module) -> dict[str, int]:
-        """Heads or neurons per block (for reports)."""
-        return {unit.module: unit.size for unit in units(model)}

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from modellego.core.blocks import HeadAttention, TokenMLP
+from modellego.core.blocks import HeadAttention, TokenMLP, sliced_linear
 from modellego.core.contributions import TokenLinear
 from modellego.models.common import scaled
 
@@ -108,14 +108,12 @@ def from_torchvision(model: nn.Module) -> nn.Module:
         units = TorchvisionAttention(width, heads, width // heads)
         hidden = mlp[0].out_features
         neurons = TorchvisionMLP(width, hidden)
-        with torch.no_grad():
+        with torch.no_grad():  # the queries, keys and values are one weight of the attention, not a Linear
             units.qkv.weight.copy_(attention.in_proj_weight)
             units.qkv.bias.copy_(attention.in_proj_bias)
-            units.proj.weight.copy_(attention.out_proj.weight)
-            units.proj.bias.copy_(attention.out_proj.bias)
-            for ours, theirs in ((neurons.fc1, mlp[0]), (neurons.fc2, mlp[3])):
-                ours.weight.copy_(theirs.weight)
-                ours.bias.copy_(theirs.bias)
+        units.proj = sliced_linear(attention.out_proj, None, None, TokenLinear)
+        neurons.fc1, neurons.fc2 = (sliced_linear(mlp[0], None, None, TokenLinear),
+                                    sliced_linear(mlp[3], None, None, TokenLinear))
         block.self_attention, block.mlp = units, neurons
     return model
 
@@ -158,18 +156,12 @@ def from_timm(model: nn.Module) -> nn.Module:
         if not plain:
             continue
         units = TimmAttention(attention.qkv.in_features, attention.num_heads, attention.head_dim)
-        units.qkv, units.proj = _token_copy(attention.qkv), _token_copy(attention.proj)
+        units.qkv, units.proj = (sliced_linear(attention.qkv, None, None, TokenLinear),
+                                  sliced_linear(attention.proj, None, None, TokenLinear))
         neurons = TokenMLP(mlp.fc1.in_features, mlp.fc1.out_features)
-        neurons.fc1, neurons.fc2, neurons.act = _token_copy(mlp.fc1), _token_copy(mlp.fc2), mlp.act
+        neurons.fc1, neurons.fc2 = (sliced_linear(mlp.fc1, None, None, TokenLinear),
+                                    sliced_linear(mlp.fc2, None, None, TokenLinear))
+        neurons.act = mlp.act
         module.attn, module.mlp = units, neurons
     return model
 
-
-def _token_copy(layer: nn.Linear) -> TokenLinear:
-    """`layer` as a TokenLinear with the same weights (and bias, or none)."""
-    copy = TokenLinear(layer.in_features, layer.out_features, bias=layer.bias is not None)
-    with torch.no_grad():
-        copy.weight.copy_(layer.weight)
-        if layer.bias is not None:
-            copy.bias.copy_(layer.bias)
-    return copy
