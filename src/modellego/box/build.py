@@ -62,10 +62,10 @@ def build(box: Catalogue, classes: str | Sequence[str] | Plan, out: str | Path, 
     started = time.perf_counter()
     chosen = classes if isinstance(classes, Plan) else plan(box, classes, max_flops)
     target = check_output_path(out).resolve()
-    registered = [entry for entry in box.entries() if entry.path == str(target)]
-    if registered:
-        raise ModellegoError(f"--out {target} is {registered[0].label()} in the box; choose another --out, or `box "
-                             f"remove {registered[0].id}` first")
+    registered = box.id_of(str(target))
+    if registered is not None:
+        raise ModellegoError(f"--out {target} is entry {registered} in the box; choose another --out, or `box "
+                             f"remove {registered}` first")
     if mode is not None or calibration is not None:  # refused before any work, as `assemble` would refuse them
         from modellego.core.assemble import AssemblyMode
         from modellego.core.gates import Calibration
@@ -93,10 +93,7 @@ def build(box: Catalogue, classes: str | Sequence[str] | Plan, out: str | Path, 
     described = describe(target)
     described.accuracy = report["accuracy"]
     entry = box.add([described])[0]
-    weights = [len(step.classes) for step in chosen.steps]
-    accuracies = [member.accuracy for member in members]
-    expected = None if any(a is None for a in accuracies) else \
-        sum(a * w for a, w in zip(accuracies, weights)) / sum(weights)
+    expected = chosen.expected_accuracy(members)
     return Built(chosen, target, report["accuracy"], report["samples"], expected, report["params"],
                  report["flops"], members, entry, made, time.perf_counter() - started, used_calibration)
 

@@ -102,6 +102,13 @@ class Entry:
     added: float = 0.0
     parts: list[str] | None = None  # an assembly's components, by weights hash
 
+    def is_profile_of(self, model_hash: str | None, classes: Iterable[tuple[str, str]]) -> bool:
+        """Whether this entry is a profile of the model with weights `model_hash` holding every class (by name)
+        of `classes`."""
+        names = {name for _, name in classes}
+        return self.kind == "profile" and model_hash is not None and self.source_hash == model_hash and \
+            names <= {name for _, name in self.classes}
+
     def label(self) -> str:
         """`kind id (file name)`, for plans and messages."""
         return f"{self.kind} {self.id} ({Path(self.path).name})"
@@ -220,7 +227,7 @@ class Catalogue:
         described = [path if isinstance(path, Entry) else describe(Path(path)) for path in paths]
         with self._transaction():
             for entry in described:
-                present = self._row_by_path(entry.path)
+                present = self.id_of(entry.path)
                 if present is not None:
                     raise ModellegoError(f"{entry.path} is in the box already (entry {present}); `box remove` it "
                                          "first to add it again")
@@ -240,7 +247,8 @@ class Catalogue:
         self.folders = self._folders()
         return [self.get(entry.id) for entry in described]
 
-    def _row_by_path(self, path: str) -> int | None:
+    def id_of(self, path: str) -> int | None:
+        """The id of the entry registered at `path` (absolute, as `describe` gives it), or None."""
         row = self.connection.execute("SELECT id FROM entries WHERE path = ?", (path,)).fetchone()
         return None if row is None else int(row[0])
 
@@ -318,11 +326,8 @@ class Catalogue:
         while todo:
             current = todo.pop(0)
             parents = [other for other in everything if other.weights_hash in (current.parts or [])]
-            if current.kind == "component" and current.source_hash:
-                names = {name for _, name in current.classes}
-                parents += [other for other in everything if other.kind == "profile"
-                            and other.source_hash == current.source_hash
-                            and names <= {name for _, name in other.classes}]
+            if current.kind == "component":
+                parents += [other for other in everything if other.is_profile_of(current.source_hash, current.classes)]
             if current.source_hash:
                 parents += [other for other in everything if other.kind in ("model", "component")
                             and other.weights_hash == current.source_hash]

@@ -67,9 +67,11 @@ class Plan:
         """The members' FLOPs per sample (new cuts counted at their source's)."""
         return sum(step.flops for step in self.steps)
 
-    def expected_accuracy(self) -> float | None:
-        """The members' own accuracies on their tasks, weighted by their classes; None while one is unknown."""
-        accuracies = [step.use.accuracy if step.use is not None else None for step in self.steps]
+    def expected_accuracy(self, members: Sequence["Entry | None"] | None = None) -> float | None:
+        """The members' own accuracies on their tasks (`members`, one per step; by default the registered files
+        the steps use), weighted by their classes; None while one is unknown."""
+        members = [step.use for step in self.steps] if members is None else members
+        accuracies = [member.accuracy if member is not None else None for member in members]
         if any(accuracy is None for accuracy in accuracies):
             return None
         return sum(a * len(step.classes) for a, step in zip(accuracies, self.steps)) / len(self.classes)
@@ -178,12 +180,13 @@ def plan(box: "Catalogue", classes: str | Sequence[str], max_flops: int | None =
     if max_flops is not None and max_flops <= 0:
         raise ModellegoError(f"--max-flops must be a positive number of FLOPs per sample, got {max_flops}")
     asked = parse_classes(classes)
-    members = [entry for entry in box.entries() if entry.kind in MEMBER_KINDS]
+    everything = list(box.entries())  # each read checks the row and its path: once
+    members = [entry for entry in everything if entry.kind in MEMBER_KINDS]
     keys = [key for entry in members for key in entry.classes]
     available = list(dict.fromkeys(keys))
     wanted = _resolve(asked, available)
     relevant = [entry for entry in members if set(entry.classes) & set(wanted)]
-    profiles = [entry for entry in box.entries() if entry.kind == "profile"
+    profiles = [entry for entry in everything if entry.kind == "profile"
                 and any(entry.source_hash == member.weights_hash for member in relevant)]
     unused = box.verify(relevant + profiles)
     unused = {entry_id: state for entry_id, state in unused.items() if state != "ok"}
@@ -191,8 +194,9 @@ def plan(box: "Catalogue", classes: str | Sequence[str], max_flops: int | None =
     profiles = [entry for entry in profiles if entry.id not in unused]
     best: Plan | None = None
     best_cost: tuple | None = None
-    for input_key in dict.fromkeys(_input_key(entry) for entry in relevant):
-        group = [entry for entry in relevant if _input_key(entry) == input_key]
+    keys = {entry.id: _input_key(entry) for entry in relevant}
+    for input_key in dict.fromkeys(keys.values()):
+        group = [entry for entry in relevant if keys[entry.id] == input_key]
         found = _cover(wanted, group, profiles, max_flops)
         if found is not None and (best_cost is None or found[0] < best_cost):
             best_cost, best = found[0], Plan(wanted, found[1], unused)
@@ -231,11 +235,7 @@ def _cover(wanted: list[ClassKey], group: list["Entry"], profiles: list["Entry"]
 
 def _profile_for(source: "Entry", run: list[ClassKey], profiles: list["Entry"]) -> "Entry | None":
     """A registered profile of `source` holding every class of `run` (the first added), or None."""
-    names = {name for _, name in run}
-    for profile in profiles:
-        if profile.source_hash == source.weights_hash and names <= {name for _, name in profile.classes}:
-            return profile
-    return None
+    return next((profile for profile in profiles if profile.is_profile_of(source.weights_hash, run)), None)
 
 
 def _why_uncovered(wanted: list[ClassKey], relevant: list["Entry"], unused: dict[int, str],
