@@ -181,14 +181,31 @@ def small_file(tmp_path_factory):
 
 
 def _set(meta: dict, path: str, value) -> None:
+    """Put `value` at `path` (list indices wrap). Where an earlier change of the same example replaced part of the
+    path with junk (an empty list, a number), the value goes at the deepest part that still exists, instead of
+    the fuzzer itself crashing on it."""
     node, parts = meta, path.split(".")
     for part in parts[:-1]:
-        node = node[int(part)] if isinstance(node, list) else node[part]
-    last = parts[-1]
+        child = _at(node, part)
+        if not isinstance(child, (dict, list)) or child == []:
+            _put(node, part, value)
+            return
+        node = child
+    _put(node, parts[-1], value)
+
+
+def _at(node, part: str):
+    return node[int(part) % len(node)] if isinstance(node, list) else node.get(part)
+
+
+def _put(node, part: str, value) -> None:
     if isinstance(node, list):
-        node[int(last) % len(node)] = value
+        if node:
+            node[int(part) % len(node)] = value
+        else:
+            node.append(value)
     else:
-        node[last] = value
+        node[part] = value
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
