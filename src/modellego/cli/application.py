@@ -114,7 +114,12 @@ def _fail(line: str, code: int) -> NoReturn:
     folder = os.environ.get(ERRORS_FOLDER)
     if folder:
         leave_error(Path(folder), line, code)
-    elif _is_main():
+        # Leave at once: the launcher prints the line, and an orderly exit would tear down a process group whose
+        # peers may be gone, where gloo's threads can abort with C++'s "terminate called ..." on stderr.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    if _is_main():
         err.print(line, highlight=False, markup=False, soft_wrap=True)
     sys.exit(code)
 
