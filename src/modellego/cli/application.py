@@ -97,7 +97,25 @@ def main() -> None:
             warnings.simplefilter("ignore")
             warnings.simplefilter("always", UserWarning)
         warnings.showwarning = _show_warning_once(set())
-        _run()
+        if not startup.launched():
+            _run()
+            return
+        try:
+            _run()
+        except SystemExit as leaving:
+            _leave_at_once(leaving.code)
+        _leave_at_once(0)
+
+
+def _leave_at_once(code: int | str | None) -> NoReturn:
+    """End a torchrun process without the interpreter's teardown: the command is done (its files written, its
+    process group left), and C++ destructors at exit sometimes meet a gloo thread still running and abort
+    ("terminate called without an active exception", exit -6), which turned finished runs into failed ones."""
+    if isinstance(code, str):
+        sys.stderr.write(code + "\n")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code if isinstance(code, int) else (0 if code is None else 1))
 
 
 def _is_main() -> bool:
@@ -114,12 +132,7 @@ def _fail(line: str, code: int) -> NoReturn:
     folder = os.environ.get(ERRORS_FOLDER)
     if folder:
         leave_error(Path(folder), line, code)
-        # Leave at once: the launcher prints the line, and an orderly exit would tear down a process group whose
-        # peers may be gone, where gloo's threads can abort with C++'s "terminate called ..." on stderr.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    if _is_main():
+    elif _is_main():
         err.print(line, highlight=False, markup=False, soft_wrap=True)
     sys.exit(code)
 
