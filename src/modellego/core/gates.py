@@ -177,7 +177,7 @@ def raw_score(method: str, logits: Tensor, features: Tensor | None, patterns: li
         distances = torch.einsum("bkd,de,bke->bk", centred, stats["precision"], centred)
         return -distances.amin(1)
     if method in ("knn", "nearest"):
-        distances = torch.cdist(_unit(features), stats["bank"])
+        distances = torch.cdist(_unit(features), stats["bank"], compute_mode="use_mm_for_euclid_dist")
         k = min((neighbours if method == "knn" else NEAREST_NEIGHBOURS) + (1 if exclude_self else 0),
                 distances.shape[1])
         return -distances.topk(k, dim=1, largest=False).values[:, -1]
