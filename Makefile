@@ -11,7 +11,7 @@ setup: $(STAMP)
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test,graph,timm]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test,graph,timm,export]'
 	@touch $(STAMP)
 
 # Debian's dataset-fashion-mnist (real, 70k images); skipped when present or when apt is not usable.

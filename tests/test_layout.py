@@ -12,7 +12,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 PACKAGE = "modellego"
 
 # Each layer may import itself and the layers after it in this list, never one before it.
-LAYERS = ["__main__", "launch", "cli", "benchmarking", "box", "commands", "viz", "io.modelfile", "io.profiles", "io.masks", "io.artifacts", "kinds",
+LAYERS = ["__main__", "launch", "cli", "benchmarking", "box", "commands", "viz", "io.export", "io.modelfile", "io.profiles", "io.masks", "io.artifacts", "kinds",
           "models", "data", "train", "io.manifest", "io.safetensors", "io.atomic", "io.fields", "core", "memory",
           "runtime", "distributed", "progress", "startup", "errors", "io"]  # io: its package module, which imports nothing
 

@@ -30,6 +30,7 @@ _EXPORTS = {
     "read_manifest": "modellego.io.modelfile", "save": "modellego.io.modelfile",
     "load_profile": "modellego.io.profiles", "save_profile": "modellego.io.profiles",
     "Box": "modellego.box", "finetune": "modellego.kinds.cnn", "train_model": "modellego.kinds.cnn", "list_models": "modellego.models",
+    "export": "modellego.commands.export",
 }
 
 
@@ -50,7 +51,7 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "PAPER", "Box", "Brick", "ClassRef", "ComponentMasks", "Manifest", "ModellegoError", "Profile", "Thresholds",
-    "assemble", "commands", "count_flops", "count_params", "data", "disassemble", "finetune", "list_models", "load",
+    "assemble", "commands", "count_flops", "count_params", "data", "disassemble", "export", "finetune", "list_models", "load",
     "load_masks", "load_profile", "locate", "models", "profile", "read_manifest", "save", "save_masks",
     "save_profile", "scale", "search_thresholds", "train_model",
 ]

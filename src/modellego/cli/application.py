@@ -67,7 +67,9 @@ def _verbose_first(args: list[str]) -> list[str]:
 
 def _check_output_files(args: list[str]) -> None:
     """`--out` names a file: a value ending in a separator names a folder (typer's Path would drop the separator and
-    write a file of that name instead)."""
+    write a file of that name instead). `export --format folder` writes a folder: the command checks its own."""
+    if args[:1] == ["export"]:
+        return
     for position, arg in enumerate(args):
         value = arg.split("=", 1)[1] if arg.startswith("--out=") else \
             args[position + 1] if arg == "--out" and position + 1 < len(args) else None

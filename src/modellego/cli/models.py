@@ -1,4 +1,4 @@
-"""The commands on whole models: `train`, `eval`, `info`, `finetune`, `demo`."""
+"""The commands on whole models: `train`, `eval`, `info`, `finetune`, `import`, `demo`, `export`."""
 
 from __future__ import annotations
 
@@ -287,3 +287,30 @@ def demo(
     option_seed(seed)
     output_folder(out_dir)
     commands.run_demo(out_dir, epochs=epochs, seed=seed, console=out, **run_options(device, precision, workers))
+
+
+@app.command("export")
+def export_command(
+    model: Path = typer.Argument(..., help="A modellego model file (or a folder an earlier export wrote)."),
+    format: str = typer.Option(..., "--format", help="onnx (opset 18, dynamic batch; needs modellego[export]), pt2 "
+                               "(torch.export), or folder (model.safetensors, config.json, README.md)."),
+    out_path: Path = typer.Option(..., "--out", help="The file (onnx, pt2) or folder (folder) to write."),
+    samples: int = typer.Option(64, "--samples", help="Test images both models run on before an onnx or pt2 "
+                                "file is written (a graph model runs on its whole graph)."),
+    data_root: Optional[Path] = DataRootOption,
+    no_verify: bool = NoVerifyOption,
+) -> None:
+    """Export a model as ONNX, a torch.export program or a model-hub folder, checked against PyTorch first."""
+    option_int("--samples", samples, 1, 100_000)
+    result = commands.export(model, out_path, format, samples, data_options(data_root, None, no_verify))
+    size = f"{result.bytes / 1e6:.2f} MB" if result.bytes >= 1e5 else f"{result.bytes / 1e3:.1f} kB"
+    if result.agreement is None:
+        out.print(safe(f"exported {model} as a folder ({size}: model.safetensors, config.json, README.md) -> "
+                       f"{result.path}"))
+        return
+    check = result.agreement
+    form = f"ONNX opset {result.opset}" if result.opset else "pt2"
+    out.print(safe(f"exported {model} as {form} ({size}) -> {result.path}; checked on {check.samples} test "
+                   f"{result.unit}s: max relative logit error {check.max_relative_error:.2g}, argmax equal on "
+                   f"{check.argmax_agree}/{check.samples}" + (f" ({check.ties} ties within the error)"
+                                                               if check.ties else "")))

@@ -34,6 +34,8 @@ COMMANDS = (
     ("import", "Bring a pretrained classifier in: a model file from a builder and its weights, no download."),
     ("demo", "The whole job on Fashion-MNIST (digits when absent): train, profile, disassemble two tasks, assemble, "
              "fine-tune."),
+    ("export", "Export a model as ONNX, a torch.export program or a model-hub folder, checked against PyTorch "
+               "first."),
     ("box", "The box: a catalogue of models, profiles and components to search and build from."),
 )
 

@@ -13,6 +13,7 @@ from modellego.commands.disassemble import (
                                             pareto_front,
 )
 from modellego.commands.evaluate import ProfileInfo, compare, evaluate_file, info, stored_training_data
+from modellego.commands.export import Exported, export
 from modellego.commands.figures import Heatmap, heatmap, profile_layers, route
 from modellego.commands.imported import import_model
 from modellego.commands.profile import profile
@@ -23,6 +24,6 @@ from modellego.kinds import Trained
 __all__ = [
     "Assembled", "DataOptions", "Disassembled", "Heatmap", "ProfileInfo", "ProfileSampleCheck", "Trained", "assemble", "assembly",
     "assembly_base", "choose_calibration", "compare", "component", "component_metrics", "disassemble",
-    "evaluate_file", "finetune", "heatmap", "import_model", "info", "own_split", "pareto_front", "profile", "profile_layers",
+    "evaluate_file", "Exported", "export", "finetune", "heatmap", "import_model", "info", "own_split", "pareto_front", "profile", "profile_layers",
     "route", "run_demo", "scaled", "stored_training_data", "train", "union",
 ]

@@ -21,7 +21,7 @@ from modellego.data.subsets import per_class_slice
 from modellego.data.task import DataOptions
 from modellego.errors import ModellegoError
 from modellego.io.manifest import Manifest, provenance_records
-from modellego.io.modelfile import read_manifest
+from modellego.io.modelfile import model_path, read_manifest
 from modellego.io.profiles import PROFILE_KEY, ProfileFile
 from modellego.io.safetensors import read_raw
 
@@ -120,6 +120,7 @@ def stored_training_data(manifest: Manifest) -> list[str]:
 def info(path: FilePath) -> Manifest | ProfileInfo:
     """A model file's manifest, without loading its weights; for a profile file, what it holds (from its header;
     a profile of format 1 is read whole)."""
+    path = model_path(path)
     if PROFILE_KEY not in read_raw(path, "modellego file", with_data=False).metadata:
         return read_manifest(path)
     with ProfileFile(path) as opened:

@@ -177,6 +177,7 @@ def raw_score(method: str, logits: Tensor, features: Tensor | None, patterns: li
         distances = torch.einsum("bkd,de,bke->bk", centred, stats["precision"], centred)
         return -distances.amin(1)
     if method in ("knn", "nearest"):
+        # one algorithm at every batch size (cdist picks another above 25 rows): exports keep the batch dynamic
         distances = torch.cdist(_unit(features), stats["bank"], compute_mode="use_mm_for_euclid_dist")
         k = min((neighbours if method == "knn" else NEAREST_NEIGHBOURS) + (1 if exclude_self else 0),
                 distances.shape[1])

@@ -26,7 +26,23 @@ from modellego.io.manifest import METADATA_KEY, Brick, Manifest
 from modellego.io.safetensors import RawFile, first_line, read_raw
 from modellego.kinds import ModelKind, kind_of
 
-__all__ = ["Brick", "Manifest", "load", "parse_manifest", "read_manifest", "rebuild", "save", "weights_hash"]
+__all__ = ["Brick", "Manifest", "load", "model_path", "parse_manifest", "read_manifest", "rebuild", "save",
+           "weights_hash"]
+
+# What `modellego export --format folder` writes: the model file under this name, beside config.json and README.md.
+FOLDER_MODEL = "model.safetensors"
+
+
+def model_path(path: str | os.PathLike) -> Path:
+    """The model file `path` names: the file itself, or an exported folder's model.safetensors."""
+    source = Path(path)
+    if not source.is_dir():
+        return source
+    inside = source / FOLDER_MODEL
+    if not inside.is_file():
+        raise ModellegoError(f"{source} is a folder without {FOLDER_MODEL}; give a model file, or a folder that "
+                             "`modellego export --format folder` wrote")
+    return inside
 
 
 def save(model: nn.Module, path: str | os.PathLike, manifest: Manifest) -> Path:
@@ -44,8 +60,9 @@ def save(model: nn.Module, path: str | os.PathLike, manifest: Manifest) -> Path:
 
 
 def read_manifest(path: str | os.PathLike) -> Manifest:
-    """The manifest of a model file, without loading its weights (only the header is read)."""
-    return _manifest(read_raw(path, "modellego model file", with_data=False))
+    """The manifest of a model file (or an exported folder's), without loading its weights (only the header is
+    read)."""
+    return _manifest(read_raw(model_path(path), "modellego model file", with_data=False))
 
 
 def parse_manifest(text: str, source: str = "file") -> Manifest:
@@ -168,11 +185,12 @@ def _materialise(model: nn.Module, tensors: dict[str, torch.Tensor], raw: RawFil
 
 
 def load(path: str | os.PathLike) -> Brick:
-    """Read a model file written by `save`; returns the model (in eval mode) and its manifest.
+    """Read a model file written by `save` (or the folder `export --format folder` wrote); returns the model (in
+    eval mode) and its manifest.
 
     The file is read once; the manifest is validated, the architecture built on the meta device and checked
     against the stored shapes before any tensor is created, so a hostile file costs no more memory than its size."""
-    raw = read_raw(path, "modellego model file")
+    raw = read_raw(model_path(path), "modellego model file")
     manifest = _manifest(raw)
     kind = kind_of(manifest.architecture)
     try:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from modellego.kinds.base import ModelKind, Trained, TrainOptions
+from modellego.kinds.base import ExportInputs, ModelKind, Trained, TrainOptions
 from modellego.kinds.cnn import CNN
 from modellego.kinds.gcn import GCN
 from modellego.kinds.transformer import Transformer
@@ -29,4 +29,4 @@ def kind_named(name: str) -> ModelKind:
     return next(kind for kind in KINDS if kind.name == name)
 
 
-__all__ = ["KINDS", "ModelKind", "Trained", "TrainOptions", "kind_for_request", "kind_named", "kind_of"]
+__all__ = ["KINDS", "ExportInputs", "ModelKind", "Trained", "TrainOptions", "kind_for_request", "kind_named", "kind_of"]

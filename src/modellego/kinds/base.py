@@ -40,6 +40,16 @@ class Trained:
     unit: str = "image"
 
 
+@dataclass(frozen=True)
+class ExportInputs:
+    """One batch as an exported graph takes it: the tensors of the model's forward pass, their names in the graph
+    and, per tensor, the dimensions whose size may change (dimension → its name: the batch, a graph's nodes)."""
+
+    tensors: tuple[torch.Tensor, ...]
+    names: tuple[str, ...]
+    dynamic: tuple[dict[int, str], ...]
+
+
 @dataclass
 class TrainOptions:
     """What `train` was asked for; None means the kind's default (and, for an option the kind does not honour,
@@ -240,6 +250,11 @@ class ModelKind(ABC):
     def assembly_architecture(self, members: Sequence[Brick], mode: AssemblyMode, model: nn.Module,
                               num_classes: int) -> dict[str, Any]:
         """The architecture record of an assembly of `members`."""
+
+    def export_inputs(self, samples: Any, count: int) -> ExportInputs:
+        """About `count` of `samples` as the inputs an exported model takes (what `export` runs both models on);
+        a kind without an exportable forward pass refuses."""
+        raise ModellegoError(f"{self.name.upper()} models cannot be exported")
 
     # --- shared ----------------------------------------------------------------------------------------------------
 

@@ -54,7 +54,7 @@ from modellego.io.manifest import (
     Manifest,
 )
 from modellego.io.safetensors import MAX_TENSORS
-from modellego.kinds.base import ModelKind, Trained, TrainOptions
+from modellego.kinds.base import ExportInputs, ModelKind, Trained, TrainOptions
 from modellego.memory import plan_training, sample_shape_of
 from modellego.models import warn_if_oversized
 from modellego.models.classifier import classifier
@@ -209,6 +209,15 @@ class CNN(ModelKind):
 
     def count_flops(self, model: nn.Module, spec: InputSpec) -> int:
         return count_flops(model, spec)
+
+    def export_inputs(self, samples: Dataset, count: int) -> ExportInputs:
+        """`count` images spread evenly over `samples` (a folder's images are sorted by class: every class comes
+        in), pixels in [0, 1]; the batch dimension varies."""
+        positions = torch.linspace(0, len(samples) - 1, min(count, len(samples))).long().unique()
+        images = torch.stack([samples[int(position)][0] for position in positions])
+        if len(images) == 1:  # torch.export takes a dimension of size 1 for a constant
+            images = images.repeat(2, 1, 1, 1)
+        return ExportInputs((images,), ("images",), ({0: "batch"},))
 
     # --- training --------------------------------------------------------------------------------------------------
 

@@ -46,7 +46,7 @@ from modellego.data.task import DataOptions, data_root_hints
 from modellego.errors import ModellegoError
 from modellego.io.fields import Invalid, integer, mapping, number, sequence, show, string
 from modellego.io.manifest import Brick, ClassRef, Manifest
-from modellego.kinds.base import ModelKind, Trained, TrainOptions
+from modellego.kinds.base import ExportInputs, ModelKind, Trained, TrainOptions
 from modellego.models.common import scaled as scaled_width
 from modellego.models.gcn import (
     DEFAULT_HIDDEN,
@@ -433,6 +433,13 @@ class GCN(ModelKind):
                 progress: bool = False) -> tuple[Tensor, Tensor]:
         graph = samples.task.graph
         return logits_of(model, graph.x, graph.edge_index)[samples.index], samples.targets
+
+    def export_inputs(self, samples: Nodes, count: int) -> ExportInputs:
+        """The whole graph the nodes belong to (a GCN reads its neighbours): its features and edges, both of any
+        number; `count` does not apply."""
+        graph = samples.task.graph
+        return ExportInputs((graph.x.float(), graph.edge_index.long()), ("x", "edge_index"),
+                            ({0: "nodes"}, {1: "edges"}))
 
     @torch.no_grad()
     @single_threaded
