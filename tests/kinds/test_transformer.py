@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from helpers import DIGITS, assert_user_error, invoke
 from modellego.core.blocks import HeadAttention, units
 from modellego.core.contributions import TokenLinear, class_sums, contributions
+from modellego.core.locate import by_max, input_mask, minmax
 from modellego.core.masks import ComponentMasks
 from modellego.core.tokens import cut_units
 from modellego.io.manifest import Brick, ClassRef, Manifest
@@ -218,3 +219,42 @@ def test_flops_count_the_attention_of_every_head():
     heads = [module for module in model.modules() if isinstance(module, HeadAttention)]
     attention = sum(4 * tokens * tokens * module.head_dim * module.heads for module in heads)
     assert count_flops(model, manifest.input) == linear + attention
+
+
+def reference_head_mask(contributions: torch.Tensor, stream: torch.Tensor, alpha: float, beta: float):
+    """Heads kept per class, literally: R = C / max over the block's heads, votes over the stream features the
+    class relies on, votes / their max > β (docs/method.md, "Locating")."""
+    classes, outputs, heads = contributions.shape
+    kept = torch.zeros(classes, heads, dtype=torch.bool)
+    for k in range(classes):
+        votes = [0.0] * heads
+        for o in range(outputs):
+            top = max(float(contributions[k, o, h]) for h in range(heads))
+            for h in range(heads):
+                if stream[k, o] and float(contributions[k, o, h]) / (top + 1e-5) > alpha:
+                    votes[h] += 1
+        for h in range(heads):
+            kept[k, h] = votes[h] / (max(votes) + 1e-5) > beta
+    return kept
+
+
+@settings(max_examples=40, deadline=None)
+@given(classes=st.integers(1, 3), outputs=st.integers(1, 6), heads=st.integers(1, 4), seed=st.integers(0, 10_000),
+       alpha=st.sampled_from([0.0, 0.3, 0.4, 0.7]), beta=st.sampled_from([0.0, 0.3, 0.6]))
+def test_heads_are_voted_on_shares_of_the_largest_head(classes, outputs, heads, seed, alpha, beta):
+    generator = torch.Generator().manual_seed(seed)
+    contributions = torch.rand(classes, outputs, heads, generator=generator, dtype=torch.float64)
+    stream = torch.rand(classes, outputs, generator=generator) > 0.3
+    kept, _ = input_mask(by_max(contributions, 2), stream, alpha, beta, by_max)
+    assert torch.equal(kept, reference_head_mask(contributions, stream, alpha, beta))
+
+
+def test_two_nearly_equal_heads_are_both_kept_where_minmax_drops_one():
+    """minmax over two heads always sends the lesser to 0, so it is dropped at any β; a share of the largest
+    keeps a head that does nearly as much."""
+    contributions = torch.tensor([[[1.0, 0.9], [0.8, 1.0], [1.0, 0.95]]], dtype=torch.float64)
+    stream = torch.ones(1, 3, dtype=torch.bool)
+    kept, _ = input_mask(by_max(contributions, 2), stream, 0.4, 0.3, by_max)
+    assert kept.tolist() == [[True, True]]
+    dropped, _ = input_mask(minmax(contributions, 2), stream, 0.4, 0.3)
+    assert dropped.tolist() == [[True, False]]

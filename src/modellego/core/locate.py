@@ -3,7 +3,7 @@ the classifier back to the input through the real channel graph (DESIGN.md, "Com
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Callable, Protocol
 
 import torch
 from torch import nn
@@ -28,12 +28,19 @@ def minmax(values: torch.Tensor, dim: int) -> torch.Tensor:
     return (values - low) / (high - low + 1e-5)
 
 
-def input_mask(relative: torch.Tensor, output_mask: torch.Tensor, alpha: float, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """One layer's step: relevant = R > α; votes[k,i] = Σ_o M[k,o]·relevant[k,o,i]; Min = minmax_i(votes) > β.
-    Returns (Min, minmax_i(votes)), both K×I."""
+def by_max(values: torch.Tensor, dim: int) -> torch.Tensor:
+    """v / (max + 1e-5) along `dim` (values ≥ 0): the normalisation over a Transformer block's few heads, where
+    minmax would send the least of them to 0 whatever its share (docs/method.md, "Locating")."""
+    return values / (values.amax(dim=dim, keepdim=True) + 1e-5)
+
+
+def input_mask(relative: torch.Tensor, output_mask: torch.Tensor, alpha: float, beta: float,
+               normalise: Callable[[torch.Tensor, int], torch.Tensor] = minmax) -> tuple[torch.Tensor, torch.Tensor]:
+    """One layer's step: relevant = R > α; votes[k,i] = Σ_o M[k,o]·relevant[k,o,i]; Min = minmax_i(votes) > β
+    (`normalise`: minmax, DESIGN.md's). Returns (Min, minmax_i(votes)), both K×I."""
     relevant = (relative > alpha).float()
     votes = torch.einsum("ko,koi->ki", output_mask.float(), relevant)
-    normalised = minmax(votes, dim=1)
+    normalised = normalise(votes, 1)
     return normalised > beta, normalised
 
 

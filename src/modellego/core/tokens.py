@@ -16,7 +16,7 @@ from modellego.core.contributions import TokenLinear
 from modellego.core.cut import Cut
 from modellego.core.evaluate import predict
 from modellego.core.layers import execution_order, input_channels, output_channels, parameter_layers
-from modellego.core.locate import input_mask, minmax
+from modellego.core.locate import by_max, input_mask, minmax
 from modellego.core.masks import ComponentMasks
 from modellego.core.profile import Profile
 from modellego.core.reconstruct import RIDGE, Reconstruction, component_fits, in_memory, reconstruct
@@ -51,7 +51,9 @@ def locate_units(model: nn.Module, profile: Profile, thresholds: Thresholds = PA
     scores = {name: torch.ones(count, output_channels(layer)) for name, layer in layers.items()}
     masks[classifier], scores[classifier] = own > 0, own.clone()
     for unit in units(model):
-        kept, normalised = input_mask(minmax(head_contributions(profile, unit), dim=2), stream, alpha, beta)
+        normalise = by_max if unit.kind == "heads" else minmax
+        kept, normalised = input_mask(normalise(head_contributions(profile, unit), 2), stream, alpha, beta,
+                                      normalise)
         masks[unit.reader], scores[unit.reader] = unit_rows(unit, kept), unit_rows(unit, normalised)
     return ComponentMasks(masks=masks, scores=scores, classes=list(profile.classes), classifier=classifier,
                           settings={"alpha_fc": alpha, "beta_fc": beta}, profile_hash=profile.digest(),
