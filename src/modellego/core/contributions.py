@@ -25,7 +25,12 @@ __all__ = ["TokenLinear", "contributions", "window_sums"]
 
 class TokenLinear(nn.Linear):
     """An nn.Linear applied to every token of a sequence [B, T, I]. Its contribution of input i to output o is
-    Σ_t max(W[o,i]·x[t,i], 0): the positive part per token, summed over the tokens (docs/method.md)."""
+    Σ_t max(W[o,i]·x[t,i], 0): the positive part per token, summed over the tokens (docs/method.md).
+
+    `profiled_tokens` ("all", the default, or "class": the first token only) is the token set a profile sums
+    over; "class" is there to measure the alternative (benchmarks/vit_tokens.py), files never record it."""
+
+    profiled_tokens = "all"
 
 
 def contributions(layer: nn.Module, x: Tensor) -> Tensor:
@@ -51,6 +56,7 @@ def class_sums(layer: nn.Module, x: Tensor, labels: Tensor, num_classes: int) ->
         _linear_contributions(layer, x[:1], positive=True)  # the same input checks
         tokens = x.reshape(x.shape[0], -1, x.shape[-1]).double()
         if isinstance(layer, TokenLinear):  # Σ_t max(w·x_t, 0) = w⁺·Σ_t x_t⁺ + w⁻·Σ_t x_t⁻, exactly
+            tokens = tokens[:, :1] if layer.profiled_tokens == "class" else tokens
             summed_positive, summed_negative = tokens.clamp(min=0).sum(1), tokens.clamp(max=0).sum(1)
         else:  # the tokens (extra dims) summed first, then max(w·s, 0) = w⁺·s⁺ + w⁻·s⁻
             summed = tokens.sum(1)
