@@ -47,6 +47,11 @@ def test_token_contributions_are_the_positive_parts_per_token_summed(batch, toke
     sums = class_sums(layer, x, labels, 2)
     for k in range(2):
         assert torch.allclose(sums[k], expected[labels == k].sum(0), atol=1e-5)
+    layer.profiled_tokens = "class"  # benchmarks/vit_tokens.py's alternative: the first token only
+    first = reference_token_contributions(layer, x[:, :1])
+    sums = class_sums(layer, x, labels, 2)
+    for k in range(2):
+        assert torch.allclose(sums[k], first[labels == k].sum(0), atol=1e-5)
 
 
 def vit(classes: int = 4, seed: int = 0) -> Brick:
