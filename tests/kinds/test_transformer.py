@@ -133,6 +133,9 @@ def test_components_save_load_and_assemble_in_parallel(tmp_path):
     images = torch.rand(3, 1, 28, 28)
     with torch.no_grad():
         assert torch.allclose(assembly.eval()(images), torch.cat([member(images) for member in members], 1))
+    for form in ("onnx", "pt2"):  # attention and the members side by side export, checked on digits' test images
+        exported = commands.export(out, tmp_path / f"assembly.{form}", form, samples=8)
+        assert exported.agreement.argmax_equal and exported.agreement.max_relative_error < 1e-4
     assert [ref.name for ref in assembled.classes] == ["0", "1", "2", "3"]
     assert_user_error(invoke("assemble", *map(str, paths), "--mode", "padded", "--out", str(tmp_path / "p.safetensors")),
                       "parallel")
