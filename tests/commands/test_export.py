@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 import warnings
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -77,6 +78,9 @@ def test_onnx_and_pt2_exports_answer_like_the_pytorch_model(parts, part, tmp_pat
 
     pt2_result = commands.export(source, tmp_path / "m.pt2", "pt2", samples=16)
     assert pt2_result.agreement.argmax_equal and pt2_result.bytes == (tmp_path / "m.pt2").stat().st_size
+    with zipfile.ZipFile(tmp_path / "m.pt2") as archive:  # the check's 16 images are not stored with the program
+        stored = {info.filename: info.file_size for info in archive.infolist()}
+    assert all(size < 16 * images[0].numel() * 4 for name, size in stored.items() if "sample_inputs" in name)
     program = torch.export.load(tmp_path / "m.pt2")
     with torch.no_grad():
         assert torch.allclose(program.module()(images), expected, rtol=1e-5, atol=1e-5)
@@ -103,6 +107,15 @@ def test_the_onnx_file_runs_without_modellego_and_normalises_its_input(parts, tm
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["False", "False"]
     assert np.allclose(np.load(tmp_path / "logits.npy"), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_a_folder_export_killed_midway_is_cleaned_up_by_the_next(parts, tmp_path):
+    """The temporary folder a killed export left (its writer's pid gone) is removed by the next export there."""
+    stale = tmp_path / f".hub.{2**22 + 12345}-abcd.tmp"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"partial")
+    commands.export(parts["component"], tmp_path / "hub", "folder")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["hub"]
 
 
 def test_the_folder_loads_back_as_the_same_model(parts, tmp_path):
@@ -230,7 +243,8 @@ def test_the_command_line_exports_and_refuses_mistakes_in_one_line(parts, tmp_pa
             ((str(profile), "--format", "onnx", "--out", str(tmp_path / "m.onnx")), "not a modellego model"),
             ((component, "--format", "folder", "--out", str(tmp_path / "taken")), "holds other files"),
             ((component, "--format", "pt2", "--out", str(tmp_path / "no" / "m.pt2")), "does not exist"),
-            ((component, "--format", "onnx", "--out", str(tmp_path) + "/"), "is a folder;"),
+            ((component, "--format", "onnx", "--out", str(tmp_path)), "is a folder;"),
+            ((component, "--format", "pt2", "--out", str(tmp_path / "new") + "/"), "ends in a separator"),
             ((component, "--format", "pt2", "--out", component), "would destroy the input"),
             ((component, "--format", "pt2", "--out", str(tmp_path / "m.pt2"), "--samples", "0"), "--samples")):
         assert_user_error(invoke("export", *args), fragment)

@@ -7,6 +7,7 @@ import errno
 import hashlib
 import os
 import re
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -96,7 +97,10 @@ def remove_stale_temps(target: Path) -> list[Path]:
                     continue
             elif candidate.stat().st_mtime >= _PROCESS_STARTED:
                 continue
-            candidate.unlink()
+            if candidate.is_dir() and not candidate.is_symlink():  # a folder write's (export --format folder)
+                shutil.rmtree(candidate)
+            else:
+                candidate.unlink()
             removed.append(candidate)
         except OSError:
             continue
@@ -133,7 +137,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     os.close(handle)
     try:
         write(temp)
-        os.chmod(temp, 0o666 & ~_umask())  # mkstemp makes owner-only files; a model file is as readable as any
+        os.chmod(temp, 0o666 & ~current_umask())  # mkstemp makes owner-only files; a model file is as readable as any
         _fsync_path(temp)
         os.replace(temp, target)
         _fsync_path(target.parent, directory=True)
@@ -147,7 +151,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     return target
 
 
-def _umask() -> int:
+def current_umask() -> int:
+    """The process's umask (read without changing it), for files and folders made with private modes."""
     mask = os.umask(0)
     os.umask(mask)
     return mask

@@ -20,7 +20,7 @@ from torch import nn
 
 from modellego.core.modules import MergeOutputs
 from modellego.errors import ModellegoError
-from modellego.io.atomic import atomic_write, probe_folder, remove_stale_temps
+from modellego.io.atomic import atomic_write, current_umask, probe_folder, remove_stale_temps
 from modellego.io.manifest import Manifest
 from modellego.io.modelfile import FOLDER_MODEL
 from modellego.kinds import ExportInputs
@@ -201,11 +201,16 @@ def write_pt2(model: nn.Module, inputs: ExportInputs, reference: torch.Tensor, o
     """Save `torch.export`'s program (torch.export.save), loaded back from the very bytes written and run on
     `inputs` before it takes `out`'s name."""
     program = torch_program(model, inputs, what)
+    program.example_inputs = None  # torch.export.save would store the check's images in the file
     buffer = io.BytesIO()
     torch.export.save(program, buffer)
     data = buffer.getvalue()
-    with torch.no_grad():
-        exported = torch.export.load(io.BytesIO(data)).module()(*inputs.tensors)
+    try:
+        with torch.no_grad():
+            exported = torch.export.load(io.BytesIO(data)).module()(*inputs.tensors)
+    except Exception as error:  # torch's loader and the program raise many types; the user gets one line
+        raise ModellegoError(f"the pt2 export of {what} could not be loaded back and run ({_first_line(error)}); "
+                             "nothing was written") from None
     result = agreement(reference, exported)
     _refuse(result, what, "pt2")
     return _written(out, lambda temp: (temp.write_bytes(data), result)[1])
@@ -230,17 +235,22 @@ def write_onnx(model: nn.Module, inputs: ExportInputs, reference: torch.Tensor, 
                                 "translation" if operator else _first_line(error))) from None
     _name_dynamic_dimensions(proto, inputs)
     onnx.helper.set_model_props(proto, metadata)
-    data = proto.SerializeToString()
-    if proto.ByteSize() >= 2**31:
+    if proto.ByteSize() >= 2**31:  # before serialising: protobuf refuses a message that large
         raise ModellegoError(f"{what} is over 2 GiB as ONNX, beyond one protobuf file; use --format pt2 or folder")
+    data = proto.SerializeToString()
 
     def write(temp: Path) -> Agreement:
         temp.write_bytes(data)
         options = onnxruntime.SessionOptions()
         options.log_severity_level = 3
-        session = onnxruntime.InferenceSession(str(temp), options, providers=["CPUExecutionProvider"])
         feeds = {name: tensor.numpy() for name, tensor in zip(inputs.names, inputs.tensors)}
-        result = agreement(reference, torch.from_numpy(session.run(["logits"], feeds)[0]))
+        try:
+            session = onnxruntime.InferenceSession(str(temp), options, providers=["CPUExecutionProvider"])
+            logits = session.run(["logits"], feeds)[0]
+        except Exception as error:  # onnxruntime's own exception types; the user gets one line
+            raise ModellegoError(f"ONNX Runtime could not run the ONNX export of {what} ({_first_line(error)}); "
+                                 "nothing was written") from None
+        result = agreement(reference, torch.from_numpy(logits))
         _refuse(result, what, "ONNX")
         return result
     return _written(out, write)
@@ -320,7 +330,7 @@ def write_folder(model_file: Path, manifest: Manifest, out: Path, version: str) 
         shutil.copyfile(model_file, temp / FOLDER_MODEL)
         (temp / FOLDER_CONFIG).write_text(json.dumps(folder_config(manifest, version), indent=2) + "\n")
         (temp / FOLDER_CARD).write_text(model_card(manifest, version))
-        os.chmod(temp, 0o777 & ~_umask())
+        os.chmod(temp, 0o777 & ~current_umask())
         if out.is_dir():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.{os.getpid()}-", suffix=".tmp", dir=out.parent))
             os.replace(out, old / "previous")
@@ -333,12 +343,6 @@ def write_folder(model_file: Path, manifest: Manifest, out: Path, version: str) 
     finally:
         shutil.rmtree(temp, ignore_errors=True)
     return out
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _lineage(provenance: Any, depth: int = 0) -> list[str]:
@@ -417,7 +421,8 @@ def model_card(manifest: Manifest, version: str) -> str:
         "architecture, classes and input for tools that do not read the manifest. With modellego "
         f"(`pip install modellego`, version {version} or later; it needs torch and torchvision):", "",
         "```python", "import modellego", "", "model, manifest = modellego.load(\"THIS_FOLDER\")  # in eval mode",
-        "logits = model(images)  # images: float32 in [0, 1], N×C×H×W; the model normalises them itself",
+        ("logits = model(images)  # images: float32 in [0, 1], N×C×H×W; the model normalises them itself"
+         if "mean" in record else "logits = model(x, edge_index)  # a graph: node features N×F, edges 2×E"),
         "```", "",
         "or `modellego eval THIS_FOLDER`. For a runtime without modellego, `modellego export THIS_FOLDER --format "
         "onnx --out model.onnx` (or `--format pt2`).", ""])
