@@ -32,9 +32,9 @@ from modellego.core.tokens import cut_units, locate_units
 from modellego.io.modelfile import load
 from modellego.kinds import kind_of
 from modellego.kinds.cnn import shape_of
+from paper_common import write_block
 
 ROOT = Path(__file__).resolve().parents[1]
-BEGIN, END = "<!-- vit-stream:begin -->", "<!-- vit-stream:end -->"
 TASKS = (("{T-shirt/top, Trouser}", "0,1"), ("{Dress, Sandal}", "3,5"), ("{Sandal, Sneaker, Ankle boot}", "5,7,9"),
          ("classes 0–4", "0,1,2,3,4"), ("all 10 classes", "0,1,2,3,4,5,6,7,8,9"))
 
@@ -122,7 +122,7 @@ def main() -> None:
         rows.append(row)
         print(json.dumps(row), flush=True)
     seconds = time.perf_counter() - started
-    lines = [BEGIN, "", f"Command: `python benchmarks/vit_stream.py` ({seconds:.0f} s on this 2-core CPU). The ViT ×0.5 "
+    lines = [f"Command: `python benchmarks/vit_stream.py` ({seconds:.0f} s on this 2-core CPU). The ViT ×0.5 "
              "above, the paper's α/β, re-fitted components; test images of each task.", "",
              "| Task | Restricted base % | stream whole % | FLOPs ratio | stream features kept | stream narrowed, "
              "re-fitted % | FLOPs ratio |", "|---|---|---|---|---|---|---|"]
@@ -130,17 +130,11 @@ def main() -> None:
         lines.append(f"| {row['task']} | {100 * row['restricted_base']:.2f} | {100 * row['stream_whole']:.2f} | "
                      f"{row['stream_whole_flops']:.3f} | {row['features']} of {row['width']} | "
                      f"{100 * row['stream_narrowed']:.2f} | {row['stream_narrowed_flops']:.3f} |")
-    lines += ["", END]
     text = "\n".join(lines)
     print(text)
     (args.dir / "stream.json").write_text(json.dumps(rows, indent=1))
     if args.doc is not None:
-        document = args.doc.read_text()
-        if BEGIN in document and END in document:
-            document = document[:document.index(BEGIN)] + text + document[document.index(END) + len(END):]
-        else:
-            document = document.rstrip("\n") + "\n\n" + text + "\n"
-        args.doc.write_text(document)
+        write_block("vit-stream", text, args.doc)
 
 
 if __name__ == "__main__":
