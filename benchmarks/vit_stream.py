@@ -26,7 +26,7 @@ from modellego.core.blocks import sliced_linear, units
 from modellego.core.evaluate import predict
 from modellego.core.locate import input_mask
 from modellego.core.reconstruct import RIDGE, LayerFit, in_memory, reconstruct
-from modellego.core.samples import resolve_classes
+from modellego.core.samples import resolve_classes, task_labels
 from modellego.core.thresholds import PAPER
 from modellego.core.tokens import cut_units, locate_units
 from modellego.io.modelfile import load
@@ -39,9 +39,10 @@ TASKS = (("{T-shirt/top, Trouser}", "0,1"), ("{Dress, Sandal}", "3,5"), ("{Sanda
          ("classes 0–4", "0,1,2,3,4"), ("all 10 classes", "0,1,2,3,4,5,6,7,8,9"))
 
 
-def accuracy(model: nn.Module, data) -> float:
+def accuracy(model: nn.Module, data, positions: list[int], outputs: int) -> float:
+    """Accuracy of a component's task logits; `data` is labelled by the source's outputs (`positions`: the task's)."""
     logits, labels = predict(model.eval(), data)
-    return float((logits.argmax(1) == labels).float().mean())
+    return float((logits.argmax(1) == task_labels(labels, positions, outputs)).float().mean())
 
 
 def stream_features(profile, classifier: str) -> torch.Tensor:
@@ -98,7 +99,7 @@ def main() -> None:
         task = list(range(len(positions)))
         test = kind.data(manifest, "test", only=classes)
         logits, labels = predict(model.eval(), test)
-        restricted = float((logits[:, positions].argmax(1) == labels).float().mean())
+        restricted = float((logits[:, positions].argmax(1) == task_labels(labels, positions, len(manifest.classes))).float().mean())
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             profile = kind.profile(model, train, classes=positions)
@@ -106,7 +107,7 @@ def main() -> None:
             component, cut = cut_units(model, masks, task)
         samples = in_memory(kind.reconstruction_samples(train, profile, task, None, 0, model), shape_of(manifest.input))
         kind.reconstruct(component, model, cut, samples, RIDGE)
-        whole = accuracy(component, test)
+        whole = accuracy(component, test, positions, len(manifest.classes))
         whole_flops = kind.count_flops(component, manifest.input) / source_flops
         features = stream_features(profile, profile.layers[-1])
         narrow_stream(component.net, features)
@@ -117,7 +118,7 @@ def main() -> None:
         fits[cut.classifier] = LayerFit(None, None, cut.outputs[cut.classifier])
         reconstruct(component, model, fits, samples, RIDGE)
         row = {"task": label, "restricted_base": restricted, "stream_whole": whole, "stream_whole_flops": whole_flops,
-               "features": len(features), "width": width, "stream_narrowed": accuracy(component, test),
+               "features": len(features), "width": width, "stream_narrowed": accuracy(component, test, positions, len(manifest.classes)),
                "stream_narrowed_flops": kind.count_flops(component, manifest.input) / source_flops}
         rows.append(row)
         print(json.dumps(row), flush=True)

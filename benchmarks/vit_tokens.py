@@ -24,7 +24,7 @@ from modellego.core.blocks import units
 from modellego.core.contributions import TokenLinear
 from modellego.core.evaluate import predict
 from modellego.core.reconstruct import RIDGE
-from modellego.core.samples import resolve_classes
+from modellego.core.samples import resolve_classes, task_labels
 from modellego.core.thresholds import PAPER
 from modellego.core.tokens import cut_units, locate_units
 from modellego.io.modelfile import load
@@ -47,9 +47,10 @@ def token_layers(model: torch.nn.Module) -> list[list[TokenLinear]]:
     return list(blocks.values())
 
 
-def accuracy(model: torch.nn.Module, data) -> float:
+def accuracy(model: torch.nn.Module, data, positions: list[int], outputs: int) -> float:
+    """Accuracy of a component's task logits; `data` is labelled by the source's outputs (`positions`: the task's)."""
     logits, labels = predict(model.eval(), data)
-    return float((logits.argmax(1) == labels).float().mean())
+    return float((logits.argmax(1) == task_labels(labels, positions, outputs)).float().mean())
 
 
 def main() -> None:
@@ -70,7 +71,7 @@ def main() -> None:
         task = list(range(len(positions)))
         test = kind.data(manifest, "test", only=classes)
         logits, labels = predict(model.eval(), test)
-        restricted = float((logits[:, positions].argmax(1) == labels).float().mean())
+        restricted = float((logits[:, positions].argmax(1) == task_labels(labels, positions, len(manifest.classes))).float().mean())
         for token_set in TOKEN_SETS:
             chosen = {"all tokens": [], "class token, last block": blocks[-1:],
                       "class token everywhere": blocks}[token_set]
@@ -86,11 +87,11 @@ def main() -> None:
                         layer.profiled_tokens = "all"
             masks = locate_units(model, profile, PAPER)
             component, cut = cut_units(model, masks, task)
-            pure = accuracy(component, test)
+            pure = accuracy(component, test, positions, len(manifest.classes))
             samples = kind.reconstruction_samples(train, profile, task, None, 0, model)
             kind.reconstruct(component, model, cut, samples, RIDGE)
             row = {"task": label, "tokens": token_set, "restricted_base": restricted, "pure": pure,
-                   "reconstructed": accuracy(component, test),
+                   "reconstructed": accuracy(component, test, positions, len(manifest.classes)),
                    "flops_ratio": kind.count_flops(component, manifest.input) / source_flops,
                    "heads": sum(len(cut.outputs[unit.reader]) // (3 * unit.group) for unit in units(model)
                                 if unit.kind == "heads"),
