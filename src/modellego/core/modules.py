@@ -36,7 +36,10 @@ class MergeOutputs(nn.Module):
         self.register_buffer("targets", torch.tensor(list(targets), dtype=torch.long))
 
     def forward(self, logits: torch.Tensor) -> torch.Tensor:
-        classes = int(self.targets.max()) + 1
+        return self.merged(logits, int(self.targets.max()) + 1)
+
+    def merged(self, logits: torch.Tensor, classes: int) -> torch.Tensor:
+        """The `classes` merged logits: each class the max of the raw outputs that feed it."""
         merged = logits.new_full((logits.shape[0], classes), float("-inf"))
         return merged.scatter_reduce(1, self.targets.expand(logits.shape[0], -1), logits, "amax")
 

@@ -83,18 +83,16 @@ def agreement(reference: torch.Tensor, exported: torch.Tensor) -> Agreement:
 
 # --- making a model traceable ----------------------------------------------------------------------------------
 
-class StaticMerge(nn.Module):
+class StaticMerge(MergeOutputs):
     """MergeOutputs with its number of classes read once, as a plain integer: an exported graph's output shape
     cannot depend on a buffer's values (MergeOutputs reads `targets.max()` on every call)."""
 
     def __init__(self, targets: torch.Tensor) -> None:
-        super().__init__()
-        self.register_buffer("targets", targets.clone())
+        super().__init__(targets.tolist())
         self.classes = int(targets.max()) + 1
 
     def forward(self, logits: torch.Tensor) -> torch.Tensor:
-        merged = logits.new_full((logits.shape[0], self.classes), float("-inf"))
-        return merged.scatter_reduce(1, self.targets.expand(logits.shape[0], -1), logits, "amax")
+        return self.merged(logits, self.classes)
 
 
 def traceable(model: nn.Module) -> nn.Module:
