@@ -86,6 +86,20 @@ def test_onnx_and_pt2_exports_answer_like_the_pytorch_model(parts, part, tmp_pat
         assert torch.allclose(program.module()(images), expected, rtol=1e-5, atol=1e-5)
 
 
+def test_a_nearest_neighbour_gate_exports_with_a_batch_above_cdists_switch(parts, tmp_path):
+    """The knn gate's distances take one algorithm at every batch size, so both formats keep the batch dynamic
+    and agree on 40 images (torch.cdist changes algorithm above 25 rows)."""
+    assembly = tmp_path / "knn.safetensors"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        commands.assemble([parts["component"], parts["component"].parent / "c234.safetensors"], assembly,
+                          mode="parallel", calibration="knn", store_training_data=True, progress=False)
+    for form in ("onnx", "pt2"):
+        result = commands.export(assembly, tmp_path / f"knn.{form}", form, samples=40)
+        assert result.agreement.samples == 40 and result.agreement.argmax_equal
+        assert result.agreement.max_relative_error < 1e-4
+
+
 def test_the_onnx_file_runs_without_modellego_and_normalises_its_input(parts, tmp_path):
     """onnxruntime and numpy alone, in a fresh interpreter that never imports modellego (nor torch), feed raw
     pixels in [0, 1] and get the assembly's logits: the normalisation is inside the graph."""
