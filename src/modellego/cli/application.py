@@ -68,8 +68,9 @@ def _verbose_first(args: list[str]) -> list[str]:
 def _check_output_files(args: list[str]) -> None:
     """`--out` names a file: a value ending in a separator names a folder (typer's Path would drop the separator and
     write a file of that name instead). `export --format folder` writes a folder: the command checks its own."""
-    if args[:1] == ["export"] and any(arg in ("--format=folder",) or (arg == "--format" and following == "folder")
-                                      for arg, following in zip(args, [*args[1:], ""])):
+    pairs = zip(args, [*args[1:], ""])
+    if args[:1] == ["export"] and any(arg == "--format=folder" or (arg, following) == ("--format", "folder")
+                                      for arg, following in pairs):
         return
     for position, arg in enumerate(args):
         value = arg.split("=", 1)[1] if arg.startswith("--out=") else \
