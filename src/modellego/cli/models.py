@@ -301,7 +301,6 @@ def export_command(
     no_verify: bool = NoVerifyOption,
 ) -> None:
     """Export a model as ONNX, a torch.export program or a model-hub folder, checked against PyTorch first."""
-    option_int("--samples", samples, 1, 100_000)
     result = commands.export(model, out_path, format, samples, data_options(data_root, None, no_verify))
     size = f"{result.bytes / 1e6:.2f} MB" if result.bytes >= 1e5 else f"{result.bytes / 1e3:.1f} kB"
     if result.agreement is None:

@@ -18,7 +18,6 @@ from modellego.io.export import (
     FORMATS,
     OPSET,
     Agreement,
-    check_folder_output,
     onnx_metadata,
     onnx_modules,
     traceable,
@@ -64,8 +63,7 @@ def export(model: FilePath, out: FilePath, format: str = "onnx", samples: int = 
     source = model_path(model)
     manifest = read_manifest(source)  # a missing file, or one not ours, is refused here
     target = Path(out)
-    if chosen == "folder":
-        check_folder_output(target)
+    if chosen == "folder":  # write_folder refuses an unusable --out before it writes anything
         written = write_folder(source, manifest, target, __version__)
         if file_hash(written / FOLDER_MODEL) != file_hash(source):
             raise ModellegoError(f"the copy of {source} in {written} differs from it; the disk changed it")
