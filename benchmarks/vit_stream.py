@@ -23,26 +23,19 @@ import torch
 from torch import nn
 
 from modellego.core.blocks import sliced_linear, units
-from modellego.core.evaluate import predict
 from modellego.core.locate import input_mask
 from modellego.core.reconstruct import RIDGE, LayerFit, in_memory, reconstruct
-from modellego.core.samples import resolve_classes, task_labels
 from modellego.core.thresholds import PAPER
 from modellego.core.tokens import cut_units, locate_units
 from modellego.io.modelfile import load
 from modellego.kinds import kind_of
 from modellego.kinds.cnn import shape_of
 from paper_common import write_block
+from vit_tokens import accuracy, task_test
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = (("{T-shirt/top, Trouser}", "0,1"), ("{Dress, Sandal}", "3,5"), ("{Sandal, Sneaker, Ankle boot}", "5,7,9"),
          ("classes 0–4", "0,1,2,3,4"), ("all 10 classes", "0,1,2,3,4,5,6,7,8,9"))
-
-
-def accuracy(model: nn.Module, data, positions: list[int], outputs: int) -> float:
-    """Accuracy of a component's task logits; `data` is labelled by the source's outputs (`positions`: the task's)."""
-    logits, labels = predict(model.eval(), data)
-    return float((logits.argmax(1) == task_labels(labels, positions, outputs)).float().mean())
 
 
 def stream_features(profile, classifier: str) -> torch.Tensor:
@@ -95,11 +88,8 @@ def main() -> None:
     width = model.net.head.in_features
     rows = []
     for label, classes in TASKS:
-        positions = resolve_classes(manifest.class_names, classes, "the model's classes")
+        positions, test, restricted = task_test(model, manifest, kind, classes)
         task = list(range(len(positions)))
-        test = kind.data(manifest, "test", only=classes)
-        logits, labels = predict(model.eval(), test)
-        restricted = float((logits[:, positions].argmax(1) == task_labels(labels, positions, len(manifest.classes))).float().mean())
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             profile = kind.profile(model, train, classes=positions)

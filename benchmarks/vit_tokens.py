@@ -19,6 +19,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from torch.utils.data import Dataset
 
 from modellego.core.blocks import units
 from modellego.core.contributions import TokenLinear
@@ -53,6 +54,16 @@ def accuracy(model: torch.nn.Module, data, positions: list[int], outputs: int) -
     return float((logits.argmax(1) == task_labels(labels, positions, outputs)).float().mean())
 
 
+def task_test(model: torch.nn.Module, manifest, kind, classes: str) -> tuple[list[int], Dataset, float]:
+    """A task's classes (the source's output positions), its test samples and the source's restricted base on
+    them (its logits restricted to the task)."""
+    positions = resolve_classes(manifest.class_names, classes, "the model's classes")
+    test = kind.data(manifest, "test", only=classes)
+    logits, labels = predict(model.eval(), test)
+    answers = logits[:, positions].argmax(1)
+    return positions, test, float((answers == task_labels(labels, positions, len(manifest.classes))).float().mean())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dir", type=Path, default=ROOT / "runs" / "results-vit")
@@ -67,11 +78,8 @@ def main() -> None:
     blocks = token_layers(model)
     rows = []
     for label, classes in TASKS:
-        positions = resolve_classes(manifest.class_names, classes, "the model's classes")
+        positions, test, restricted = task_test(model, manifest, kind, classes)
         task = list(range(len(positions)))
-        test = kind.data(manifest, "test", only=classes)
-        logits, labels = predict(model.eval(), test)
-        restricted = float((logits[:, positions].argmax(1) == task_labels(labels, positions, len(manifest.classes))).float().mean())
         for token_set in TOKEN_SETS:
             chosen = {"all tokens": [], "class token, last block": blocks[-1:],
                       "class token everywhere": blocks}[token_set]
