@@ -36,8 +36,8 @@ def by_max(values: torch.Tensor, dim: int) -> torch.Tensor:
 
 def input_mask(relative: torch.Tensor, output_mask: torch.Tensor, alpha: float, beta: float,
                normalise: Callable[[torch.Tensor, int], torch.Tensor] = minmax) -> tuple[torch.Tensor, torch.Tensor]:
-    """One layer's step: relevant = R > α; votes[k,i] = Σ_o M[k,o]·relevant[k,o,i]; Min = minmax_i(votes) > β
-    (`normalise`: minmax, DESIGN.md's). Returns (Min, minmax_i(votes)), both K×I."""
+    """One layer's step: relevant = R > α; votes[k,i] = Σ_o M[k,o]·relevant[k,o,i]; Min = normalise_i(votes) > β
+    (`normalise`: DESIGN.md's minmax unless given). Returns (Min, normalise_i(votes)), both K×I."""
     relevant = (relative > alpha).float()
     votes = torch.einsum("ko,koi->ki", output_mask.float(), relevant)
     normalised = normalise(votes, 1)
