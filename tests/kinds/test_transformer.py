@@ -156,12 +156,23 @@ def test_the_chain_runs_on_real_data(tmp_path):
     assert result.returncode == 0, result.stderr
     _, manifest = load(parts[0])
     assert manifest.metrics["test_accuracy"] >= manifest.metrics["restricted_base"] - 0.05
+    assert load(parts[1])[1].provenance["disassembled"]["auto"]["grid"] == 100  # the Transformer's grid
     assert set(manifest.architecture["units"]) == {f"net.blocks.{b}.{part}" for b in range(6) for part in ("attn", "mlp")}
     assert invoke("assemble", *map(str, parts), "--out", str(tmp_path / "asm.safetensors")).returncode == 0
     evaluated = invoke("eval", str(tmp_path / "asm.safetensors"), "--json")
     assert evaluated.returncode == 0, evaluated.stderr
     assert_user_error(invoke("disassemble", str(model), "--profile", str(profile), "--classes", "0,1",
                              "--flatten", "keep-all", "--out", str(tmp_path / "x.safetensors")), "flattens nothing")
+
+
+def test_the_transformer_grid_reaches_past_the_cnn_grid():
+    """One (α, β) pair per point, each up to 0.9: the CNN grid's largest thresholds left small ViT tasks there."""
+    grid = kind_of({"builder": "vit"}).auto_grid(0.1)
+    assert len(grid) == 100 and all(p.alpha_conv == p.alpha_fc and p.beta_conv == p.beta_fc for p in grid)
+    assert max(p.alpha_fc for p in grid) == max(p.beta_fc for p in grid) == 0.9
+    cnn = kind_of({"builder": "lenet5"}).auto_grid(0.1)
+    assert len(cnn) == 42 and max(p.alpha_fc for p in cnn) == 0.7 and max(p.beta_fc for p in cnn) == 0.6
+    assert len(kind_of({"builder": "vit"}).auto_grid(0.3)) == 16  # 0, 0.3, 0.6, 0.9 each
 
 
 def test_torchvision_vits_become_units_with_the_same_outputs_and_import_torchvisions_names():

@@ -25,7 +25,7 @@ from modellego.core.locate import DEFAULT_FLATTEN, PAPER, ComponentMasks, Feeds,
 from modellego.core.profile import Profile
 from modellego.core.reconstruct import RIDGE, Reconstruction
 from modellego.core.samples import resolve_classes, task_labels
-from modellego.core.search import GRID_STEP, SearchResult, check_max_drop, grid_of, search_grid
+from modellego.core.search import GRID_STEP, SearchResult, check_max_drop, search_grid
 from modellego.data.task import DataOptions
 from modellego.errors import ModellegoError
 from modellego.io.atomic import check_output_path
@@ -201,7 +201,7 @@ def disassemble(model_path: FilePath, profile_path: FilePath, classes: str | Seq
     search, built, auto_record = None, None, None
     if auto:
         search = kind.search(source.model, profile, task, kind.validation(train, positions, profile, seed), max_drop,
-                             grid_of(*search_grid(grid_step)), samples, ridge, flatten, graph, progress)
+                             kind.auto_grid(grid_step), samples, ridge, flatten, graph, progress)
         thresholds, masks = search.thresholds, search.masks
         built = (search.component, search.reconstruction)
         auto_record = {"max_drop": max_drop, "validation_samples": search.validation_samples,

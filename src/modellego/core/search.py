@@ -49,8 +49,9 @@ SEARCH_BETAS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)
 MIXING_NORMS = (nn.LayerNorm, nn.GroupNorm)  # normalise across channels: masking a channel is not removing it
 
 
-def search_grid(step: float = GRID_STEP) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """The α and β values `--auto` tries: 0, step, 2·step, … up to 0.6 (α) and 0.5 (β); step 0.1 gives
+def search_grid(step: float = GRID_STEP, alpha_top: float = 0.6,
+                beta_top: float = 0.5) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The α and β values `--auto` tries: 0, step, 2·step, … up to `alpha_top` and `beta_top`; step 0.1 gives
     SEARCH_ALPHAS × SEARCH_BETAS. A finer step finds components between the coarse grid's points."""
     if not 0.01 <= step <= 0.5:
         raise ModellegoError(f"the grid step (--grid-step) must be between 0.01 and 0.5, got {step}")
@@ -58,7 +59,7 @@ def search_grid(step: float = GRID_STEP) -> tuple[tuple[float, ...], tuple[float
     def values(top: float) -> tuple[float, ...]:
         return tuple(round(step * k, 4) for k in range(int(top / step + 1e-9) + 1))
 
-    return values(0.6), values(0.5)
+    return values(alpha_top), values(beta_top)
 
 
 @dataclass

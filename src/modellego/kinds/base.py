@@ -23,7 +23,7 @@ from modellego.core.gates import Calibration
 from modellego.core.locate import ComponentMasks, Feeds, FlattenRule, Thresholds
 from modellego.core.profile import ClassRecord, Profile, ProfilePlan, as_records
 from modellego.core.reconstruct import Reconstruction
-from modellego.core.search import SearchResult
+from modellego.core.search import SearchResult, grid_of, search_grid
 from modellego.data.task import DataOptions
 from modellego.errors import ModellegoError
 from modellego.io.manifest import Brick, Manifest
@@ -216,6 +216,10 @@ class ModelKind(ABC):
     def validation(self, train: Any, positions: list[int], profile: Profile, seed: int = 0) -> Any:
         """Samples of the task (model outputs `positions`) that `--auto` judges α/β on: never test samples,
         never the profile's."""
+
+    def auto_grid(self, step: float) -> list[Thresholds]:
+        """The α/β points `--auto` tries at `step`: the paper's layout, conv (α, β) and linear (α + 0.1, β + 0.1)."""
+        return grid_of(*search_grid(step))
 
     @abstractmethod
     def search(self, model: nn.Module, profile: Profile, task: list[int], validation: Any, max_drop: float,

@@ -5,7 +5,7 @@ locating units, cutting them, and the architecture record that rebuilds a compon
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -16,7 +16,7 @@ from modellego.core.blocks import shrink, unit_sizes
 from modellego.core.cut import Cut
 from modellego.core.locate import ComponentMasks, FlattenRule, Thresholds
 from modellego.core.profile import Profile
-from modellego.core.search import SearchResult
+from modellego.core.search import search_grid
 from modellego.core.tokens import TokenCandidates, cut_units, locate_units
 from modellego.data.spec import InputSpec
 from modellego.errors import ModellegoError
@@ -107,16 +107,11 @@ class Transformer(CNN):
             spec: InputSpec) -> tuple[nn.Module, Cut]:
         return cut_units(model, masks, task)
 
-    def search(self, model: nn.Module, profile: Profile, task: list[int], validation: Dataset, max_drop: float,
-               grid: Sequence[Thresholds], samples: Dataset | None, ridge: float, flatten: FlattenRule,
-               graph: None, progress: bool = False) -> SearchResult:
-        """The shared walk, with the grid's conv values used for the linear pair too (every unit is a Linear
-        layer's: the CNN grid's linear offsets, α + 0.1 and β + 0.1, would never try the lowest thresholds)."""
-        pairs = dict.fromkeys([(point.alpha_conv, point.beta_conv) for point in grid] +
-                              [(point.alpha_fc, point.beta_fc) for point in grid])
-        linear = [Thresholds(alpha, beta, alpha, beta) for alpha, beta in pairs]
-        return super().search(model, profile, task, validation, max_drop, linear, samples, ridge, flatten, graph,
-                              progress)
+    def auto_grid(self, step: float) -> list[Thresholds]:
+        """Every unit is a Linear layer's, so one (α, β) pair, each from 0 to 0.9: the residual stream is kept
+        whole, which leaves small tasks meeting their target at the CNN grid's largest thresholds (docs/method.md)."""
+        alphas, betas = search_grid(step, alpha_top=0.9, beta_top=0.9)
+        return [Thresholds(alpha, beta, alpha, beta) for alpha in alphas for beta in betas]
 
     def candidates(self, model: nn.Module, profile: Profile, task: list[int], validation: Dataset,
                    samples: Dataset | None, ridge: float, flatten: FlattenRule, graph: None) -> TokenCandidates:
