@@ -38,6 +38,9 @@ import sys
 import time
 from pathlib import Path
 
+from modellego.core.blocks import unit_sizes
+from modellego.io.modelfile import load
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = "fashion-mnist"
 SEED = 0
@@ -181,6 +184,32 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def units_table(rows: list[dict], sources: dict) -> list[str]:
+    """Heads / MLP neurons each Transformer component keeps per block, beside its source's; settings that keep
+    the same units (pure and reconstruct: the re-fit changes weights, not units) share a row."""
+    lines = []
+    for name, source in sources.items():
+        blocks = list(dict.fromkeys(module.rsplit(".", 1)[0] for module in source.get("units", {})))
+        kept: dict[tuple, list[str]] = {}
+        for r in rows:
+            if r["model"] == name and r.get("units"):
+                kept.setdefault((r["task"], tuple(sorted(r["units"].items()))), []).append(r["setting"])
+        if not blocks or not kept:
+            continue
+        full = source["units"]
+        lines += ["", f"Units kept per block by the {source['label']} components (heads / MLP neurons; the source keeps "
+                  + ", ".join(sorted({f"{full[b + '.attn']} / {full[b + '.mlp']}" for b in blocks}))
+                  + " in every block):", "",
+                  "| Task | Setting | " + " | ".join(f"block {k}" for k in range(len(blocks))) + " |",
+                  "|---|---|" + "---|" * len(blocks)]
+        for (task, units), settings in kept.items():
+            units = dict(units)
+            lines.append(f"| {TASK_LABELS[task]} | {', '.join(settings)} | "
+                         + " | ".join(f"{units.get(b + '.attn', '?')} / {units.get(b + '.mlp', '?')}" for b in blocks)
+                         + " |")
+    return lines
+
+
 def below_restricted(rows: list[dict]) -> list[str]:
     out = []
     for r in rows:
@@ -219,6 +248,7 @@ def results_block(rows: list[dict], sources: dict, elapsed: float, failures: lis
             close = [r for r in within if r["eval"]["accuracy"] >= r["eval"]["restricted_base"] - 0.01]
             parts.append(f"- `{setting}` at the paper's α/β: {len(close)} of {len(within)} rows within 1 point of "
                          "the restricted base.")
+    parts += units_table(rows, sources)
     parts.append("")
     below = below_restricted(rows)
     parts.append("Rows where Disa is below the restricted base:" if below else
@@ -320,6 +350,8 @@ def main() -> None:
         if evaluation:
             source.update(accuracy=evaluation["accuracy"], params=evaluation["params"], flops=evaluation["flops"])
             log(f"{label}: test accuracy {pct(evaluation['accuracy'])}%")
+        if units := unit_sizes(load(model_file).model):  # a Transformer's heads and MLP neurons per block
+            source["units"] = units
 
         # 2. profile (or reuse)
         if profile_file.exists():
@@ -357,6 +389,8 @@ def main() -> None:
                     continue
                 row["eval"] = e
                 row["thresholds"] = (info or {}).get("provenance", {}).get("disassembled")
+                if units := (info or {}).get("architecture", {}).get("units"):
+                    row["units"] = units
                 if row["thresholds"] and setting.startswith("auto"):
                     row["auto"] = row["thresholds"].get("auto")
                 log(f"  Base {pct(e['base'])}  RB {pct(e['restricted_base'])}  Disa {pct(e['accuracy'])}  "
