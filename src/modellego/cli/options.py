@@ -67,8 +67,8 @@ PrecisionOption = typer.Option("fp32", "--precision", help="fp32, bf16 or fp16 f
                                "and the weights written stay float32.")
 WorkersOption = typer.Option(None, "--workers", help="DataLoader worker processes (default: a share of the cores for "
                              "image folders, 0 for data held in memory).")
-GridStepOption = typer.Option(GRID_STEP, "--grid-step", help="With --auto: spacing of the α/β grid (α 0…0.6, β 0…0.5); "
-                              "0.05 tries 4× the points and finds components between them.")
+GridStepOption = typer.Option(GRID_STEP, "--grid-step", help="With --auto: spacing of the α/β grid (α 0…0.6, β 0…0.5; "
+                              "Transformers: α and β 0…0.9); a finer step finds components between the points.")
 
 def option_int(flag: str, value: int, low: int, high: int) -> int:
     """A command-line integer within [low, high], else a one-line error naming the flag."""
