@@ -163,6 +163,10 @@ def test_the_chain_runs_on_real_data(tmp_path):
     assert evaluated.returncode == 0, evaluated.stderr
     assert_user_error(invoke("disassemble", str(model), "--profile", str(profile), "--classes", "0,1",
                              "--flatten", "keep-all", "--out", str(tmp_path / "x.safetensors")), "flattens nothing")
+    assert_user_error(invoke("disassemble", str(model), "--profile", str(profile), "--classes", "0,1",
+                             "--alpha-conv", "0.5", "--out", str(tmp_path / "x.safetensors")), "--alpha-fc")
+    assert_user_error(invoke("disassemble", str(model), "--profile", str(profile), "--classes", "7", "--auto",
+                             "--out", str(tmp_path / "x.safetensors")), "one class")
 
 
 def test_the_transformer_grid_reaches_past_the_cnn_grid():
@@ -277,3 +281,96 @@ def test_two_nearly_equal_heads_are_both_kept_where_minmax_drops_one():
     assert kept.tolist() == [[True, True]]
     dropped, _ = input_mask(minmax(contributions, 2), stream, 0.4, 0.3)
     assert dropped.tolist() == [[True, False]]
+
+
+def labelled_by_itself(model: torch.nn.Module, count: int = 160):
+    """Random digits-sized images labelled by `model`'s own predictions, its head's bias shifted so that every
+    class is predicted (as the support matrix does): profiling needs correct samples of each class."""
+    from torch.utils.data import TensorDataset
+
+    images = torch.rand(count, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        model.net.head.bias -= model(images).median(0).values
+        labels = model(images).argmax(1)
+    data = TensorDataset(images, labels)
+    data.classes = [str(k) for k in range(model.net.head.out_features)]
+    return data
+
+
+def test_the_core_api_takes_a_transformer_apart_over_its_units():
+    """`locate`, `disassemble` and `search_thresholds` on a plain nn.Module give the kind's units, not a CNN walk."""
+    import modellego as ml
+    from modellego.core.tokens import locate_units
+
+    model, _ = vit()
+    data = labelled_by_itself(model)
+    profile = ml.profile(model, data, samples_per_class=8)
+    masks = ml.locate(model, profile)
+    assert all(torch.equal(masks.masks[name], mask) for name, mask in locate_units(model, profile).masks.items())
+    component = ml.disassemble(model, masks, [3, 1])
+    expected, _ = cut_units(model, masks, [3, 1])
+    images = data.tensors[0][:6]
+    with torch.no_grad():
+        assert torch.equal(component(images), expected(images))
+    refitted = ml.disassemble(model, masks, [3, 1], images=data.tensors[0][:32])
+    assert isinstance(refitted, torch.nn.Module)
+    with pytest.raises(ml.ModellegoError, match="flattens nothing"):
+        ml.locate(model, profile, flatten="keep-all")
+    from torch.utils.data import Subset
+
+    task = [3, 1]
+    validation = Subset(data, torch.nonzero((data.tensors[1] == 3) | (data.tensors[1] == 1)).flatten().tolist())
+    result = ml.search_thresholds(model, profile, task, validation, 100.0, alphas=(0.4,), betas=(0.3, 0.9))
+    assert result.grid == 2 and result.thresholds.alpha_conv == result.thresholds.alpha_fc == 0.4
+    with pytest.raises(ml.ModellegoError, match="one class"):
+        ml.search_thresholds(model, profile, [3], validation)
+
+
+def test_a_block_with_no_voted_unit_keeps_its_most_relevant_one_not_its_first():
+    """At α = 1 no unit (and no stream feature) is ever relevant, so every block falls back on one unit: the one
+    whose contributions, weighted by how much the class's logit draws on each stream feature, are largest."""
+    import warnings
+
+    import modellego as ml
+    from modellego.core.locate import PAPER, Thresholds
+    from modellego.core.tokens import head_contributions, kept_units, locate_units
+
+    model, _ = vit(seed=2)
+    profile = ml.profile(model, labelled_by_itself(model), samples_per_class=8)
+    masks = locate_units(model, profile, Thresholds(PAPER.alpha_conv, PAPER.beta_conv, 1.0, 0.3))
+    reliance = profile.relative("net.head")[0, profile.output_positions[0]]  # class 0's logit on each feature
+    chosen = []
+    for unit in units(model):
+        normalise = by_max if unit.kind == "heads" else minmax
+        relative = normalise(head_contributions(profile, unit), 2)[0]
+        share = [sum(float(reliance[o] * relative[o, u]) for o in range(len(reliance))) for u in range(unit.size)]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            kept = kept_units(unit, masks, [0])
+        assert kept.tolist() == [max(range(unit.size), key=share.__getitem__)]
+        chosen.append(kept.item())
+    assert any(chosen)  # not index 0 everywhere
+
+
+def test_a_plain_torchvision_vit_is_told_to_convert_and_then_taken_apart():
+    import torchvision
+    from torch.utils.data import TensorDataset
+
+    import modellego as ml
+    from modellego.models.vit import from_torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2,
+                                                 hidden_dim=32, mlp_dim=64, num_classes=3).eval()
+    images = torch.rand(90, 3, 32, 32)
+    with torch.no_grad():  # torchvision starts its head at zero: give it weights that tell the classes apart
+        model.heads.head.weight.normal_()
+        model.heads.head.bias -= model(images).median(0).values
+        data = TensorDataset(images, model(images).argmax(1))
+    with pytest.raises(ml.ModellegoError, match=r"from_torchvision\(model\)"):
+        ml.profile(model, data, num_classes=3, samples_per_class=5)
+    model = from_torchvision(model)
+    profile = ml.profile(model, data, num_classes=3, samples_per_class=5)
+    component = ml.disassemble(model, ml.locate(model, profile), [2, 0])
+    with torch.no_grad():
+        assert component(images[:2]).shape == (2, 2)

@@ -13,6 +13,7 @@ from torch import nn
 
 from modellego import distributed, runtime
 from modellego.core.evaluate import baselines_of
+from modellego.core.thresholds import PAPER, Thresholds
 from modellego.errors import ModellegoError
 from modellego.io.manifest import Brick, ClassRef, Manifest
 from modellego.io.modelfile import load, save
@@ -54,6 +55,12 @@ def open_model(path: FilePath, device: Device = None) -> tuple[Brick, ModelKind]
     if device is not None:
         brick.model.to(device)
     return brick, kind_of(brick.manifest.architecture)
+
+
+def threshold_options(thresholds: Thresholds) -> dict[str, bool]:
+    """The α/β options given (those that differ from the paper's), for `ModelKind.check_options`."""
+    return {f"--{name.replace('_', '-')}": getattr(thresholds, name) != getattr(PAPER, name)
+            for name in ("alpha_conv", "beta_conv", "alpha_fc", "beta_fc")}
 
 
 def runtime_options(precision: str | None, workers: int | None) -> dict[str, bool]:

@@ -17,6 +17,7 @@ from modellego.commands.common import (
     runs_models,
     runtime_options,
     source_baselines,
+    threshold_options,
     write,
 )
 from modellego.core.evaluate import count_params
@@ -25,7 +26,7 @@ from modellego.core.locate import DEFAULT_FLATTEN, PAPER, ComponentMasks, Feeds,
 from modellego.core.profile import Profile
 from modellego.core.reconstruct import RIDGE, Reconstruction
 from modellego.core.samples import resolve_classes, task_labels
-from modellego.core.search import GRID_STEP, SearchResult, check_max_drop, search_grid
+from modellego.core.search import GRID_STEP, SearchResult, check_auto_task, check_max_drop, search_grid
 from modellego.data.task import DataOptions
 from modellego.errors import ModellegoError
 from modellego.io.atomic import check_output_path
@@ -184,11 +185,12 @@ def disassemble(model_path: FilePath, profile_path: FilePath, classes: str | Seq
     check_options(auto, max_drop, grid_step, reconstruct, reconstruct_samples, ridge)
     check_output_path(out, inputs=[model_path, profile_path])
     source, kind = open_model(model_path, device)
-    kind.check_options({"--auto": auto, "--flatten": flatten != DEFAULT_FLATTEN, "--alpha-fc": thresholds.alpha_fc != PAPER.alpha_fc,
-                        "--beta-fc": thresholds.beta_fc != PAPER.beta_fc,
+    kind.check_options({"--auto": auto, "--flatten": flatten != DEFAULT_FLATTEN, **threshold_options(thresholds),
                         "--image-size": data is not None and data.image_size is not None,
                         "--no-verify": data is not None and not data.verify, **runtime_options(precision, workers)})
     positions = resolve_classes(source.manifest.class_names, classes, "the model's classes")
+    if auto:
+        check_auto_task(positions)
     names = [source.manifest.class_names[k] for k in positions]
     profile = load_profile(profile_path, positions, names)  # only the task's records are read
     kind.check_profile(source.model, profile, source.manifest.input)

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Sequence
 
 import torch
 
-from modellego.commands.common import FilePath, open_model
+from modellego.commands.common import FilePath, open_model, threshold_options
 from modellego.core.locate import DEFAULT_FLATTEN, PAPER, Thresholds, locate
 from modellego.core.samples import resolve_classes
 from modellego.errors import ModellegoError
@@ -110,6 +110,7 @@ def heatmap(profile_path: FilePath, out: FilePath, layer: str | None = None, mod
     output_masks, weighting = None, "all outputs"
     if model_path is not None:
         source, kind = open_model(model_path)
+        kind.check_options(threshold_options(thresholds))
         kind.check_profile(source.model, class_profile, source.manifest.input)
         graph = kind.channels(source.model, source.manifest.input)
         output_masks = kind.locate(source.model, class_profile, thresholds, graph, DEFAULT_FLATTEN).masks[layer]

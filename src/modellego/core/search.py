@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from modellego.core.blocks import is_transformer
 from modellego.core.channels import ChannelGraph
 from modellego.core.cut import Cut, disassemble_with_cut, plan_cut, zero_removed_inputs
 from modellego.core.evaluate import count_flops, predict
@@ -46,6 +47,7 @@ from modellego.progress import track
 
 SEARCH_ALPHAS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6)
 SEARCH_BETAS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)
+UNIT_TOP = 0.9  # a Transformer's α and β go this high: its stream is kept whole (docs/method.md, "Locating")
 MIXING_NORMS = (nn.LayerNorm, nn.GroupNorm)  # normalise across channels: masking a channel is not removing it
 
 
@@ -185,10 +187,23 @@ def check_max_drop(max_drop: float) -> None:
         raise ModellegoError(f"max_drop (--max-drop) must be between 0 and 100 accuracy points, got {max_drop}")
 
 
+def check_auto_task(task: Sequence[int]) -> None:
+    """Refuse `--auto` for one class: with one output every candidate is always right, so accuracy cannot judge
+    α/β and the walk would take the smallest cut."""
+    if len(task) < 2:
+        raise ModellegoError("--auto judges α/β by accuracy among the task's classes, which one class cannot "
+                             "give (every cut is always right); give two or more classes, or choose α/β yourself")
+
+
 def grid_of(alphas: Sequence[float], betas: Sequence[float]) -> list[Thresholds]:
     """The grid's thresholds: conv layers (α, β); linear layers the paper's offsets α + 0.1, β + 0.1 (capped at 1)."""
     return [Thresholds(alpha, beta, round(min(1.0, alpha + 0.1), 4), round(min(1.0, beta + 0.1), 4))
             for alpha in alphas for beta in betas]
+
+
+def unit_grid(alphas: Sequence[float], betas: Sequence[float]) -> list[Thresholds]:
+    """A Transformer's grid: one (α, β) pair for all its units, which are all Linear layers' (docs/method.md)."""
+    return [Thresholds(alpha, beta, alpha, beta) for alpha in alphas for beta in betas]
 
 
 def restricted_base(logits: torch.Tensor, labels: torch.Tensor, task: Sequence[int],
@@ -305,8 +320,8 @@ class ImageCandidates:
 
 
 def search_thresholds(model: nn.Module, profile: Profile, classes: str | Sequence[str | int], validation: Dataset,
-                      max_drop: float = 1.0, alphas: Sequence[float] = SEARCH_ALPHAS,
-                      betas: Sequence[float] = SEARCH_BETAS, progress: bool = False,
+                      max_drop: float = 1.0, alphas: Sequence[float] | None = None,
+                      betas: Sequence[float] | None = None, progress: bool = False,
                       reconstruct_images: torch.Tensor | Dataset | None = None, ridge: float = RIDGE,
                       flatten: FlattenRule | str = DEFAULT_FLATTEN, graph: ChannelGraph | None = None) -> SearchResult:
     """Search α/β for the smallest component (FLOPs) of a CNN whose accuracy on `validation` (held-out *training*
@@ -314,16 +329,31 @@ def search_thresholds(model: nn.Module, profile: Profile, classes: str | Sequenc
     points of the restricted base on the same data; if none does, the most accurate, with a warning. Linear
     layers use the paper's offsets: α_fc = α + 0.1, β_fc = β + 0.1 (capped at 1). With `reconstruct_images`,
     every candidate is scored after reconstruction on them (as the component will be), and the result's
-    component is re-fitted. `graph`: a ChannelGraph traced on `model`."""
+    component is re-fitted. `graph`: a ChannelGraph traced on `model`. `alphas`/`betas` default to
+    SEARCH_ALPHAS × SEARCH_BETAS; for a Transformer (located over its heads and MLP neurons, see `locate`), to
+    one (α, β) pair for all units, each from 0 to UNIT_TOP."""
     check_max_drop(max_drop)
     task = resolve_classes(profile.classes, classes, "the model's classes")
+    check_auto_task(task)
     model.eval()
     logits, labels = predict(model, validation)
     labels, restricted = restricted_base(logits, labels, task, len(profile.classes))
-    graph = graph or ChannelGraph(model, tuple(profile.input_shape))
-    candidates = ImageCandidates(model, profile, task, validation, graph, FlattenRule.parse(flatten),
-                                 reconstruct_images, ridge)
-    return search(candidates, grid_of(alphas, betas), labels, restricted, max_drop, progress)
+    if is_transformer(model):
+        if FlattenRule.parse(flatten) != DEFAULT_FLATTEN or graph is not None:
+            raise ModellegoError("a Transformer takes no flatten rule or channel graph: its units are heads and "
+                                 "MLP neurons; drop flatten and graph")
+        from modellego.core.tokens import TokenCandidates  # tokens builds on this module
+
+        top_alphas, top_betas = search_grid(GRID_STEP, UNIT_TOP, UNIT_TOP)
+        profile.check_model(model)
+        candidates = TokenCandidates(model, profile, task, validation, reconstruct_images, ridge)
+        grid = unit_grid(top_alphas if alphas is None else alphas, top_betas if betas is None else betas)
+    else:
+        graph = graph or ChannelGraph(model, tuple(profile.input_shape))
+        candidates = ImageCandidates(model, profile, task, validation, graph, FlattenRule.parse(flatten),
+                                     reconstruct_images, ridge)
+        grid = grid_of(SEARCH_ALPHAS if alphas is None else alphas, SEARCH_BETAS if betas is None else betas)
+    return search(candidates, grid, labels, restricted, max_drop, progress)
 
 
 def validation_data(train_data: Dataset, classes: str | Sequence[str | int], exclude: torch.Tensor,

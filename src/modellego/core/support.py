@@ -39,6 +39,12 @@ WINDOWED = {  # attention modellego's Transformer kind does not take apart yet, 
 }
 
 
+def _in_torchvision_vit(model: nn.Module) -> bool:
+    """Whether `model` holds torchvision's ViT encoder blocks, which `models.vit.from_torchvision` converts."""
+    return any(type(module).__name__ == "EncoderBlock" and type(module).__module__.startswith("torchvision")
+               for module in model.modules())
+
+
 def _attention(model: nn.Module) -> str | None:
     for name, module in model.named_modules():
         if isinstance(module, HeadAttention):
@@ -47,6 +53,10 @@ def _attention(model: nn.Module) -> str | None:
         if kind in WINDOWED:
             return (f"{WINDOWED[kind]} ({kind} at {name}); modellego takes apart global self-attention blocks "
                     f"with their heads and MLP neurons as units ({TRANSFORMERS}), not these yet")
+        if isinstance(module, nn.MultiheadAttention) and _in_torchvision_vit(model):
+            return (f"its attention ({kind} at {name}) is torchvision's, whose heads are one weight; convert the "
+                    "model first with modellego.models.vit.from_torchvision(model) (model files and "
+                    "`--model torchvision:vit_*` are converted already)")
         if isinstance(module, nn.MultiheadAttention) or "Attention" in kind:
             return (f"its attention ({kind} at {name}) is not a block modellego knows how to take apart; it "
                     f"takes apart ViT encoder blocks ({TRANSFORMERS}) and convolutional networks")
@@ -152,8 +162,9 @@ def _transformer_reason(model: nn.Module, layers: dict[str, nn.Module], head_nam
         return f"its classifier {head_name} acts on every token; modellego needs a head on the class token"
     heads = [name for name, layer in layers.items() if isinstance(layer, nn.Linear) and not isinstance(layer, TokenLinear)]
     if len(heads) > 1:
-        return (f"it has {len(heads)} classifier heads ({', '.join(heads[:3])}) whose logits it combines (a distilled "
-                "DeiT's class and distillation heads); modellego cuts a model with one head")
+        return (f"it has {len(heads)} classifier heads ({', '.join(heads[:3])}) whose logits it combines (a parallel "
+                "assembly's members, or a distilled DeiT's class and distillation heads); modellego cuts a model "
+                "with one head")
     return None
 
 

@@ -46,15 +46,20 @@ def locate_units(model: nn.Module, profile: Profile, thresholds: Thresholds = PA
     own = torch.zeros(count, profile.outputs)
     own[torch.arange(count), torch.tensor(profile.output_positions, dtype=torch.long)] = 1.0
     alpha, beta = thresholds.pair("linear")
-    stream, _ = input_mask(profile.relative(classifier), own > 0, alpha, beta)
+    head = profile.relative(classifier)
+    stream, _ = input_mask(head, own > 0, alpha, beta)
+    reliance = torch.einsum("ko,koi->ki", own, head)  # how much class k's logit draws on each stream feature
     masks = {name: torch.ones(count, output_channels(layer), dtype=torch.bool) for name, layer in layers.items()}
     scores = {name: torch.ones(count, output_channels(layer)) for name, layer in layers.items()}
     masks[classifier], scores[classifier] = own > 0, own.clone()
     for unit in units(model):
         normalise = by_max if unit.kind == "heads" else minmax
-        kept, normalised = input_mask(normalise(head_contributions(profile, unit), 2), stream, alpha, beta,
-                                      normalise)
-        masks[unit.reader], scores[unit.reader] = unit_rows(unit, kept), unit_rows(unit, normalised)
+        relative = normalise(head_contributions(profile, unit), 2)
+        kept, normalised = input_mask(relative, stream, alpha, beta, normalise)
+        # below the votes' resolution, each unit's contributions weighted by the class's reliance on each stream
+        # feature: where no unit has a vote (α ≥ 1), a block still keeps its most relevant unit, not its first
+        strength = by_max(torch.einsum("ko,kou->ku", reliance, relative), 1)
+        masks[unit.reader], scores[unit.reader] = unit_rows(unit, kept), unit_rows(unit, normalised + 1e-4 * strength)
     return ComponentMasks(masks=masks, scores=scores, classes=list(profile.classes), classifier=classifier,
                           settings={"alpha_fc": alpha, "beta_fc": beta}, profile_hash=profile.digest(),
                           input_shape=tuple(profile.input_shape), positions=profile.positions)

@@ -16,7 +16,7 @@ from modellego.core.blocks import shrink, unit_sizes
 from modellego.core.cut import Cut
 from modellego.core.locate import ComponentMasks, FlattenRule, Thresholds
 from modellego.core.profile import Profile
-from modellego.core.search import search_grid
+from modellego.core.search import UNIT_TOP, search_grid, unit_grid
 from modellego.core.tokens import TokenCandidates, cut_units, locate_units
 from modellego.data.spec import InputSpec
 from modellego.errors import ModellegoError
@@ -47,6 +47,8 @@ class Transformer(CNN):
 
     unsupported = {
         "--flatten": "a Transformer flattens nothing: its head reads the class token",
+        "--alpha-conv": "every unit is a Linear layer's: use --alpha-fc and --beta-fc",
+        "--beta-conv": "every unit is a Linear layer's: use --alpha-fc and --beta-fc",
     }
 
     def check_mode(self, mode: AssemblyMode) -> None:
@@ -110,8 +112,7 @@ class Transformer(CNN):
     def auto_grid(self, step: float) -> list[Thresholds]:
         """Every unit is a Linear layer's, so one (α, β) pair, each from 0 to 0.9: the residual stream is kept
         whole, which leaves small tasks meeting their target at the CNN grid's largest thresholds (docs/method.md)."""
-        alphas, betas = search_grid(step, alpha_top=0.9, beta_top=0.9)
-        return [Thresholds(alpha, beta, alpha, beta) for alpha in alphas for beta in betas]
+        return unit_grid(*search_grid(step, UNIT_TOP, UNIT_TOP))
 
     def candidates(self, model: nn.Module, profile: Profile, task: list[int], validation: Dataset,
                    samples: Dataset | None, ridge: float, flatten: FlattenRule, graph: None) -> TokenCandidates:
