@@ -20,11 +20,11 @@ except PackageNotFoundError:  # running from a source tree that was never instal
 # Imported on first use (PEP 562), so that `modellego --version` and `--help` answer without importing torch.
 _SUBMODULES = ("commands", "data", "models")
 _EXPORTS = {
-    "assemble": "modellego.core.assemble", "scale": "modellego.core.assemble", "disassemble": "modellego.core.cut",
+    "assemble": "modellego.core.assemble", "scale": "modellego.core.assemble", "disassemble": "modellego.core.api",
     "count_flops": "modellego.core.evaluate", "count_params": "modellego.core.evaluate",
     "PAPER": "modellego.core.locate", "ComponentMasks": "modellego.core.locate", "Thresholds": "modellego.core.locate",
-    "locate": "modellego.core.locate", "Profile": "modellego.core.profile", "profile": "modellego.core.profile",
-    "search_thresholds": "modellego.core.search", "ModellegoError": "modellego.errors",
+    "locate": "modellego.core.api", "Profile": "modellego.core.profile", "profile": "modellego.core.profile",
+    "search_thresholds": "modellego.core.api", "ModellegoError": "modellego.errors",
     "Brick": "modellego.io.manifest", "ClassRef": "modellego.io.manifest", "Manifest": "modellego.io.manifest",
     "load_masks": "modellego.io.masks", "save_masks": "modellego.io.masks", "load": "modellego.io.modelfile",
     "read_manifest": "modellego.io.modelfile", "save": "modellego.io.modelfile",

@@ -314,7 +314,7 @@ def test_the_core_api_takes_a_transformer_apart_over_its_units():
         assert torch.equal(component(images), expected(images))
     refitted = ml.disassemble(model, masks, [3, 1], images=data.tensors[0][:32])
     assert isinstance(refitted, torch.nn.Module)
-    with pytest.raises(ml.ModellegoError, match="flattens nothing"):
+    with pytest.raises(ml.ModellegoError, match="no flatten rule"):
         ml.locate(model, profile, flatten="keep-all")
     from torch.utils.data import Subset
 

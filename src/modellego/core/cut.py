@@ -12,7 +12,6 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from modellego.core.blocks import is_transformer
 from modellego.core.channels import ChannelGraph
 from modellego.core.layers import input_channels, is_depthwise, is_grouped, output_channels, parameter_layers
 from modellego.core.masks import ComponentMasks
@@ -128,18 +127,9 @@ def disassemble(model: nn.Module, masks: ComponentMasks, classes: str | Sequence
     Channels kept: those any task class routes through, united over everything coupled with them
     (residual adds, depthwise convs); grouped convs keep all their channels (their groups must stay equally
     wide); input channels stay; no layer is left empty (a warning says so); the classifier keeps exactly the
-    task's rows, in the task's order. A Transformer keeps the task's heads and MLP neurons, its stream whole
-    (docs/method.md, "Cutting"); `example_input` and `graph` do not apply to it.
+    task's rows, in the task's order.
     """
-    if is_transformer(model):
-        from modellego.core.tokens import cut_units  # tokens builds on this module
-
-        problem = masks.problem_with(model)
-        if problem:
-            raise ModellegoError(problem)
-        component, cut = cut_units(model, masks, resolve_classes(masks.classes, classes, "the model's classes"))
-    else:
-        component, cut = disassemble_with_cut(model, masks, classes, example_input, graph)
+    component, cut = disassemble_with_cut(model, masks, classes, example_input, graph)
     if images is not None:
         reconstruct_component(component, model, cut, images, ridge)
     return component

@@ -8,7 +8,6 @@ from typing import Callable, Protocol
 import torch
 from torch import nn
 
-from modellego.core.blocks import is_transformer
 from modellego.core.channels import ChannelGraph, Feed
 from modellego.core.masks import ComponentMasks
 from modellego.core.profile import Profile
@@ -90,17 +89,8 @@ def locate(model: nn.Module, profile: Profile, thresholds: Thresholds = PAPER, *
     `graph` (a ChannelGraph of this model) can be passed to reuse its traced graph across calls. `flatten`: where
     a conv's channels are flattened into a Linear layer's features (several features per channel),
     "any-feature" keeps a channel if any of its features is kept; "keep-all" keeps every channel there (what
-    the paper's official code does in effect) and walks on from the conv as if all its outputs were kept.
-
-    A Transformer (blocks of `modellego.core.blocks`, e.g. a model file's ViT) is located over its units, its
-    attention heads and MLP neurons, with the linear pair (docs/method.md); it takes no `flatten`."""
+    the paper's official code does in effect) and walks on from the conv as if all its outputs were kept."""
     profile.check_model(model)
-    if is_transformer(model):
-        if FlattenRule.parse(flatten) != DEFAULT_FLATTEN:
-            raise ModellegoError("a Transformer flattens nothing: its head reads the class token; drop flatten")
-        from modellego.core.tokens import locate_units  # tokens builds on this module
-
-        return locate_units(model, profile, thresholds)
     return locate_checked(model, profile, thresholds, example_input=example_input, graph=graph, flatten=flatten)
 
 

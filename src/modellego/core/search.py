@@ -23,7 +23,6 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from modellego.core.blocks import is_transformer
 from modellego.core.channels import ChannelGraph
 from modellego.core.cut import Cut, disassemble_with_cut, plan_cut, zero_removed_inputs
 from modellego.core.evaluate import count_flops, predict
@@ -319,9 +318,22 @@ class ImageCandidates:
         return component, cut, record
 
 
+def validation_target(model: nn.Module, profile: Profile, classes: str | Sequence[str | int], validation: Dataset,
+                      max_drop: float) -> tuple[list[int], torch.Tensor, float]:
+    """What a search judges on, for any model: the task (positions in the profile's classes, two or more), the
+    validation labels as positions in it, and the source's restricted base on them."""
+    check_max_drop(max_drop)
+    task = resolve_classes(profile.classes, classes, "the model's classes")
+    check_auto_task(task)
+    model.eval()
+    logits, labels = predict(model, validation)
+    labels, restricted = restricted_base(logits, labels, task, len(profile.classes))
+    return task, labels, restricted
+
+
 def search_thresholds(model: nn.Module, profile: Profile, classes: str | Sequence[str | int], validation: Dataset,
-                      max_drop: float = 1.0, alphas: Sequence[float] | None = None,
-                      betas: Sequence[float] | None = None, progress: bool = False,
+                      max_drop: float = 1.0, alphas: Sequence[float] = SEARCH_ALPHAS,
+                      betas: Sequence[float] = SEARCH_BETAS, progress: bool = False,
                       reconstruct_images: torch.Tensor | Dataset | None = None, ridge: float = RIDGE,
                       flatten: FlattenRule | str = DEFAULT_FLATTEN, graph: ChannelGraph | None = None) -> SearchResult:
     """Search α/β for the smallest component (FLOPs) of a CNN whose accuracy on `validation` (held-out *training*
@@ -329,31 +341,13 @@ def search_thresholds(model: nn.Module, profile: Profile, classes: str | Sequenc
     points of the restricted base on the same data; if none does, the most accurate, with a warning. Linear
     layers use the paper's offsets: α_fc = α + 0.1, β_fc = β + 0.1 (capped at 1). With `reconstruct_images`,
     every candidate is scored after reconstruction on them (as the component will be), and the result's
-    component is re-fitted. `graph`: a ChannelGraph traced on `model`. `alphas`/`betas` default to
-    SEARCH_ALPHAS × SEARCH_BETAS; for a Transformer (located over its heads and MLP neurons, see `locate`), to
-    one (α, β) pair for all units, each from 0 to UNIT_TOP."""
-    check_max_drop(max_drop)
-    task = resolve_classes(profile.classes, classes, "the model's classes")
-    check_auto_task(task)
-    model.eval()
-    logits, labels = predict(model, validation)
-    labels, restricted = restricted_base(logits, labels, task, len(profile.classes))
-    if is_transformer(model):
-        if FlattenRule.parse(flatten) != DEFAULT_FLATTEN or graph is not None:
-            raise ModellegoError("a Transformer takes no flatten rule or channel graph: its units are heads and "
-                                 "MLP neurons; drop flatten and graph")
-        from modellego.core.tokens import TokenCandidates  # tokens builds on this module
-
-        top_alphas, top_betas = search_grid(GRID_STEP, UNIT_TOP, UNIT_TOP)
-        profile.check_model(model)
-        candidates = TokenCandidates(model, profile, task, validation, reconstruct_images, ridge)
-        grid = unit_grid(top_alphas if alphas is None else alphas, top_betas if betas is None else betas)
-    else:
-        graph = graph or ChannelGraph(model, tuple(profile.input_shape))
-        candidates = ImageCandidates(model, profile, task, validation, graph, FlattenRule.parse(flatten),
-                                     reconstruct_images, ridge)
-        grid = grid_of(SEARCH_ALPHAS if alphas is None else alphas, SEARCH_BETAS if betas is None else betas)
-    return search(candidates, grid, labels, restricted, max_drop, progress)
+    component is re-fitted. `graph`: a ChannelGraph traced on `model`. (`modellego.search_thresholds` takes
+    Transformers too: `core.api`.)"""
+    task, labels, restricted = validation_target(model, profile, classes, validation, max_drop)
+    graph = graph or ChannelGraph(model, tuple(profile.input_shape))
+    candidates = ImageCandidates(model, profile, task, validation, graph, FlattenRule.parse(flatten),
+                                 reconstruct_images, ridge)
+    return search(candidates, grid_of(alphas, betas), labels, restricted, max_drop, progress)
 
 
 def validation_data(train_data: Dataset, classes: str | Sequence[str | int], exclude: torch.Tensor,
