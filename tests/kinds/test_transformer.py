@@ -374,3 +374,19 @@ def test_a_plain_torchvision_vit_is_told_to_convert_and_then_taken_apart():
     component = ml.disassemble(model, ml.locate(model, profile), [2, 0])
     with torch.no_grad():
         assert component(images[:2]).shape == (2, 2)
+
+
+def test_a_units_record_that_disagrees_with_the_weights_is_refused_in_words(tmp_path):
+    """A file whose architecture.units names more heads or neurons than its tensors hold is refused with the
+    block and the counts, not with the reshape error of the shape check's forward pass."""
+    model, manifest = vit()
+    kind = kind_of(manifest.architecture)
+    component, _ = cut_units(model, masks_keeping(model, 4, {"net.blocks.0.attn": [1]}), [0, 1])
+    for block, count, words in (("net.blocks.0.attn", 2, "96 query/key/value rows"),
+                                ("net.blocks.1.mlp", 100, "holds 128 units in its weights")):
+        architecture = kind.component_architecture(manifest, component, [0, 1])
+        architecture["units"][block] = count
+        path = tmp_path / f"{block}.safetensors"
+        save(component, path, Manifest(architecture=architecture, classes=manifest.classes[:2], input=DIGITS,
+                                       kind="component"))
+        assert_user_error(invoke("eval", str(path)), words)  # eval builds the model; info reads the record only

@@ -12,7 +12,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from modellego.core.assemble import AssemblyMode
-from modellego.core.blocks import shrink, unit_sizes
+from modellego.core.blocks import HeadAttention, TokenMLP, shrink, unit_sizes
 from modellego.core.cut import Cut
 from modellego.core.locate import ComponentMasks, FlattenRule, Thresholds
 from modellego.core.profile import Profile
@@ -95,6 +95,26 @@ class Transformer(CNN):
                     raise Invalid(f"architecture.units[{name!r}] is {count}, more than the {known[name]} the builder has")
             shrink(model, {name: torch.arange(count) for name, count in architecture["units"].items()})
         return model
+
+    def structure_error(self, model: nn.Module, manifest: Manifest) -> str | None:
+        """A block whose weights (the file's shapes) disagree with the heads or neurons its record names, in
+        words, before the shape check's forward pass reports it as a reshape."""
+        for name, module in model.named_modules():
+            if isinstance(module, HeadAttention):
+                width = module.heads * module.head_dim
+                rows, columns = module.qkv.weight.shape[0], module.proj.weight.shape[1]
+                if rows != 3 * width or columns != width:
+                    return (f"{name} has {rows} query/key/value rows and {columns} projection columns, not those "
+                            f"of the {module.heads} heads of {module.head_dim} its architecture.units record names")
+            elif isinstance(module, TokenMLP) and module.fc1.weight.shape[0] != module.fc2.weight.shape[1]:
+                return (f"{name} has {module.fc1.weight.shape[0]} neurons in fc1 but {module.fc2.weight.shape[1]} "
+                        "in fc2; its weights and its architecture.units record disagree")
+        record = manifest.architecture.get("units", {})
+        for name, size in unit_sizes(model).items():
+            if name in record and record[name] != size:
+                return (f"{name} holds {size} units in its weights but its architecture.units record names "
+                        f"{record[name]}")
+        return super().structure_error(model, manifest)
 
     # --- the method ------------------------------------------------------------------------------------------------
 
