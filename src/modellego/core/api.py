@@ -82,7 +82,6 @@ def search_thresholds(model: nn.Module, profile: Profile, classes: str | Sequenc
             graph)
     _no_channel_options(flatten, graph)
     task, labels, restricted = channels_search.validation_target(model, profile, classes, validation, max_drop)
-    profile.check_model(model)
     top_alphas, top_betas = search_grid(GRID_STEP, UNIT_TOP, UNIT_TOP)
     grid = unit_grid(top_alphas if alphas is None else alphas, top_betas if betas is None else betas)
     candidates = TokenCandidates(model, profile, task, validation, reconstruct_images, ridge)
