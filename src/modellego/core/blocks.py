@@ -30,6 +30,20 @@ class HeadAttention(nn.Module):
         attended = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])
         return self.proj(attended.transpose(1, 2).reshape(batch, tokens, self.heads * self.head_dim))
 
+    def head_flops(self, tokens: int) -> int:
+        """FLOPs of one head's attention itself (QKᵀ and the weighted values, not `qkv` and `proj`) over
+        `tokens`: each query attends to every token here; a windowed attention's to its window."""
+        return 4 * tokens * tokens * self.head_dim
+
+    def keep_heads(self, indices: torch.Tensor) -> None:
+        """Keep only the heads `indices` (sorted), in place: their query/key/value rows and projection columns.
+        Attention with per-head parameters of its own (a position bias per head) slices those too."""
+        rows = unit_rows(Unit("", "heads", "", "", self.heads, self.head_dim),
+                         torch.zeros(self.heads, dtype=torch.bool).index_fill_(0, indices, True))
+        self.qkv = sliced_linear(self.qkv, torch.nonzero(rows).flatten(), None)
+        self.proj = sliced_linear(self.proj, None, torch.nonzero(rows[: self.heads * self.head_dim]).flatten())
+        self.heads = len(indices)
+
 
 class TokenMLP(nn.Module):
     """A block's MLP, whose hidden neurons are units: `fc1` (width → hidden), GELU, `fc2` (hidden → width)."""
@@ -42,6 +56,14 @@ class TokenMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.act(self.fc1(x)))
+
+
+class StreamLinear(TokenLinear):
+    """A Linear on tokens between blocks that changes the residual stream's width (Swin's PatchMerging reads
+    `fold` neighbouring tokens' features side by side, [fold · width] → new width). It is kept whole; locating
+    carries the stream features a class relies on back through it (docs/method.md, "Locating")."""
+
+    fold = 1
 
 
 @dataclass(frozen=True)
@@ -104,12 +126,7 @@ def shrink(model: nn.Module, kept: dict[str, torch.Tensor]) -> None:
     for name, indices in kept.items():
         module = modules[name]
         if isinstance(module, HeadAttention):
-            rows = unit_rows(Unit(name, "heads", "", "", module.heads, module.head_dim),
-                             torch.zeros(module.heads, dtype=torch.bool).index_fill_(0, indices, True))
-            columns = rows[: module.heads * module.head_dim]
-            module.qkv = sliced_linear(module.qkv, torch.nonzero(rows).flatten(), None)
-            module.proj = sliced_linear(module.proj, None, torch.nonzero(columns).flatten())
-            module.heads = len(indices)
+            module.keep_heads(indices)
         elif isinstance(module, TokenMLP):
             module.fc1 = sliced_linear(module.fc1, indices, None)
             module.fc2 = sliced_linear(module.fc2, None, indices)

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch_pruning import ops as tp_ops
 
-from modellego.core.blocks import HeadAttention, is_transformer, units
+from modellego.core.blocks import HeadAttention, StreamLinear, is_transformer, units
 from modellego.core.channels import ChannelGraph
 from modellego.core.contributions import TokenLinear
 from modellego.core.cut import disassemble_with_cut, zero_removed_inputs
@@ -28,12 +28,8 @@ def _first_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
 
 
-TRANSFORMERS = "the zoo's vit, torchvision's vit_* and timm's plain ViT and DeiT blocks"
+TRANSFORMERS = "the zoo's vit, torchvision's vit_* and swin_*, and timm's plain ViT and DeiT blocks"
 WINDOWED = {  # attention modellego's Transformer kind does not take apart yet, and why
-    "ShiftedWindowAttention": "Swin's shifted-window attention gives each head a relative position bias over its "
-                              "window and its PatchMerging layers change the residual stream's width",
-    "ShiftedWindowAttentionV2": "Swin V2's shifted-window attention gives each head a learned scale and a "
-                                "continuous position bias, and its PatchMerging layers change the stream's width",
     "PartitionAttentionLayer": "MaxViT interleaves MBConv convolutions with block and grid attention whose heads "
                                "carry a relative position bias",
 }
@@ -51,15 +47,20 @@ def _attention(model: nn.Module) -> str | None:
             continue  # the Transformer kind's attention, whose heads are units (core.tokens)
         kind = type(module).__name__
         if kind in WINDOWED:
-            return (f"{WINDOWED[kind]} ({kind} at {name}); modellego takes apart global self-attention blocks "
-                    f"with their heads and MLP neurons as units ({TRANSFORMERS}), not these yet")
+            return (f"{WINDOWED[kind]} ({kind} at {name}); modellego takes apart the attention and MLP blocks "
+                    f"of {TRANSFORMERS} with their heads and MLP neurons as units, not these yet")
         if isinstance(module, nn.MultiheadAttention) and _in_torchvision_vit(model):
             return (f"its attention ({kind} at {name}) is torchvision's, whose heads are one weight; convert the "
                     "model first with modellego.models.vit.from_torchvision(model) (model files and "
                     "`--model torchvision:vit_*` are converted already)")
+        if kind.startswith("ShiftedWindowAttention") and type(module).__module__.startswith("torchvision"):
+            return (f"its attention ({kind} at {name}) is torchvision's, which computes its heads outside any "
+                    "module modellego can watch; convert the model first with "
+                    "modellego.models.vit.from_torchvision(model) (model files and `--model torchvision:swin_*` "
+                    "are converted already)")
         if isinstance(module, nn.MultiheadAttention) or "Attention" in kind:
             return (f"its attention ({kind} at {name}) is not a block modellego knows how to take apart; it "
-                    f"takes apart ViT encoder blocks ({TRANSFORMERS}) and convolutional networks")
+                    f"takes apart the blocks of {TRANSFORMERS}, and convolutional networks")
     return None
 
 
@@ -155,7 +156,7 @@ def _transformer_reason(model: nn.Module, layers: dict[str, nn.Module], head_nam
     (its features would be cut by nothing), or a head on tokens."""
     in_units = {name for unit in units(model) for name in (unit.reader, unit.writer)}
     for name, layer in layers.items():
-        if isinstance(layer, TokenLinear) and name not in in_units:
+        if isinstance(layer, TokenLinear) and not isinstance(layer, StreamLinear) and name not in in_units:
             return (f"its token layer {name} is outside the attention heads and MLP blocks, the units modellego "
                     "keeps or drops")
     if isinstance(layers[head_name], TokenLinear):

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from modellego.core.blocks import Unit, shrink, sliced_linear, unit_rows, units
+from modellego.core.blocks import StreamLinear, Unit, shrink, sliced_linear, unit_rows, units
 from modellego.core.contributions import TokenLinear
 from modellego.core.cut import Cut
 from modellego.core.evaluate import predict
@@ -52,9 +52,21 @@ def locate_units(model: nn.Module, profile: Profile, thresholds: Thresholds = PA
     masks = {name: torch.ones(count, output_channels(layer), dtype=torch.bool) for name, layer in layers.items()}
     scores = {name: torch.ones(count, output_channels(layer)) for name, layer in layers.items()}
     masks[classifier], scores[classifier] = own > 0, own.clone()
-    for unit in units(model):
+    for step in reversed(_stream_order(model)):  # from the head back, as the stream's width changes
+        if isinstance(step, tuple):  # a StreamLinear: the features it reads, per class, by the same votes
+            name, fold = step
+            relative = profile.relative(name)
+            wide, _ = input_mask(relative, stream, alpha, beta)
+            stream = wide.reshape(count, fold, -1).any(dim=1)
+            reliance = torch.einsum("ko,koi->ki", reliance, relative).reshape(count, fold, -1).sum(dim=1)
+            continue
+        unit = step
         normalise = by_max if unit.kind == "heads" else minmax
         relative = normalise(head_contributions(profile, unit), 2)
+        if relative.shape[1] != stream.shape[1]:
+            raise ModellegoError(f"{unit.writer} writes {relative.shape[1]} stream features where the stream after it "
+                                 f"has {stream.shape[1]}; modellego follows the stream's width only through "
+                                 "PatchMerging-style layers it knows")
         kept, normalised = input_mask(relative, stream, alpha, beta, normalise)
         # below the votes' resolution, each unit's contributions weighted by the class's reliance on each stream
         # feature: where no unit has a vote (α ≥ 1), a block still keeps its most relevant unit, not its first
@@ -63,6 +75,19 @@ def locate_units(model: nn.Module, profile: Profile, thresholds: Thresholds = PA
     return ComponentMasks(masks=masks, scores=scores, classes=list(profile.classes), classifier=classifier,
                           settings={"alpha_fc": alpha, "beta_fc": beta}, profile_hash=profile.digest(),
                           input_shape=tuple(profile.input_shape), positions=profile.positions)
+
+
+def _stream_order(model: nn.Module) -> list[Unit | tuple[str, int]]:
+    """The model's units and its `StreamLinear`s (as (name, fold)), in module order: the order they run in for
+    the Transformers modellego knows, whose blocks are registered in sequence."""
+    found: list[Unit | tuple[str, int]] = []
+    block_units = {unit.module: unit for unit in units(model)}
+    for name, module in model.named_modules():
+        if name in block_units:
+            found.append(block_units[name])
+        elif isinstance(module, StreamLinear):
+            found.append((name, module.fold))
+    return found
 
 
 def kept_units(unit: Unit, masks: ComponentMasks, task: list[int]) -> torch.Tensor:
@@ -131,8 +156,9 @@ class TokenCandidates:
         self.images = reconstruct_images
         self.order = execution_order(model, shape)
         self.flops_of = _FlopModel(model, shape)
-        # a head's attention itself (QKᵀ and the weighted values): 2 · 2·T²·d FLOPs over its block's T tokens
-        self.per_head = {unit.module: 4 * self.flops_of.positions.get(unit.reader, 0) ** 2 * unit.group
+        # a head's attention itself, over its block's tokens (HeadAttention.head_flops)
+        modules = dict(model.named_modules())
+        self.per_head = {unit.module: modules[unit.module].head_flops(self.flops_of.positions.get(unit.reader, 0))
                          for unit in units(model) if unit.kind == "heads"}
         attention = sum(self.per_head[unit.module] * unit.size for unit in units(model) if unit.kind == "heads")
         self.rest = self.flops_of.total - self.flops_of.full - attention  # what no cut changes

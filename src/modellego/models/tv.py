@@ -57,9 +57,9 @@ def build_torchvision(builder: str, in_channels: int, num_classes: int, width: f
         kwargs["init_weights"] = True
 
     model = torchvision.models.get_model(builder, **kwargs)
-    if builder.startswith("vit_"):  # its attention heads and MLP neurons become units the method can cut
-        from modellego.models.vit import from_torchvision
+    from modellego.models.vit import from_torchvision, is_transformer_builder
 
+    if is_transformer_builder(f"torchvision:{builder}"):  # its attention heads and MLP neurons become units
         from_torchvision(model)
     if in_channels != 3:
         _replace_first_conv(model, builder, in_channels)

@@ -15,7 +15,7 @@ from modellego.models.common import scaled
 __all__ = ["ViT", "vit"]
 
 TRANSFORMER_BUILDERS = ("vit",)
-TRANSFORMER_PREFIXES = ("torchvision:vit_", "timm:vit_", "timm:deit_")  # their blocks are rebuilt as units
+TRANSFORMER_PREFIXES = ("torchvision:vit_", "torchvision:swin_", "timm:vit_", "timm:deit_")  # blocks become units
 
 
 def is_transformer_builder(builder: object) -> bool:
@@ -96,9 +96,13 @@ class TorchvisionMLP(TokenMLP):
 
 
 def from_torchvision(model: nn.Module) -> nn.Module:
-    """torchvision's VisionTransformer with every encoder block's attention and MLP as units (in place; the
-    outputs stay the same). Weights saved with torchvision's names load through `legacy_names`."""
+    """torchvision's VisionTransformer or SwinTransformer with every block's attention and MLP as units (in
+    place; the outputs stay the same). Weights saved with torchvision's names load through `legacy_names`."""
     from torchvision.models.vision_transformer import EncoderBlock
+
+    from modellego.models.swin import from_torchvision_swin
+
+    from_torchvision_swin(model)
 
     for block in model.modules():
         if not isinstance(block, EncoderBlock):

@@ -1,0 +1,147 @@
+"""torchvision's Swin Transformers (V1 and V2) as units (models/swin.py): the converted blocks compute what
+torchvision's do and load its weights; dropping a head drops its part of the position bias (and V2's scale);
+locating carries the stream features a class relies on back through PatchMerging (against a literal reference);
+a cut's FLOPs are counted over windows."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch.utils.data import Subset, TensorDataset
+from torchvision.models.swin_transformer import PatchMergingV2, SwinTransformer, SwinTransformerBlockV2
+
+import modellego as ml
+from modellego.core.blocks import StreamLinear, units
+from modellego.core.evaluate import count_flops
+from modellego.core.locate import by_max, input_mask, minmax
+from modellego.core.thresholds import PAPER, Thresholds
+from modellego.core.tokens import TokenCandidates, head_contributions, locate_units
+from modellego.models.swin import WindowAttention, WindowAttentionV2
+from modellego.models.vit import from_torchvision, renamed_weights
+
+
+def tiny_swin(seed: int = 0, classes: int = 4, version: int = 1) -> torch.nn.Module:
+    """Two stages (2 heads of 8, then 4 heads of 8), windows of 4, a PatchMerging between them."""
+    torch.manual_seed(seed)
+    v2 = {"block": SwinTransformerBlockV2, "downsample_layer": PatchMergingV2} if version == 2 else {}
+    model = SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[2, 2], num_heads=[2, 4], window_size=[4, 4],
+                            num_classes=classes, **v2).eval()
+    with torch.no_grad():  # V2 starts with every head's scale equal: make them differ, so a dropped one shows
+        for module in model.modules():
+            if hasattr(module, "logit_scale"):
+                module.logit_scale.uniform_(1.0, 3.0)
+    return model
+
+
+@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("size", [16, 24, 32])  # a map the window covers (no shift), one padded, one exact
+def test_converted_blocks_compute_what_torchvisions_compute_and_load_its_weights(size, version):
+    source = tiny_swin(version=version)
+    converted = from_torchvision(copy.deepcopy(source))
+    attention = WindowAttentionV2 if version == 2 else WindowAttention
+    assert [type(module) for module in converted.modules()].count(attention) == 4
+    assert sum(isinstance(module, StreamLinear) for module in converted.modules()) == 1
+    images = torch.randn(3, 3, size, size)
+    with torch.no_grad():
+        assert torch.allclose(converted(images), source(images), atol=1e-5)
+    fresh = from_torchvision(tiny_swin(seed=1, version=version))
+    fresh.load_state_dict(renamed_weights(fresh, source.state_dict()))
+    with torch.no_grad():
+        assert torch.allclose(fresh(images), source(images), atol=1e-5)
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_dropping_a_head_drops_its_position_bias_and_computes_the_source_without_it(version):
+    model = from_torchvision(tiny_swin(version=version))
+    name = "features.3.1.attn"  # the second stage's shifted block: 4 heads
+    source = dict(model.named_modules())[name]
+    component = copy.deepcopy(model)
+    attention = dict(component.named_modules())[name]
+    attention.keep_heads(torch.tensor([0, 2, 3]))
+    assert attention.heads == 3
+    if version == 1:
+        assert torch.equal(attention.relative_position_bias_table, source.relative_position_bias_table[:, [0, 2, 3]])
+    else:
+        assert torch.equal(attention.logit_scale, source.logit_scale[[0, 2, 3]])
+        assert torch.equal(attention.cpb_mlp[2].weight, source.cpb_mlp[2].weight[[0, 2, 3]])
+    d = source.head_dim
+    assert torch.equal(attention.proj.weight, torch.cat([source.proj.weight[:, :d], source.proj.weight[:, 2 * d:]], 1))
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():  # the same as the source with head 1's output projection zeroed
+        source.proj.weight[:, d:2 * d] = 0
+        assert torch.allclose(component(images), model(images), atol=1e-5)
+
+
+def labelled_by_itself(model: torch.nn.Module, count: int = 96) -> TensorDataset:
+    images = torch.randn(count, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        model.head.bias -= model(images).median(0).values
+        labels = model(images).argmax(1)
+    data = TensorDataset(images, labels)
+    data.classes = [str(k) for k in range(model.head.out_features)]
+    return data
+
+
+def reference_stream_before(relative: torch.Tensor, stream: torch.Tensor, alpha: float, beta: float, fold: int):
+    """The stream features before a PatchMerging, literally: a class keeps feature c when any of the `fold`
+    copies of c its reduction reads gets enough votes from the features it keeps after it."""
+    classes, outputs, inputs = relative.shape
+    width = inputs // fold
+    before = torch.zeros(classes, width, dtype=torch.bool)
+    for k in range(classes):
+        votes = [sum(1.0 for o in range(outputs) if stream[k, o] and float(relative[k, o, i]) > alpha)
+                 for i in range(inputs)]
+        low, high = min(votes), max(votes)
+        for i in range(inputs):
+            if (votes[i] - low) / (high - low + 1e-5) > beta:
+                before[k, i % width] = True
+    return before
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_locating_carries_the_stream_back_through_patch_merging(version):
+    model = from_torchvision(tiny_swin(version=version))
+    profile = ml.profile(model, labelled_by_itself(model), samples_per_class=6)
+    masks = locate_units(model, profile)
+    alpha, beta = PAPER.pair("linear")
+    count = len(profile.classes)
+    own = torch.zeros(count, 4)
+    own[torch.arange(count), torch.tensor(profile.output_positions)] = 1
+    after, _ = input_mask(profile.relative("head"), own > 0, alpha, beta)
+    before = reference_stream_before(profile.relative("features.2.reduction"), after, alpha, beta, 4)
+    assert before.shape == (count, 16) and after.shape == (count, 32)
+    for unit in units(model):
+        stream = before if unit.module.startswith("features.1.") else after
+        normalise = by_max if unit.kind == "heads" else minmax
+        expected, _ = input_mask(normalise(head_contributions(profile, unit), 2), stream, alpha, beta, normalise)
+        kept = masks.masks[unit.reader][:, : unit.size * unit.group].reshape(count, unit.size, unit.group)[..., 0]
+        assert torch.equal(kept, expected), unit.module
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_a_cuts_flops_are_counted_over_windows_and_the_component_runs(version):
+    model = from_torchvision(tiny_swin(version=version))
+    data = labelled_by_itself(model)
+    profile = ml.profile(model, data, samples_per_class=6)
+    task = [2, 0]
+    validation = Subset(data, torch.nonzero((data.tensors[1] == 2) | (data.tensors[1] == 0)).flatten().tolist())
+    candidates = TokenCandidates(model, profile, task, validation)
+    assert candidates.flops_of.total == count_flops(model, (3, 32, 32))
+    for alpha in (0.0, 0.6, 0.9):
+        thresholds = Thresholds(alpha, 0.3, alpha, 0.3)
+        cut, _ = candidates.plan(thresholds)
+        component = ml.disassemble(model, locate_units(model, profile, thresholds), task)
+        assert candidates.flops(cut) == count_flops(component, (3, 32, 32))
+        with torch.no_grad():
+            assert component(data.tensors[0][:2]).shape == (2, 2)
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_a_plain_torchvision_swin_is_told_to_convert(version):
+    from modellego.core.support import check_supported
+
+    with pytest.raises(ml.ModellegoError, match=r"ShiftedWindowAttention.*vit.from_torchvision\(model\)"):
+        check_supported(tiny_swin(version=version), (3, 32, 32), "a Swin")
+    check_supported(from_torchvision(tiny_swin(version=version)), (3, 32, 32), "a Swin")
