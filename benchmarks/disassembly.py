@@ -65,8 +65,9 @@ MODEL_DEFAULTS = {  # per model: width, epochs, peak lr (Adam, one-cycle), batch
     "vgg16": {"width": 0.25, "epochs": 5, "lr": 2e-3},
     "resnet18": {"width": 0.25, "epochs": 5, "lr": 2e-3},
     "vit": {"width": 0.5, "epochs": 4, "lr": 2e-3},
+    "swin": {"width": 1.0, "epochs": 4, "lr": 2e-3},
 }
-LABELS = {"lenet5": "LeNet-5", "vgg16": "VGG-16-BN", "resnet18": "ResNet-18", "vit": "ViT"}
+LABELS = {"lenet5": "LeNet-5", "vgg16": "VGG-16-BN", "resnet18": "ResNet-18", "vit": "ViT", "swin": "Swin"}
 SETTINGS = {  # name -> extra `disassemble` flags
     "pure": ["--no-reconstruct"],
     "reconstruct": [],

@@ -15,8 +15,8 @@ from modellego.models.tv import build_torchvision
 
 torch.manual_seed(0)
 
-ZOO_NAMES = ["lenet5", "vgg11", "vgg16", "resnet18", "resnet50", "googlenet", "vit"]
-CNN_NAMES = [name for name in ZOO_NAMES if name != "vit"]  # torch-pruning's structured pruning: the CNNs
+ZOO_NAMES = ["lenet5", "vgg11", "vgg16", "resnet18", "resnet50", "googlenet", "vit", "swin"]
+CNN_NAMES = [name for name in ZOO_NAMES if name not in ("vit", "swin")]  # torch-pruning's structured pruning: the CNNs
 SHAPE_CASES = [(n, 0.25) for n in ZOO_NAMES] + [
     ("lenet5", 1.0),
     ("torchvision:resnet18", 1.0),

@@ -1,4 +1,4 @@
-"""The model zoo: CIFAR-style LeNet-5, VGG, ResNet and GoogLeNet builders, a small ViT, plus any torchvision classifier and,
+"""The model zoo: CIFAR-style LeNet-5, VGG, ResNet and GoogLeNet builders, a small ViT and Swin, plus any torchvision classifier and,
 with the `timm` extra, any timm model.
 
 Every builder is ``builder(in_channels=3, num_classes=10, width=1.0) -> nn.Module`` and returns the
@@ -17,6 +17,7 @@ from modellego.errors import ModellegoError
 from modellego.models.googlenet import googlenet
 from modellego.models.lenet import lenet5
 from modellego.models.resnet import resnet18, resnet50
+from modellego.models.swin import swin
 from modellego.models.timm_models import TIMM_PREFIX, build_timm
 from modellego.models.tv import build_torchvision, torchvision_classifiers
 from modellego.models.vgg import vgg11, vgg16
@@ -34,6 +35,7 @@ ZOO: dict[str, Callable[..., nn.Module]] = {
     "resnet50": resnet50,
     "googlenet": googlenet,
     "vit": vit,
+    "swin": swin,
 }
 
 

@@ -13,9 +13,12 @@ from torch import nn
 
 from modellego.core.blocks import HeadAttention, StreamLinear, sliced_linear
 from modellego.core.contributions import TokenLinear
+from modellego.models.common import scaled
 from modellego.models.vit import TorchvisionMLP
 
-__all__ = ["WindowAttention", "WindowAttentionV2", "from_torchvision_swin"]
+__all__ = ["WindowAttention", "WindowAttentionV2", "from_torchvision_swin", "swin"]
+
+HEAD_DIM = 16  # the zoo Swin's head width
 
 MASKED = -100.0  # torchvision's score for a query and key from different regions of a shifted window
 
@@ -197,3 +200,16 @@ def _neurons(mlp: nn.Module) -> TorchvisionMLP:
                                 sliced_linear(mlp[3], None, None, TokenLinear))
     return neurons
 
+
+def swin(in_channels: int = 3, num_classes: int = 10, width: float = 1.0) -> nn.Module:
+    """The zoo's small Swin Transformer for 28×28 / 32×32 images, built by torchvision's SwinTransformer and
+    converted: patches of 2 px, two stages of two blocks (width 32 with 2 heads of 16, then 64 with 4), windows
+    of 7 (a 28-px image's 14×14 map in four windows, the next stage's 7×7 in one), MLPs of twice the width."""
+    from torchvision.models.swin_transformer import SwinTransformer
+
+    embed = max(HEAD_DIM, scaled(32, width) // HEAD_DIM * HEAD_DIM)
+    model = SwinTransformer(patch_size=[2, 2], embed_dim=embed, depths=[2, 2],
+                            num_heads=[embed // HEAD_DIM, 2 * embed // HEAD_DIM], window_size=[7, 7], mlp_ratio=2.0,
+                            num_classes=num_classes)
+    model.features[0][0] = nn.Conv2d(in_channels, embed, kernel_size=2, stride=2)
+    return from_torchvision_swin(model)

@@ -14,7 +14,7 @@ from modellego.models.common import scaled
 
 __all__ = ["ViT", "vit"]
 
-TRANSFORMER_BUILDERS = ("vit",)
+TRANSFORMER_BUILDERS = ("vit", "swin")
 TRANSFORMER_PREFIXES = ("torchvision:vit_", "torchvision:swin_", "timm:vit_", "timm:deit_")  # blocks become units
 
 
