@@ -63,7 +63,10 @@ class StreamLinear(TokenLinear):
     `fold` neighbouring tokens' features side by side, [fold · width] → new width). It is kept whole; locating
     carries the stream features a class relies on back through it (docs/method.md, "Locating")."""
 
-    fold = 1
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None,
+                 fold: int = 1) -> None:
+        super().__init__(in_features, out_features, bias, device, dtype)
+        self.fold = fold
 
 
 @dataclass(frozen=True)
@@ -113,6 +116,8 @@ def sliced_linear(source: nn.Linear, rows: torch.Tensor | None, columns: torch.T
     weight = weight if columns is None else weight[:, columns]
     layer = (kind or type(source))(weight.shape[1], weight.shape[0], bias=source.bias is not None,
                                    device=weight.device, dtype=weight.dtype)
+    if isinstance(layer, StreamLinear):
+        layer.fold = getattr(source, "fold", 1)
     with torch.no_grad():
         layer.weight.copy_(weight)
         if source.bias is not None:

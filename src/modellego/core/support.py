@@ -30,8 +30,9 @@ def _first_line(error: BaseException) -> str:
 
 TRANSFORMERS = "the zoo's vit, torchvision's vit_* and swin_*, and timm's plain ViT and DeiT blocks"
 WINDOWED = {  # attention modellego's Transformer kind does not take apart yet, and why
-    "PartitionAttentionLayer": "MaxViT interleaves MBConv convolutions with block and grid attention whose heads "
-                               "carry a relative position bias",
+    "PartitionAttentionLayer": "MaxViT's MBConv convolutions change the residual stream between its block and "
+                               "grid attention layers, so the stream features a class relies on cannot be carried "
+                               "back through them to the heads",
 }
 
 

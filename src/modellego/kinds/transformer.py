@@ -1,5 +1,5 @@
-"""Vision Transformers (issue 27): the zoo's ViT and torchvision's and timm's ViT-style builders, whose blocks'
-attention heads and MLP neurons are the units a component keeps (docs/method.md). Images in, logits out, as for CNNs: the data, training, prediction, scaling,
+"""Vision Transformers (issue 27): the zoo's ViT and Swin, torchvision's ViT and Swin builders and timm's ViT-style
+ones, whose blocks' attention heads and MLP neurons are the units a component keeps (docs/method.md). Images in, logits out, as for CNNs: the data, training, prediction, scaling,
 gates and parallel assembly are the CNN kind's; what differs is the method's middle — contributions over tokens,
 locating units, cutting them, and the architecture record that rebuilds a component."""
 
@@ -46,7 +46,7 @@ class Transformer(CNN):
     default_lr = 2e-3
 
     unsupported = {
-        "--flatten": "a Transformer flattens nothing: its head reads the class token",
+        "--flatten": "a Transformer flattens nothing: its head reads the class token (ViT) or the tokens' mean (Swin)",
         "--alpha-conv": "every unit is a Linear layer's: use --alpha-fc and --beta-fc",
         "--beta-conv": "every unit is a Linear layer's: use --alpha-fc and --beta-fc",
     }

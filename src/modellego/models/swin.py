@@ -32,6 +32,7 @@ class WindowAttention(HeadAttention):
     def __init__(self, width: int, heads: int, window: list[int], shift: list[int]) -> None:
         super().__init__(width, heads, width // heads)
         self.window_size, self.shift_size = list(window), list(shift)
+        self.attention_dropout, self.dropout = 0.0, 0.0
         self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window[0] - 1) * (2 * window[1] - 1), heads))
         self.register_buffer("relative_position_index", _relative_position_index(window))
 
@@ -60,11 +61,12 @@ class WindowAttention(HeadAttention):
             scores = (scores.view(batch, down * across, self.heads, area, area)
                       + _shift_mask(padded_height, padded_width, self.window_size, shift, x).unsqueeze(1).unsqueeze(0)
                       ).view(-1, self.heads, area, area)
-        attended = (scores.softmax(dim=-1) @ windows[2]).transpose(1, 2).reshape(batch, down, across, rows, columns, -1)
+        weights = F.dropout(scores.softmax(dim=-1), self.attention_dropout, self.training)
+        attended = (weights @ windows[2]).transpose(1, 2).reshape(batch, down, across, rows, columns, -1)
         attended = attended.permute(0, 1, 3, 2, 4, 5).reshape(batch, padded_height, padded_width, -1)
         if any(shift):
             attended = torch.roll(attended, shifts=(shift[0], shift[1]), dims=(1, 2))
-        return self.proj(attended[:, :height, :width, :].contiguous())
+        return F.dropout(self.proj(attended[:, :height, :width, :].contiguous()), self.dropout, self.training)
 
     def _queries_keys_values(self, x: torch.Tensor) -> torch.Tensor:
         return self.qkv(x)
@@ -170,8 +172,10 @@ def from_torchvision_swin(model: nn.Module) -> nn.Module:
                                                                                    swin.ShiftedWindowAttentionV2):
             module.attn, module.mlp = _window_heads(module.attn), _neurons(module.mlp)
         elif type(module) in (swin.PatchMerging, swin.PatchMergingV2):
-            module.reduction = sliced_linear(module.reduction, None, None, StreamLinear)
-            module.reduction.fold = 4  # its input is four neighbouring tokens' features side by side
+            reduction = module.reduction  # its input is four neighbouring tokens' features side by side
+            module.reduction = StreamLinear(reduction.in_features, reduction.out_features, reduction.bias is not None,
+                                            reduction.weight.device, reduction.weight.dtype, fold=4)
+            module.reduction.load_state_dict(reduction.state_dict())
     return model
 
 
@@ -191,6 +195,7 @@ def _window_heads(attention: nn.Module) -> WindowAttention:
             units.relative_position_bias_table.copy_(attention.relative_position_bias_table)
     units.qkv, units.proj = (sliced_linear(attention.qkv, None, None, TokenLinear),
                              sliced_linear(attention.proj, None, None, TokenLinear))
+    units.attention_dropout, units.dropout = attention.attention_dropout, attention.dropout
     return units
 
 

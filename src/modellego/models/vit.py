@@ -19,7 +19,8 @@ TRANSFORMER_PREFIXES = ("torchvision:vit_", "torchvision:swin_", "timm:vit_", "t
 
 
 def is_transformer_builder(builder: object) -> bool:
-    """Whether `builder` makes a Transformer modellego takes apart (the zoo's vit, torchvision's and timm's ViTs)."""
+    """Whether `builder` makes a Transformer modellego takes apart (the zoo's vit and swin, torchvision's ViTs and
+    Swins, timm's ViTs)."""
     return isinstance(builder, str) and (builder in TRANSFORMER_BUILDERS or builder.startswith(TRANSFORMER_PREFIXES))
 
 
