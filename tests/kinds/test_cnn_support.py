@@ -93,3 +93,18 @@ def test_a_profile_too_big_for_the_machine_is_refused_before_any_work(monkeypatc
     assert support.profile_bytes(model, 10) == 10 * 12 * sum(
         layer.weight.shape[0] * layer.weight.shape[1] for layer in model.modules()
         if isinstance(layer, (torch.nn.Conv2d, torch.nn.Linear)))
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_balancing_a_head_makes_every_class_predicted_without_changing_its_architecture(bias):
+    """The support check labels random images by a head pointed at its inputs' principal directions and
+    nudged until every class is predicted; a head without a bias (MaxViT's) is nudged along its inputs' mean."""
+    from modellego.benchmarking.selfcheck import balance_head
+
+    torch.manual_seed(0)
+    inputs = 0.1 * torch.randn(64, 12) + torch.linspace(0.5, 2.0, 12)  # a mean far from 0 against the spread
+    head = torch.nn.Linear(12, 6, bias=bias)
+    with torch.no_grad():
+        labels = balance_head(head, inputs, per_class=4)
+    assert torch.bincount(labels, minlength=6).min() >= 4
+    assert (head.bias is None) == (not bias)

@@ -96,16 +96,23 @@ def balance_head(head: nn.Linear, inputs: torch.Tensor, per_class: int, steps: i
         mixture[len(directions):] = torch.randn(extra, len(directions), generator=torch.Generator().manual_seed(0))
         mixture[len(directions):] /= mixture[len(directions):].norm(dim=1, keepdim=True)
     head.weight.copy_(mixture @ (directions / scale[:, None]))
-    if head.bias is None:
-        head.bias = nn.Parameter(torch.zeros(head.out_features))
-    head.bias.copy_(-(mixture @ ((centre @ directions.T) / scale)))
+    _shift_logits(head, -(mixture @ ((centre @ directions.T) / scale)), centre)
     for _ in range(steps):
         predictions = head(inputs).argmax(1)
         counts = torch.bincount(predictions, minlength=head.out_features)
         if counts.min() >= per_class:
             break
-        head.bias.sub_(0.05 * torch.log((counts.float() + 1) / (len(inputs) / head.out_features)))
+        _shift_logits(head, -0.05 * torch.log((counts.float() + 1) / (len(inputs) / head.out_features)), centre)
     return head(inputs).argmax(1)
+
+
+def _shift_logits(head: nn.Linear, amounts: torch.Tensor, centre: torch.Tensor) -> None:
+    """Add `amounts` to the head's logits: to its bias, or, for a head without one (MaxViT's; adding one would
+    change its architecture), along its inputs' mean `centre`, which shifts every input near the mean alike."""
+    if head.bias is not None:
+        head.bias.add_(amounts)
+    else:
+        head.weight.add_(amounts[:, None] * centre / centre.dot(centre).clamp(min=1e-12))
 
 
 @torch.no_grad()

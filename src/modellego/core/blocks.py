@@ -69,6 +69,14 @@ class StreamLinear(TokenLinear):
         self.fold = fold
 
 
+class StreamConv2d(nn.Conv2d):
+    """A convolution between blocks that changes the residual stream's width (the 1×1 shortcut of a MaxViT
+    stage's first MBConv). It is kept whole; locating carries the stream mask back through it as through a
+    `StreamLinear` of fold 1."""
+
+    fold = 1
+
+
 @dataclass(frozen=True)
 class Unit:
     """One block's cuttable group: its heads (`reader` qkv, `writer` proj, `group` = head_dim features each) or

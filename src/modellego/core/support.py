@@ -28,12 +28,10 @@ def _first_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
 
 
-TRANSFORMERS = "the zoo's vit, torchvision's vit_* and swin_*, and timm's plain ViT and DeiT blocks"
-WINDOWED = {  # attention modellego's Transformer kind does not take apart yet, and why
-    "PartitionAttentionLayer": "MaxViT's MBConv convolutions change the residual stream between its block and "
-                               "grid attention layers, so the stream features a class relies on cannot be carried "
-                               "back through them to the heads",
-}
+TRANSFORMERS = "the zoo's vit and swin, torchvision's vit_*, swin_* and maxvit_t, and timm's plain ViT and DeiT blocks"
+# torchvision's attention that `models.vit.from_torchvision` rebuilds as heads
+CONVERTED = ("ShiftedWindowAttention", "ShiftedWindowAttentionV2", "PartitionAttentionLayer",
+             "RelativePositionalMultiHeadAttention")
 
 
 def _in_torchvision_vit(model: nn.Module) -> bool:
@@ -44,21 +42,18 @@ def _in_torchvision_vit(model: nn.Module) -> bool:
 
 def _attention(model: nn.Module) -> str | None:
     for name, module in model.named_modules():
-        if isinstance(module, HeadAttention):
-            continue  # the Transformer kind's attention, whose heads are units (core.tokens)
+        if isinstance(module, HeadAttention) or any(isinstance(part, HeadAttention) for part in module.modules()):
+            continue  # the Transformer kind's attention, whose heads are units (core.tokens), or a layer around it
         kind = type(module).__name__
-        if kind in WINDOWED:
-            return (f"{WINDOWED[kind]} ({kind} at {name}); modellego takes apart the attention and MLP blocks "
-                    f"of {TRANSFORMERS} with their heads and MLP neurons as units, not these yet")
         if isinstance(module, nn.MultiheadAttention) and _in_torchvision_vit(model):
             return (f"its attention ({kind} at {name}) is torchvision's, whose heads are one weight; convert the "
                     "model first with modellego.models.vit.from_torchvision(model) (model files and "
                     "`--model torchvision:vit_*` are converted already)")
-        if kind.startswith("ShiftedWindowAttention") and type(module).__module__.startswith("torchvision"):
-            return (f"its attention ({kind} at {name}) is torchvision's, which computes its heads outside any "
-                    "module modellego can watch; convert the model first with "
+        if kind in CONVERTED and type(module).__module__.startswith("torchvision"):
+            return (f"its attention ({kind} at {name}) is torchvision's, which modellego rebuilds as heads before "
+                    "it takes it apart; convert the model first with "
                     "modellego.models.vit.from_torchvision(model) (model files and `--model torchvision:swin_*` "
-                    "are converted already)")
+                    "or `maxvit_t` are converted already)")
         if isinstance(module, nn.MultiheadAttention) or "Attention" in kind:
             return (f"its attention ({kind} at {name}) is not a block modellego knows how to take apart; it "
                     f"takes apart the blocks of {TRANSFORMERS}, and convolutional networks")

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from modellego.core.blocks import StreamLinear, Unit, shrink, sliced_linear, unit_rows, units
+from modellego.core.blocks import StreamConv2d, StreamLinear, Unit, shrink, sliced_linear, unit_rows, units
 from modellego.core.contributions import TokenLinear
 from modellego.core.cut import Cut
 from modellego.core.evaluate import predict
@@ -66,7 +66,7 @@ def locate_units(model: nn.Module, profile: Profile, thresholds: Thresholds = PA
         if relative.shape[1] != stream.shape[1]:
             raise ModellegoError(f"{unit.writer} writes {relative.shape[1]} stream features where the stream after it "
                                  f"has {stream.shape[1]}; modellego follows the stream's width only through "
-                                 "PatchMerging-style layers it knows")
+                                 "the stream layers it knows (Swin's PatchMerging, MaxViT's stage shortcuts)")
         kept, normalised = input_mask(relative, stream, alpha, beta, normalise)
         # below the votes' resolution, each unit's contributions weighted by the class's reliance on each stream
         # feature: where no unit has a vote (α ≥ 1), a block still keeps its most relevant unit, not its first
@@ -78,14 +78,14 @@ def locate_units(model: nn.Module, profile: Profile, thresholds: Thresholds = PA
 
 
 def _stream_order(model: nn.Module) -> list[Unit | tuple[str, int]]:
-    """The model's units and its `StreamLinear`s (as (name, fold)), in module order: the order they run in for
+    """The model's units and its stream layers (`StreamLinear`, `StreamConv2d`: as (name, fold)), in module order: the order they run in for
     the Transformers modellego knows, whose blocks are registered in sequence."""
     found: list[Unit | tuple[str, int]] = []
     block_units = {unit.module: unit for unit in units(model)}
     for name, module in model.named_modules():
         if name in block_units:
             found.append(block_units[name])
-        elif isinstance(module, StreamLinear):
+        elif isinstance(module, (StreamLinear, StreamConv2d)):
             found.append((name, module.fold))
     return found
 

@@ -167,7 +167,7 @@ def from_torchvision_swin(model: nn.Module) -> nn.Module:
     same, MLP weights saved with torchvision's names load through `legacy_names`)."""
     from torchvision.models import swin_transformer as swin
 
-    for module in model.modules():
+    for module in list(model.modules()):
         if isinstance(module, swin.SwinTransformerBlock) and type(module.attn) in (swin.ShiftedWindowAttention,
                                                                                    swin.ShiftedWindowAttentionV2):
             module.attn, module.mlp = _window_heads(module.attn), _neurons(module.mlp)

@@ -15,12 +15,13 @@ from modellego.models.common import scaled
 __all__ = ["ViT", "vit"]
 
 TRANSFORMER_BUILDERS = ("vit", "swin")
-TRANSFORMER_PREFIXES = ("torchvision:vit_", "torchvision:swin_", "timm:vit_", "timm:deit_")  # blocks become units
+TRANSFORMER_PREFIXES = ("torchvision:vit_", "torchvision:swin_", "torchvision:maxvit_", "timm:vit_",
+                        "timm:deit_")  # their blocks become units
 
 
 def is_transformer_builder(builder: object) -> bool:
-    """Whether `builder` makes a Transformer modellego takes apart (the zoo's vit and swin, torchvision's ViTs and
-    Swins, timm's ViTs)."""
+    """Whether `builder` makes a Transformer modellego takes apart (the zoo's vit and swin, torchvision's ViTs,
+    Swins and MaxViT, timm's ViTs)."""
     return isinstance(builder, str) and (builder in TRANSFORMER_BUILDERS or builder.startswith(TRANSFORMER_PREFIXES))
 
 
@@ -97,13 +98,15 @@ class TorchvisionMLP(TokenMLP):
 
 
 def from_torchvision(model: nn.Module) -> nn.Module:
-    """torchvision's VisionTransformer or SwinTransformer with every block's attention and MLP as units (in
-    place; the outputs stay the same). Weights saved with torchvision's names load through `legacy_names`."""
+    """torchvision's VisionTransformer, SwinTransformer or MaxVit with every block's attention and MLP as units
+    (in place; the outputs stay the same). Weights saved with torchvision's names load through `legacy_names`."""
     from torchvision.models.vision_transformer import EncoderBlock
 
+    from modellego.models.maxvit import from_torchvision_maxvit
     from modellego.models.swin import from_torchvision_swin
 
     from_torchvision_swin(model)
+    from_torchvision_maxvit(model)
 
     for block in model.modules():
         if not isinstance(block, EncoderBlock):
