@@ -232,3 +232,72 @@ def foreign_files(tmp_path: Path) -> dict[str, tuple[Path, str]]:
             "truncated": (truncated, "not a readable"), "foreign safetensors": (foreign, "no modellego manifest"),
             "damaged manifest": (damaged, "damaged"), "inconsistent": (mismatched, "inconsistent"),
             "missing": (tmp_path / "absent.safetensors", "no such file")}
+
+
+def reference_stream_before(relative: torch.Tensor, stream: torch.Tensor, alpha: float, beta: float,
+                            fold: int = 1) -> torch.Tensor:
+    """The stream features before a layer kept whole (PatchMerging's reduction, a MaxViT stage's shortcut, a
+    hidden Linear), literally: votes from the features `stream` keeps after it where R > α, min-max normalised,
+    above β; with `fold` copies of the stream side by side in its input, feature c is kept when any copy is."""
+    classes, outputs, inputs = relative.shape
+    width = inputs // fold
+    before = torch.zeros(classes, width, dtype=torch.bool)
+    for k in range(classes):
+        votes = [sum(1.0 for o in range(outputs) if stream[k, o] and float(relative[k, o, i]) > alpha)
+                 for i in range(inputs)]
+        low, high = min(votes), max(votes)
+        for i in range(inputs):
+            if (votes[i] - low) / (high - low + 1e-5) > beta:
+                before[k, i % width] = True
+    return before
+
+
+def assert_units_vote_with(model: nn.Module, profile: Profile, masks: ComponentMasks, stream_of) -> None:
+    """Every block's heads and neurons in `masks` are those its writer votes for with the stream mask
+    `stream_of(unit)` (docs/method.md, "Locating")."""
+    from modellego.core.blocks import units
+    from modellego.core.locate import by_max, input_mask, minmax
+    from modellego.core.thresholds import PAPER
+    from modellego.core.tokens import head_contributions
+
+    alpha, beta = PAPER.pair("linear")
+    count = len(profile.classes)
+    for unit in units(model):
+        normalise = by_max if unit.kind == "heads" else minmax
+        expected, _ = input_mask(normalise(head_contributions(profile, unit), 2), stream_of(unit), alpha, beta,
+                                 normalise)
+        kept = masks.masks[unit.reader][:, : unit.size * unit.group].reshape(count, unit.size, unit.group)[..., 0]
+        assert torch.equal(kept, expected), unit.module
+
+
+def head_stream(profile: Profile, classifier: str) -> torch.Tensor:
+    """The features each class's logit votes for at the classifier's input (the paper's linear α/β)."""
+    from modellego.core.locate import input_mask
+    from modellego.core.thresholds import PAPER
+
+    count = len(profile.classes)
+    own = torch.zeros(count, profile.contributions[classifier].shape[1], dtype=torch.bool)
+    own[torch.arange(count), torch.tensor(profile.output_positions)] = True
+    return input_mask(profile.relative(classifier), own, *PAPER.pair("linear"))[0]
+
+
+def assert_planned_flops_are_counted(model: nn.Module, data, task: list[int], samples_per_class: int) -> None:
+    """The `--auto` search's FLOPs of a cut planned from a profile on `data` (a TensorDataset with `classes`)
+    equal the counted FLOPs of the component built from the same masks, at several α, and the component runs."""
+    import modellego as ml
+    from modellego.core.evaluate import count_flops
+    from modellego.core.thresholds import Thresholds
+    from modellego.core.tokens import TokenCandidates, locate_units
+
+    profile = ml.profile(model, data, samples_per_class=samples_per_class)
+    images, labels = data.tensors
+    validation = torch.utils.data.Subset(data, torch.nonzero(torch.isin(labels, torch.tensor(task))).flatten().tolist())
+    candidates = TokenCandidates(model, profile, task, validation)
+    shape = tuple(images.shape[1:])
+    for alpha in (0.0, 0.6, 0.9):
+        thresholds = Thresholds(0.3, 0.2, alpha, 0.3)
+        cut, _ = candidates.plan(thresholds)
+        component = ml.disassemble(model, locate_units(model, profile, thresholds), task)
+        assert candidates.flops(cut) == count_flops(component, shape)
+        with torch.no_grad():
+            assert component(images[:2]).shape == (2, len(task))

@@ -9,16 +9,15 @@ import copy
 
 import pytest
 import torch
-from torch.utils.data import Subset, TensorDataset
+from torch.utils.data import TensorDataset
 from torchvision.models.maxvit import MaxVit
 
 import modellego as ml
-from modellego.core.blocks import StreamConv2d, StreamLinear, units
-from modellego.core.evaluate import count_flops
-from modellego.core.locate import by_max, input_mask, minmax
+from helpers import assert_planned_flops_are_counted, assert_units_vote_with, head_stream, reference_stream_before
+from modellego.core.blocks import StreamConv2d, StreamLinear
 from modellego.core.support import check_supported
-from modellego.core.thresholds import PAPER, Thresholds
-from modellego.core.tokens import TokenCandidates, head_contributions, locate_units
+from modellego.core.thresholds import PAPER
+from modellego.core.tokens import locate_units
 from modellego.models.maxvit import PartitionAttention, PartitionMLP
 from modellego.models.vit import from_torchvision, renamed_weights
 
@@ -88,20 +87,6 @@ def labelled_by_itself(model: torch.nn.Module, count: int = 96) -> TensorDataset
     return data
 
 
-def reference_input_mask(relative: torch.Tensor, stream: torch.Tensor, alpha: float, beta: float) -> torch.Tensor:
-    """The features a layer kept whole reads for the features kept after it, literally: votes from the kept
-    outputs where R > α, min-max normalised, above β."""
-    classes, outputs, inputs = relative.shape
-    kept = torch.zeros(classes, inputs, dtype=torch.bool)
-    for k in range(classes):
-        votes = [sum(1.0 for o in range(outputs) if stream[k, o] and float(relative[k, o, i]) > alpha)
-                 for i in range(inputs)]
-        low, high = min(votes), max(votes)
-        for i in range(inputs):
-            kept[k, i] = (votes[i] - low) / (high - low + 1e-5) > beta
-    return kept
-
-
 def test_locating_carries_the_stream_back_through_the_hidden_linear_and_the_stage_shortcut():
     model = from_torchvision(tiny_maxvit())
     data = labelled_by_itself(model)
@@ -109,34 +94,16 @@ def test_locating_carries_the_stream_back_through_the_hidden_linear_and_the_stag
     masks = locate_units(model, profile)
     alpha, beta = PAPER.pair("linear")
     count = len(profile.classes)
-    own = torch.zeros(count, 4)
-    own[torch.arange(count), torch.tensor(profile.output_positions)] = 1
-    hidden, _ = input_mask(profile.relative("classifier.5"), own > 0, alpha, beta)
-    second = reference_input_mask(profile.relative("classifier.3"), hidden, alpha, beta)
-    first = reference_input_mask(profile.relative("blocks.1.layers.0.layers.MBconv.proj.1"), second, alpha, beta)
+    hidden = head_stream(profile, "classifier.5")
+    second = reference_stream_before(profile.relative("classifier.3"), hidden, alpha, beta)
+    first = reference_stream_before(profile.relative("blocks.1.layers.0.layers.MBconv.proj.1"), second, alpha, beta)
     assert second.shape == (count, 32) and first.shape == (count, 16)
-    for unit in units(model):
-        stream = first if unit.module.startswith("blocks.0.") else second
-        normalise = by_max if unit.kind == "heads" else minmax
-        expected, _ = input_mask(normalise(head_contributions(profile, unit), 2), stream, alpha, beta, normalise)
-        kept = masks.masks[unit.reader][:, : unit.size * unit.group].reshape(count, unit.size, unit.group)[..., 0]
-        assert torch.equal(kept, expected), unit.module
+    assert_units_vote_with(model, profile, masks, lambda unit: first if unit.module.startswith("blocks.0.") else second)
 
 
 def test_a_cuts_flops_are_the_components_and_the_component_runs():
     model = from_torchvision(tiny_maxvit())
-    data = labelled_by_itself(model)
-    profile = ml.profile(model, data, samples_per_class=3)
-    task = [1, 3]
-    validation = Subset(data, torch.nonzero((data.tensors[1] == 1) | (data.tensors[1] == 3)).flatten().tolist())
-    candidates = TokenCandidates(model, profile, task, validation)
-    for alpha in (0.0, 0.6, 0.9):
-        thresholds = Thresholds(0.3, 0.2, alpha, 0.3)
-        cut, _ = candidates.plan(thresholds)
-        component = ml.disassemble(model, locate_units(model, profile, thresholds), task)
-        assert candidates.flops(cut) == count_flops(component, (3, 32, 32))
-        with torch.no_grad():
-            assert component(images(2)).shape == (2, 2)
+    assert_planned_flops_are_counted(model, labelled_by_itself(model), [1, 3], samples_per_class=3)
 
 
 def test_a_plain_torchvision_maxvit_is_told_to_convert():

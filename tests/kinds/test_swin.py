@@ -9,15 +9,14 @@ import copy
 
 import pytest
 import torch
-from torch.utils.data import Subset, TensorDataset
+from torch.utils.data import TensorDataset
 from torchvision.models.swin_transformer import PatchMergingV2, SwinTransformer, SwinTransformerBlockV2
 
 import modellego as ml
-from modellego.core.blocks import StreamLinear, units
-from modellego.core.evaluate import count_flops
-from modellego.core.locate import by_max, input_mask, minmax
-from modellego.core.thresholds import PAPER, Thresholds
-from modellego.core.tokens import TokenCandidates, head_contributions, locate_units
+from helpers import assert_planned_flops_are_counted, assert_units_vote_with, head_stream, reference_stream_before
+from modellego.core.blocks import StreamLinear
+from modellego.core.thresholds import PAPER
+from modellego.core.tokens import locate_units
 from modellego.models.swin import WindowAttention, WindowAttentionV2
 from modellego.models.vit import from_torchvision, renamed_weights
 
@@ -84,22 +83,6 @@ def labelled_by_itself(model: torch.nn.Module, count: int = 96) -> TensorDataset
     return data
 
 
-def reference_stream_before(relative: torch.Tensor, stream: torch.Tensor, alpha: float, beta: float, fold: int):
-    """The stream features before a PatchMerging, literally: a class keeps feature c when any of the `fold`
-    copies of c its reduction reads gets enough votes from the features it keeps after it."""
-    classes, outputs, inputs = relative.shape
-    width = inputs // fold
-    before = torch.zeros(classes, width, dtype=torch.bool)
-    for k in range(classes):
-        votes = [sum(1.0 for o in range(outputs) if stream[k, o] and float(relative[k, o, i]) > alpha)
-                 for i in range(inputs)]
-        low, high = min(votes), max(votes)
-        for i in range(inputs):
-            if (votes[i] - low) / (high - low + 1e-5) > beta:
-                before[k, i % width] = True
-    return before
-
-
 @pytest.mark.parametrize("version", [1, 2])
 def test_locating_carries_the_stream_back_through_patch_merging(version):
     model = from_torchvision(tiny_swin(version=version))
@@ -107,35 +90,17 @@ def test_locating_carries_the_stream_back_through_patch_merging(version):
     masks = locate_units(model, profile)
     alpha, beta = PAPER.pair("linear")
     count = len(profile.classes)
-    own = torch.zeros(count, 4)
-    own[torch.arange(count), torch.tensor(profile.output_positions)] = 1
-    after, _ = input_mask(profile.relative("head"), own > 0, alpha, beta)
+    after = head_stream(profile, "head")
     before = reference_stream_before(profile.relative("features.2.reduction"), after, alpha, beta, 4)
     assert before.shape == (count, 16) and after.shape == (count, 32)
-    for unit in units(model):
-        stream = before if unit.module.startswith("features.1.") else after
-        normalise = by_max if unit.kind == "heads" else minmax
-        expected, _ = input_mask(normalise(head_contributions(profile, unit), 2), stream, alpha, beta, normalise)
-        kept = masks.masks[unit.reader][:, : unit.size * unit.group].reshape(count, unit.size, unit.group)[..., 0]
-        assert torch.equal(kept, expected), unit.module
+    assert_units_vote_with(model, profile, masks, lambda unit: before if unit.module.startswith("features.1.") else after)
 
 
 @pytest.mark.parametrize("version", [1, 2])
 @pytest.mark.parametrize("window", [4, 3])  # maps of 8×8 and 4×4 in whole windows, then padded to 9×9 and 6×6
 def test_a_cuts_flops_are_counted_over_windows_and_the_component_runs(version, window):
     model = from_torchvision(tiny_swin(version=version, window=window))
-    data = labelled_by_itself(model)
-    profile = ml.profile(model, data, samples_per_class=6)
-    task = [2, 0]
-    validation = Subset(data, torch.nonzero((data.tensors[1] == 2) | (data.tensors[1] == 0)).flatten().tolist())
-    candidates = TokenCandidates(model, profile, task, validation)
-    for alpha in (0.0, 0.6, 0.9):
-        thresholds = Thresholds(alpha, 0.3, alpha, 0.3)
-        cut, _ = candidates.plan(thresholds)
-        component = ml.disassemble(model, locate_units(model, profile, thresholds), task)
-        assert candidates.flops(cut) == count_flops(component, (3, 32, 32))
-        with torch.no_grad():
-            assert component(data.tensors[0][:2]).shape == (2, 2)
+    assert_planned_flops_are_counted(model, labelled_by_itself(model), [2, 0], samples_per_class=6)
 
 
 @pytest.mark.parametrize("version", [1, 2])
