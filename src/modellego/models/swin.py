@@ -13,8 +13,7 @@ from torch import nn
 
 from modellego.core.blocks import HeadAttention, StreamLinear, sliced_linear
 from modellego.core.contributions import TokenLinear
-from modellego.models.common import scaled
-from modellego.models.vit import TorchvisionMLP
+from modellego.models.common import scaled, torchvision_neurons
 
 __all__ = ["WindowAttention", "WindowAttentionV2", "from_torchvision_swin", "swin"]
 
@@ -170,7 +169,7 @@ def from_torchvision_swin(model: nn.Module) -> nn.Module:
     for module in list(model.modules()):
         if isinstance(module, swin.SwinTransformerBlock) and type(module.attn) in (swin.ShiftedWindowAttention,
                                                                                    swin.ShiftedWindowAttentionV2):
-            module.attn, module.mlp = _window_heads(module.attn), _neurons(module.mlp)
+            module.attn, module.mlp = _window_heads(module.attn), torchvision_neurons(module.mlp)
         elif type(module) in (swin.PatchMerging, swin.PatchMergingV2):
             reduction = module.reduction  # its input is four neighbouring tokens' features side by side
             module.reduction = StreamLinear(reduction.in_features, reduction.out_features, reduction.bias is not None,
@@ -197,13 +196,6 @@ def _window_heads(attention: nn.Module) -> WindowAttention:
                              sliced_linear(attention.proj, None, None, TokenLinear))
     units.attention_dropout, units.dropout = attention.attention_dropout, attention.dropout
     return units
-
-
-def _neurons(mlp: nn.Module) -> TorchvisionMLP:
-    neurons = TorchvisionMLP(mlp[0].in_features, mlp[0].out_features)
-    neurons.fc1, neurons.fc2 = (sliced_linear(mlp[0], None, None, TokenLinear),
-                                sliced_linear(mlp[3], None, None, TokenLinear))
-    return neurons
 
 
 def swin(in_channels: int = 3, num_classes: int = 10, width: float = 1.0) -> nn.Module:

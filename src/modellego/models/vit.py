@@ -10,7 +10,7 @@ from torch import nn
 
 from modellego.core.blocks import HeadAttention, TokenMLP, sliced_linear
 from modellego.core.contributions import TokenLinear
-from modellego.models.common import scaled
+from modellego.models.common import scaled, torchvision_neurons
 
 __all__ = ["ViT", "vit"]
 
@@ -90,13 +90,6 @@ class TorchvisionAttention(HeadAttention):
         return super().forward(query), None
 
 
-class TorchvisionMLP(TokenMLP):
-    """torchvision's MLPBlock (Linear, GELU, Dropout, Linear, Dropout) as neurons; its dropout is 0 in every ViT
-    builder."""
-
-    legacy_names = {"0.weight": "fc1.weight", "0.bias": "fc1.bias", "3.weight": "fc2.weight", "3.bias": "fc2.bias"}
-
-
 def from_torchvision(model: nn.Module) -> nn.Module:
     """torchvision's VisionTransformer, SwinTransformer or MaxVit with every block's attention and MLP as units
     (in place; the outputs stay the same). Weights saved with torchvision's names load through `legacy_names`."""
@@ -114,15 +107,11 @@ def from_torchvision(model: nn.Module) -> nn.Module:
         attention, mlp = block.self_attention, block.mlp
         width, heads = attention.embed_dim, attention.num_heads
         units = TorchvisionAttention(width, heads, width // heads)
-        hidden = mlp[0].out_features
-        neurons = TorchvisionMLP(width, hidden)
         with torch.no_grad():  # the queries, keys and values are one weight of the attention, not a Linear
             units.qkv.weight.copy_(attention.in_proj_weight)
             units.qkv.bias.copy_(attention.in_proj_bias)
         units.proj = sliced_linear(attention.out_proj, None, None, TokenLinear)
-        neurons.fc1, neurons.fc2 = (sliced_linear(mlp[0], None, None, TokenLinear),
-                                    sliced_linear(mlp[3], None, None, TokenLinear))
-        block.self_attention, block.mlp = units, neurons
+        block.self_attention, block.mlp = units, torchvision_neurons(mlp)
     return model
 
 
