@@ -53,7 +53,7 @@ def locate_units(model: nn.Module, profile: Profile, thresholds: Thresholds = PA
     scores = {name: torch.ones(count, output_channels(layer)) for name, layer in layers.items()}
     masks[classifier], scores[classifier] = own > 0, own.clone()
     for step in reversed(_stream_order(model)):  # from the head back, as the stream's width changes
-        if isinstance(step, tuple):  # a StreamLinear: the features it reads, per class, by the same votes
+        if isinstance(step, tuple):  # a stream layer: the features it reads, per class, by the same votes
             name, fold = step
             relative = profile.relative(name)
             wide, _ = input_mask(relative, stream, alpha, beta)
@@ -78,8 +78,8 @@ def locate_units(model: nn.Module, profile: Profile, thresholds: Thresholds = PA
 
 
 def _stream_order(model: nn.Module) -> list[Unit | tuple[str, int]]:
-    """The model's units and its stream layers (`StreamLinear`, `StreamConv2d`: as (name, fold)), in module order: the order they run in for
-    the Transformers modellego knows, whose blocks are registered in sequence."""
+    """The model's units and its stream layers (`StreamLinear`, `StreamConv2d`, as (name, fold)) in module
+    order: the order they run in, for the Transformers modellego knows, whose blocks are registered in sequence."""
     found: list[Unit | tuple[str, int]] = []
     block_units = {unit.module: unit for unit in units(model)}
     for name, module in model.named_modules():
