@@ -22,7 +22,7 @@ README = Path(__file__).resolve().parents[2] / "README.md"
 FAST = ["lenet5", "googlenet", "torchvision:resnet18", "torchvision:densenet121", "torchvision:mobilenet_v3_small",
         "torchvision:efficientnet_b0", "torchvision:regnet_x_400mf", "torchvision:mnasnet0_5",
         "torchvision:convnext_tiny", "torchvision:alexnet", "torchvision:squeezenet1_1",
-        "torchvision:shufflenet_v2_x0_5", "torchvision:swin_t", "vit", "swin", "timm:resnet18",
+        "torchvision:shufflenet_v2_x0_5", "vit", "swin", "timm:resnet18",
         "timm:mixnet_s", "timm:cspresnet50", "timm:ecaresnet26t", "timm:hgnetv2_b0", "timm:poolformer_s12",
         "timm:rexnet_100"]
 ALL = matrix_builders()
