@@ -16,7 +16,10 @@ from modellego.errors import ModellegoError
 
 class HeadAttention(nn.Module):
     """Multi-head self-attention whose heads are units: `qkv` (width → 3·heads·head_dim: the queries, keys and
-    values, each head's `head_dim` rows contiguous within each third) and `proj` (heads·head_dim → width)."""
+    values, each head's `head_dim` rows contiguous within each third) and `proj` (heads·head_dim → width).
+    `head_parameters` names further parameters with one slice per head, and the dimension the heads are on."""
+
+    head_parameters: tuple[tuple[str, int], ...] = ()
 
     def __init__(self, width: int, heads: int, head_dim: int) -> None:
         super().__init__()
@@ -36,12 +39,17 @@ class HeadAttention(nn.Module):
         return 4 * tokens * tokens * self.head_dim
 
     def keep_heads(self, indices: torch.Tensor) -> None:
-        """Keep only the heads `indices` (sorted), in place: their query/key/value rows and projection columns.
-        Attention with per-head parameters of its own (a position bias per head) slices those too."""
+        """Keep only the heads `indices` (sorted), in place: their query/key/value rows, projection columns and
+        slices of the `head_parameters` (a position bias per head, a scale per head)."""
         rows = unit_rows(Unit("", "heads", "", "", self.heads, self.head_dim),
                          torch.zeros(self.heads, dtype=torch.bool).index_fill_(0, indices, True))
         self.qkv = sliced_linear(self.qkv, torch.nonzero(rows).flatten(), None)
         self.proj = sliced_linear(self.proj, None, torch.nonzero(rows[: self.heads * self.head_dim]).flatten())
+        for name, dim in self.head_parameters:
+            owner, _, attribute = name.rpartition(".")
+            module = self.get_submodule(owner)
+            kept = getattr(module, attribute).detach().index_select(dim, indices)
+            setattr(module, attribute, nn.Parameter(kept))
         self.heads = len(indices)
 
 

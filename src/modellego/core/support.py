@@ -42,7 +42,7 @@ def _in_torchvision_vit(model: nn.Module) -> bool:
 
 def _attention(model: nn.Module) -> str | None:
     for name, module in model.named_modules():
-        if isinstance(module, HeadAttention) or any(isinstance(part, HeadAttention) for part in module.modules()):
+        if any(isinstance(part, HeadAttention) for part in module.modules()):
             continue  # the Transformer kind's attention, whose heads are units (core.tokens), or a layer around it
         kind = type(module).__name__
         if isinstance(module, nn.MultiheadAttention) and _in_torchvision_vit(model):

@@ -10,6 +10,7 @@ from torch import nn
 
 from modellego.core.blocks import HeadAttention, StreamConv2d, StreamLinear, TokenMLP, sliced_linear
 from modellego.core.contributions import TokenLinear
+from modellego.models.common import position_bias, relative_position_index
 
 __all__ = ["PartitionAttention", "PartitionMLP", "from_torchvision_maxvit"]
 
@@ -19,6 +20,8 @@ class PartitionAttention(HeadAttention):
     weights (torchvision's `to_qkv` / `merge` load as `qkv` / `proj`) and outputs. Its keys are scaled by the
     source's stream width, which a cut does not change; each head keeps its column of the position bias."""
 
+    head_parameters = (("relative_position_bias_table", 1),)
+
     legacy_names = {"to_qkv.weight": "qkv.weight", "to_qkv.bias": "qkv.bias", "merge.weight": "proj.weight",
                     "merge.bias": "proj.bias"}
 
@@ -26,21 +29,17 @@ class PartitionAttention(HeadAttention):
         super().__init__(width, heads, head_dim)
         self.partition, self.scale = partition, width ** -0.5
         self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * partition - 1) ** 2, heads))
-        self.register_buffer("relative_position_index", _relative_position_index(partition))
+        area = partition ** 2  # torchvision's index is [area, area]
+        self.register_buffer("relative_position_index", relative_position_index(partition, partition).view(area, area))
 
     def head_flops(self, tokens: int) -> int:
         return 4 * tokens * self.partition ** 2 * self.head_dim
 
-    def keep_heads(self, indices: torch.Tensor) -> None:
-        super().keep_heads(indices)
-        self.relative_position_bias_table = nn.Parameter(self.relative_position_bias_table.detach()[:, indices].clone())
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, groups, tokens, _ = x.shape
         qkv = self.qkv(x).reshape(batch, groups, tokens, 3, self.heads, self.head_dim).permute(3, 0, 1, 4, 2, 5)
-        area = self.partition ** 2
-        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)].view(area, area, -1)
-        scores = qkv[0] @ (qkv[1] * self.scale).transpose(-2, -1) + bias.permute(2, 0, 1).unsqueeze(0)
+        bias = position_bias(self.relative_position_bias_table, self.relative_position_index, self.partition ** 2)
+        scores = qkv[0] @ (qkv[1] * self.scale).transpose(-2, -1) + bias
         attended = scores.softmax(dim=-1) @ qkv[2]
         return self.proj(attended.permute(0, 1, 3, 2, 4).reshape(batch, groups, tokens, self.heads * self.head_dim))
 
@@ -58,13 +57,6 @@ class PartitionMLP(TokenMLP):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.dropout(super().forward(self.norm(x)))
-
-
-def _relative_position_index(size: int) -> torch.Tensor:
-    """For each pair of positions in a size×size partition, the row of the bias table their offset reads."""
-    grid = torch.stack(torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")).flatten(1)
-    offsets = (grid[:, :, None] - grid[:, None, :]).permute(1, 2, 0)
-    return (offsets[..., 0] + size - 1) * (2 * size - 1) + offsets[..., 1] + size - 1
 
 
 def from_torchvision_maxvit(model: nn.Module) -> nn.Module:

@@ -13,7 +13,7 @@ from torch import nn
 
 from modellego.core.blocks import HeadAttention, StreamLinear, sliced_linear
 from modellego.core.contributions import TokenLinear
-from modellego.models.common import scaled, torchvision_neurons
+from modellego.models.common import position_bias, relative_position_index, scaled, torchvision_neurons
 
 __all__ = ["WindowAttention", "WindowAttentionV2", "from_torchvision_swin", "swin"]
 
@@ -28,19 +28,17 @@ class WindowAttention(HeadAttention):
     and the heads' outputs projected by `proj` as one (torchvision calls F.linear on their weights), so that a
     profile's hooks see them."""
 
+    head_parameters = (("relative_position_bias_table", 1),)
+
     def __init__(self, width: int, heads: int, window: list[int], shift: list[int]) -> None:
         super().__init__(width, heads, width // heads)
         self.window_size, self.shift_size = list(window), list(shift)
         self.attention_dropout, self.dropout = 0.0, 0.0
         self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window[0] - 1) * (2 * window[1] - 1), heads))
-        self.register_buffer("relative_position_index", _relative_position_index(window))
+        self.register_buffer("relative_position_index", relative_position_index(*window))
 
     def head_flops(self, tokens: int) -> int:
         return 4 * tokens * self.window_size[0] * self.window_size[1] * self.head_dim
-
-    def keep_heads(self, indices: torch.Tensor) -> None:
-        super().keep_heads(indices)
-        self.relative_position_bias_table = nn.Parameter(self.relative_position_bias_table.detach()[:, indices].clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, height, width, _ = x.shape
@@ -77,9 +75,7 @@ class WindowAttention(HeadAttention):
         return self.relative_position_bias_table
 
     def _position_bias(self) -> torch.Tensor:
-        area = self.window_size[0] * self.window_size[1]
-        bias = self._bias_table()[self.relative_position_index].view(area, area, -1)
-        return bias.permute(2, 0, 1).unsqueeze(0)
+        return position_bias(self._bias_table(), self.relative_position_index, self.window_size[0] * self.window_size[1])
 
 
 class Affine(nn.Module):
@@ -101,6 +97,8 @@ class WindowAttentionV2(WindowAttention):
     head), the keys' bias ignored, as torchvision does. The same weights, names and outputs; a head keeps its
     scale and its row of the network's last layer."""
 
+    head_parameters = (("logit_scale", 0), ("cpb_mlp.2.weight", 0))
+
     def __init__(self, width: int, heads: int, window: list[int], shift: list[int], hidden: int = 512) -> None:
         super().__init__(width, heads, window, shift)
         del self.relative_position_bias_table  # V2 computes its table (`_bias_table`)
@@ -110,11 +108,6 @@ class WindowAttentionV2(WindowAttention):
 
     def head_flops(self, tokens: int) -> int:  # and the head's output of the position-bias network
         return super().head_flops(tokens) + 2 * self.cpb_mlp[2].weight.shape[1] * self.relative_coords_table[0, ..., 0].numel()
-
-    def keep_heads(self, indices: torch.Tensor) -> None:
-        HeadAttention.keep_heads(self, indices)
-        self.logit_scale = nn.Parameter(self.logit_scale.detach()[indices].clone())
-        self.cpb_mlp[2].weight = nn.Parameter(self.cpb_mlp[2].weight.detach()[indices].clone())
 
     def _queries_keys_values(self, x: torch.Tensor) -> torch.Tensor:
         qkv = self.qkv(x)
@@ -139,13 +132,6 @@ def _relative_coordinates(window: list[int]) -> torch.Tensor:
     offsets = [torch.arange(-(size - 1), size, dtype=torch.float32) / max(size - 1, 1) * 8 for size in window]
     table = torch.stack(torch.meshgrid(offsets, indexing="ij")).permute(1, 2, 0).unsqueeze(0)
     return torch.sign(table) * torch.log2(table.abs() + 1.0) / 3.0
-
-
-def _relative_position_index(window: list[int]) -> torch.Tensor:
-    """For each pair of positions in a window, the row of the bias table their offset reads."""
-    grid = torch.stack(torch.meshgrid(torch.arange(window[0]), torch.arange(window[1]), indexing="ij")).flatten(1)
-    offsets = (grid[:, :, None] - grid[:, None, :]).permute(1, 2, 0)
-    return ((offsets[..., 0] + window[0] - 1) * (2 * window[1] - 1) + offsets[..., 1] + window[1] - 1).flatten()
 
 
 def _shift_mask(height: int, width: int, window: list[int], shift: list[int], like: torch.Tensor) -> torch.Tensor:
